@@ -1,0 +1,287 @@
+"""Typed model configuration, and the one place that knows Hugging Face's `config.json` field names.
+
+`PaliGemmaConfig.from_hf(d)` reads a `config.json` of `model_type: paligemma` as transformers 4 wrote it (hub
+checkpoints: `rope_theta`, `torch_dtype`, `hidden_activation`) and as transformers 5 writes it (`rope_parameters`,
+`dtype`, explicit `layer_types`), filling absent fields the way transformers 5.24 fills them (spec §1.2). Unknown keys
+are ignored here and nowhere else. Defaults are those of the *sub-config classes* (`SiglipVisionConfig`,
+`GemmaConfig`, `Gemma2Config`) when a sub-config is given, because that is what transformers does; the
+PaliGemma-3B shapes apply only when a sub-config is missing entirely.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from vlmo.errors import ConfigError
+
+TextArch = Literal["gemma", "gemma2"]
+LayerType = Literal["full_attention", "sliding_attention"]
+
+# Activation names that mean GELU with the tanh approximation (transformers' ACT2FN); "gelu" is exact GELU except in
+# Gemma 1, whose config loader rewrites the legacy "gelu" to the tanh form (spec §1.2).
+_TANH_GELU = {"gelu_pytorch_tanh", "gelu_new", "gelu_fast"}
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """SigLIP vision tower. PaliGemma uses So400m/14: width 1152, 27 layers, 16 heads, MLP 4304."""
+
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_layers: int = 27
+    num_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-6
+    gelu_approximate: Literal["tanh", "none"] = "tanh"
+    # SigLIP's attention-pooling head. PaliGemma never uses it (it reads every patch token); a checkpoint made with
+    # `vision_use_head: true` carries its weights, which the loader then skips.
+    has_unused_head: bool = False
+
+    @property
+    def grid(self) -> int:
+        """Patches per side: a valid (unpadded) convolution drops any remainder, e.g. 70 px / 14 = 5."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid**2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"vision_config.hidden_size ({self.hidden_size}) is not divisible by "
+                f"vision_config.num_attention_heads ({self.num_heads})"
+            )
+        if self.grid < 1:
+            raise ConfigError(
+                f"vision_config.image_size ({self.image_size}) is smaller than patch_size ({self.patch_size})"
+            )
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Gemma (PaliGemma 1) or Gemma 2 (PaliGemma 2) decoder. Defaults: Gemma 2B as used by PaliGemma-3B."""
+
+    arch: TextArch = "gemma"
+    vocab_size: int = 257216
+    hidden_size: int = 2048
+    intermediate_size: int = 16384
+    num_layers: int = 18
+    num_heads: int = 8
+    num_kv_heads: int = 1
+    head_dim: int = 256
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = True
+    # Gemma 2 only (None/empty for Gemma 1).
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    sliding_window: int | None = None
+    layer_types: tuple[LayerType, ...] = ()
+
+    @property
+    def attn_scale(self) -> float:
+        """Query scale: head_dim^-0.5 for Gemma; query_pre_attn_scalar^-0.5 for Gemma 2 (144 for 27B, hd 128)."""
+        if self.query_pre_attn_scalar is not None:
+            return self.query_pre_attn_scalar**-0.5
+        return self.head_dim**-0.5
+
+    @property
+    def embed_scale(self) -> float:
+        """√D, the factor on *text* embeddings only (spec §4.2)."""
+        return math.sqrt(self.hidden_size)
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"text_config.num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"text_config.num_key_value_heads ({self.num_kv_heads})"
+            )
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise ConfigError(
+                f"text_config.layer_types has {len(self.layer_types)} entries for {self.num_layers} layers"
+            )
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    """Maps vision features (width `in_features`) to the text width. `kind` selects the module in `nn/projector.py`."""
+
+    kind: Literal["linear"] = "linear"
+    in_features: int = 1152
+    out_features: int = 2048
+
+
+@dataclass(frozen=True)
+class PaliGemmaConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    image_token_id: int = 257152
+    bos_token_id: int = 2
+    eos_token_ids: tuple[int, ...] = (1,)
+    pad_token_id: int = 0
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision.num_patches
+
+    def __post_init__(self) -> None:
+        if self.projector.in_features != self.vision.hidden_size:
+            raise ConfigError(
+                f"projector input width {self.projector.in_features} != vision hidden_size {self.vision.hidden_size}"
+            )
+        if self.projector.out_features != self.text.hidden_size:
+            raise ConfigError(
+                f"projection_dim ({self.projector.out_features}) must equal text_config.hidden_size "
+                f"({self.text.hidden_size}): image features enter the decoder unchanged"
+            )
+
+    def with_overrides(self, **changes: Any) -> PaliGemmaConfig:
+        return replace(self, **changes)
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> PaliGemmaConfig:
+        """Build from a Hugging Face `config.json` dict (transformers 4 or 5 layout). See the module docstring."""
+        model_type = d.get("model_type")
+        if model_type != "paligemma":
+            raise ConfigError(
+                f"config.json field 'model_type' is {model_type!r}; vlmo runs only 'paligemma' checkpoints"
+            )
+        vision = _vision_from_hf(d.get("vision_config"))
+        text = _text_from_hf(d.get("text_config"))
+        projection_dim = int(d.get("projection_dim", 2048))
+        eos = d.get("eos_token_id", (d.get("text_config") or {}).get("eos_token_id", 1))
+        eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list | tuple) else [eos]))
+        image_token = d.get("image_token_index", d.get("image_token_id", 256000))
+        return cls(
+            vision=vision,
+            text=text,
+            projector=ProjectorConfig(
+                kind="linear", in_features=vision.hidden_size, out_features=projection_dim
+            ),
+            image_token_id=int(image_token),
+            bos_token_id=int(d.get("bos_token_id", 2)),
+            eos_token_ids=eos_ids,
+            pad_token_id=int(d.get("pad_token_id", 0)),
+        )
+
+
+def _vision_from_hf(v: dict[str, Any] | None) -> VisionConfig:
+    if (
+        v is None
+    ):  # PaliGemmaConfig's own defaults for a missing sub-config (note: intermediate 4096, not 4304)
+        return VisionConfig(intermediate_size=4096)
+    mt = v.get("model_type", "siglip_vision_model")
+    if mt != "siglip_vision_model":
+        raise ConfigError(
+            f"config.json field 'vision_config.model_type' is {mt!r}; expected 'siglip_vision_model'"
+        )
+    # SiglipVisionConfig class defaults (ViT-B/16) apply to any field the file leaves out.
+    return VisionConfig(
+        hidden_size=int(v.get("hidden_size", 768)),
+        intermediate_size=int(v.get("intermediate_size", 3072)),
+        num_layers=int(v.get("num_hidden_layers", 12)),
+        num_heads=int(v.get("num_attention_heads", 12)),
+        num_channels=int(v.get("num_channels", 3)),
+        image_size=int(v.get("image_size", 224)),
+        patch_size=int(v.get("patch_size", 16)),
+        layer_norm_eps=float(v.get("layer_norm_eps", 1e-6)),
+        gelu_approximate=_gelu_kind(v.get("hidden_act", "gelu_pytorch_tanh"), "vision_config.hidden_act"),
+        has_unused_head=bool(v.get("vision_use_head", True)),  # SiglipVisionConfig's default is True
+    )
+
+
+def _text_from_hf(t: dict[str, Any] | None) -> TextConfig:
+    if t is None:  # PaliGemmaConfig's own defaults: Gemma 2B, vocab 257152
+        return TextConfig(vocab_size=257152)
+    mt = t.get("model_type", "gemma")
+    if mt not in ("gemma", "gemma2"):
+        raise ConfigError(
+            f"config.json field 'text_config.model_type' is {mt!r}; expected 'gemma' or 'gemma2'"
+        )
+    if t.get("attention_bias"):
+        raise ConfigError(
+            "config.json field 'text_config.attention_bias' is true; Gemma has no attention biases"
+        )
+    rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(
+            f"config.json field 'text_config.rope_parameters.rope_type' is {rope_type!r}; only 'default'"
+        )
+    rope_theta = float(rope.get("rope_theta", t.get("rope_theta", 10000.0)))
+    common: dict[str, Any] = dict(
+        arch=mt,
+        rms_norm_eps=float(t.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        max_position_embeddings=int(t.get("max_position_embeddings", 8192)),
+        head_dim=int(t.get("head_dim") or 256),
+        tie_word_embeddings=bool(t.get("tie_word_embeddings", True)),
+    )
+    if mt == "gemma":
+        act = t.get("hidden_act", "gelu_pytorch_tanh")
+        if act != "gelu":  # Gemma's legacy "gelu" means the tanh approximation (transformers rewrites it)
+            _require_tanh(act, "text_config.hidden_act")
+        return TextConfig(
+            vocab_size=int(t.get("vocab_size", 256000)),
+            hidden_size=int(t.get("hidden_size", 3072)),
+            intermediate_size=int(t.get("intermediate_size", 24576)),
+            num_layers=int(t.get("num_hidden_layers", 28)),
+            num_heads=int(t.get("num_attention_heads", 16)),
+            num_kv_heads=int(t.get("num_key_value_heads", 16)),
+            **common,
+        )
+    _require_tanh(t.get("hidden_activation", "gelu_pytorch_tanh"), "text_config.hidden_activation")
+    num_layers = int(t.get("num_hidden_layers", 26))
+    layer_types = t.get("layer_types") or [
+        "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)
+    ]
+    for lt in layer_types:
+        if lt not in ("full_attention", "sliding_attention"):
+            raise ConfigError(f"config.json field 'text_config.layer_types' has unknown entry {lt!r}")
+    return TextConfig(
+        vocab_size=int(t.get("vocab_size", 256000)),
+        hidden_size=int(t.get("hidden_size", 2304)),
+        intermediate_size=int(t.get("intermediate_size", 9216)),
+        num_layers=num_layers,
+        num_heads=int(t.get("num_attention_heads", 8)),
+        num_kv_heads=int(t.get("num_key_value_heads", 4)),
+        query_pre_attn_scalar=float(t.get("query_pre_attn_scalar", 256)),
+        attn_logit_softcapping=_opt_float(t.get("attn_logit_softcapping", 50.0)),
+        final_logit_softcapping=_opt_float(t.get("final_logit_softcapping", 30.0)),
+        sliding_window=_opt_int(t.get("sliding_window", 4096)),
+        layer_types=tuple(layer_types),
+        **common,
+    )
+
+
+def _gelu_kind(act: str, name: str) -> Literal["tanh", "none"]:
+    if act in _TANH_GELU:
+        return "tanh"
+    if act == "gelu":
+        return "none"
+    raise ConfigError(f"config.json field {name!r} is {act!r}; vlmo supports GELU (exact or tanh) only")
+
+
+def _require_tanh(act: str, name: str) -> None:
+    if act not in _TANH_GELU:
+        raise ConfigError(f"config.json field {name!r} is {act!r}; Gemma uses 'gelu_pytorch_tanh'")
+
+
+def _opt_float(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+def _opt_int(x: Any) -> int | None:
+    return None if x is None else int(x)

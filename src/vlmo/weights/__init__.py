@@ -1,0 +1,1 @@
+"""Checkpoint resolution (hub.py), key mapping (keys.py) and strict, mmapped loading (loader.py)."""

@@ -1,0 +1,97 @@
+"""Zero-copy reading of `.safetensors` files through `mmap`.
+
+The format is an 8-byte little-endian header length, a JSON header `{name: {dtype, shape, data_offsets}}`, then raw
+little-endian tensor bytes. Tensors are made with `torch.frombuffer` over a copy-on-write map of the file, so
+loading a checkpoint in its stored dtype costs no second copy in memory: pages are read from disk on first touch
+and stay shared with the page cache. Everything is validated (header, dtypes, offsets against the file size) so a
+truncated or corrupt file is a clear `CheckpointError`, not a crash. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from vlmo.errors import CheckpointError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """The tensor table of a safetensors file (without `__metadata__`), validated against the file size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) < 8:
+            raise CheckpointError(f"{path} is not a safetensors file (only {size} bytes); download it again")
+        n = int.from_bytes(raw_len, "little")
+        if n > _MAX_HEADER or 8 + n > size:
+            raise CheckpointError(f"{path} has a corrupt or truncated header; download it again")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path} has an unreadable header ({e}); download it again") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has an unreadable header; download it again")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for name, info in header.items():
+        try:
+            dtype = DTYPES[info["dtype"]]
+            begin, end = info["data_offsets"]
+            expected = math.prod(info["shape"]) * dtype.itemsize
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has an invalid entry; download the file again"
+            ) from None
+        if end - begin != expected:
+            raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes, expected {expected}")
+        if end > data_size:
+            raise CheckpointError(
+                f"{path} is truncated ({size} bytes, tensor {name!r} ends at byte {8 + n + end}); download it again"
+            )
+    return header
+
+
+def open_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """All tensors of one file as CPU tensors backed by a copy-on-write mmap of it."""
+    path = Path(path)
+    header = read_header(path)
+    if not header:
+        return {}
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    base = 8 + int.from_bytes(mm[:8], "little")
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter(
+            "ignore"
+        )  # frombuffer warns about non-writable buffers; ACCESS_COPY is writable
+        for name, info in header.items():
+            dtype = DTYPES[info["dtype"]]
+            begin, end = info["data_offsets"]
+            count = (end - begin) // dtype.itemsize
+            if count == 0:
+                t = torch.empty(info["shape"], dtype=dtype)
+            else:
+                t = torch.frombuffer(mm, dtype=dtype, count=count, offset=base + begin).view(info["shape"])
+            out[name] = t
+    return out

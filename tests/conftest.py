@@ -1,0 +1,146 @@
+"""Shared fixtures: tiny random PaliGemma checkpoints written by transformers' own `save_pretrained`.
+
+Tests never download anything. A checkpoint is built once per session per config and reused (read-only).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from vlmo.testing import build_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _isolate_hf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep every test away from the user's Hugging Face cache and token."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.delenv("VLMO_MODEL", raising=False)
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """A small PaliGemma config. Defaults: Gemma 1 with more query heads than KV heads, 56 px images, 4×4 patches."""
+
+    image_size: int = 56
+    patch_size: int = 14
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 4
+    vision_mlp: int = 48
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    head_dim: int = 16
+    text_mlp: int = 96
+    arch: str = "gemma"
+    vision_use_head: bool = False  # real checkpoints say false; SigLIP's class default is true
+    text_extra: dict[str, Any] = field(default_factory=dict)
+
+
+def hf_config_dict(spec: TinySpec, vocab_size: int, image_token_id: int) -> dict[str, Any]:
+    return {
+        "model_type": "paligemma",
+        "image_token_index": image_token_id,
+        "projection_dim": spec.text_hidden,
+        "vocab_size": vocab_size,
+        "bos_token_id": 2,
+        "eos_token_id": 1,
+        "pad_token_id": 0,
+        "vision_config": {
+            "model_type": "siglip_vision_model",
+            "hidden_size": spec.vision_hidden,
+            "intermediate_size": spec.vision_mlp,
+            "num_hidden_layers": spec.vision_layers,
+            "num_attention_heads": spec.vision_heads,
+            "image_size": spec.image_size,
+            "patch_size": spec.patch_size,
+            "projection_dim": spec.text_hidden,
+            "vision_use_head": spec.vision_use_head,
+        },
+        "text_config": {
+            "model_type": spec.arch,
+            "vocab_size": vocab_size,
+            "hidden_size": spec.text_hidden,
+            "intermediate_size": spec.text_mlp,
+            "num_hidden_layers": spec.text_layers,
+            "num_attention_heads": spec.text_heads,
+            "num_key_value_heads": spec.text_kv_heads,
+            "head_dim": spec.head_dim,
+            **spec.text_extra,
+        },
+    }
+
+
+def write_tiny_checkpoint(path: Path, spec: TinySpec, seed: int = 0) -> Path:
+    """Random PaliGemma via transformers (norm weights random too, so `1 + w` matters) + tokenizer + processor cfg."""
+    transformers = pytest.importorskip("transformers")
+    tok = build_tokenizer()
+    n_tok = tok.get_vocab_size()
+    vocab = (n_tok + 63) // 64 * 64  # padded like the real 257216-row table; pad rows stay random
+    cfg = transformers.PaliGemmaConfig(**hf_config_dict(spec, vocab, tok.token_to_id("<image>")))
+    torch.manual_seed(seed)
+    model = transformers.PaliGemmaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # Scales chosen so that greedy decoding wanders through the vocabulary instead of repeating one token.
+            if "norm" in name and name.endswith("weight"):
+                p.normal_(0.0, 0.3)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.05)
+            elif "embed_tokens" in name:
+                p.normal_(0.0, 0.02)
+            else:
+                p.normal_(0.0, 0.2)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save(str(path / "tokenizer.json"))
+    grid = spec.image_size // spec.patch_size
+    (path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "SiglipImageProcessor",
+                "processor_class": "PaliGemmaProcessor",
+                "do_resize": True,
+                "size": {"height": spec.image_size, "width": spec.image_size},
+                "resample": 3,
+                "do_rescale": True,
+                "rescale_factor": 1 / 255,
+                "do_normalize": True,
+                "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.5, 0.5, 0.5],
+                "image_seq_length": grid * grid,
+            }
+        )
+    )
+    return path
+
+
+_SPECS = {
+    "gqa": TinySpec(vision_use_head=True),
+    # image size ≠ 224 with an odd patch grid (70 / 14 = 5×5) and multi-query attention
+    "odd": TinySpec(image_size=70, text_heads=4, text_kv_heads=1, vision_heads=2, text_layers=3),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpt")
+    return {
+        name: write_tiny_checkpoint(root / name, spec, seed=i)
+        for i, (name, spec) in enumerate(_SPECS.items())
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_checkpoints: dict[str, Path]) -> Path:
+    return tiny_checkpoints["gqa"]
