@@ -135,10 +135,7 @@ _SPECS = {
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ckpt")
-    return {
-        name: write_tiny_checkpoint(root / name, spec, seed=i)
-        for i, (name, spec) in enumerate(_SPECS.items())
-    }
+    return {name: write_tiny_checkpoint(root / name, spec, seed=i) for i, (name, spec) in enumerate(_SPECS.items())}
 
 
 @pytest.fixture(scope="session")

@@ -69,9 +69,7 @@ def test_full_sequence_logits_match_with_suffix(pair) -> None:  # noqa: ANN001
     inputs = hf_inputs(proc, PROMPTS, images(), suffix=["a red car", "yes"])
     with torch.no_grad():
         want = ref(**inputs).logits
-        got = vlm.model(
-            inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], inputs["token_type_ids"]
-        )
+        got = vlm.model(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], inputs["token_type_ids"])
     real = inputs["attention_mask"].bool()
     torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=0)
 
@@ -109,9 +107,7 @@ def test_prefill_decode_logits_and_greedy_text_match(pair, batched: bool) -> Non
             assert torch.equal(token, want_ids[:, step]), f"greedy token differs at step {step}"
             logits = model.decode(token, state)
 
-    texts = vlm.generate(
-        imgs if batched else imgs[0], prompts if batched else prompts[0], max_new_tokens=n_new
-    )
+    texts = vlm.generate(imgs if batched else imgs[0], prompts if batched else prompts[0], max_new_tokens=n_new)
     want_text = proc.tokenizer.batch_decode(want_ids, skip_special_tokens=True)
     assert (texts if batched else [texts]) == want_text
     assert all(len(t) > 0 for t in want_text)
@@ -129,11 +125,7 @@ def _rewrite(src: Path, dst: Path, rename) -> Path:  # noqa: ANN001
 
 
 def _legacy(key: str) -> str:
-    return (
-        key.replace("vision_tower.", "vision_tower.vision_model.", 1)
-        if key.startswith("vision_tower.")
-        else key
-    )
+    return key.replace("vision_tower.", "vision_tower.vision_model.", 1) if key.startswith("vision_tower.") else key
 
 
 def _in_memory(key: str) -> str:

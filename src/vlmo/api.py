@@ -53,9 +53,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type == "cuda" and (
         not torch.cuda.is_available() or (dev.index is not None and dev.index >= torch.cuda.device_count())
     ):
-        raise DeviceError(
-            f"device {device!r} is not available here (no such CUDA GPU); use --device cpu or auto"
-        )
+        raise DeviceError(f"device {device!r} is not available here (no such CUDA GPU); use --device cpu or auto")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise DeviceError(f"device {device!r} is not available here (no Apple MPS); use --device cpu or auto")
     if dev.type not in ("cpu", "cuda", "mps"):
@@ -82,9 +80,7 @@ def resolve_dtype(dtype: DTypeName | torch.dtype, device: torch.device) -> torch
 class VLMo:
     """A loaded PaliGemma model with its tokenizer and image settings."""
 
-    def __init__(
-        self, model: PaliGemma, text: TextProcessor, image_config: ImageProcessorConfig, source: Path
-    ) -> None:
+    def __init__(self, model: PaliGemma, text: TextProcessor, image_config: ImageProcessorConfig, source: Path) -> None:
         self.model = model
         self.text = text
         self.image_config = image_config

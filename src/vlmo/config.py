@@ -167,9 +167,7 @@ class PaliGemmaConfig:
         return cls(
             vision=vision,
             text=text,
-            projector=ProjectorConfig(
-                kind="linear", in_features=vision.hidden_size, out_features=projection_dim
-            ),
+            projector=ProjectorConfig(kind="linear", in_features=vision.hidden_size, out_features=projection_dim),
             image_token_id=int(image_token),
             bos_token_id=int(d.get("bos_token_id", 2)),
             eos_token_ids=eos_ids,
@@ -178,15 +176,11 @@ class PaliGemmaConfig:
 
 
 def _vision_from_hf(v: dict[str, Any] | None) -> VisionConfig:
-    if (
-        v is None
-    ):  # PaliGemmaConfig's own defaults for a missing sub-config (note: intermediate 4096, not 4304)
+    if v is None:  # PaliGemmaConfig's own defaults for a missing sub-config (note: intermediate 4096, not 4304)
         return VisionConfig(intermediate_size=4096)
     mt = v.get("model_type", "siglip_vision_model")
     if mt != "siglip_vision_model":
-        raise ConfigError(
-            f"config.json field 'vision_config.model_type' is {mt!r}; expected 'siglip_vision_model'"
-        )
+        raise ConfigError(f"config.json field 'vision_config.model_type' is {mt!r}; expected 'siglip_vision_model'")
     # SiglipVisionConfig class defaults (ViT-B/16) apply to any field the file leaves out.
     return VisionConfig(
         hidden_size=int(v.get("hidden_size", 768)),
@@ -207,19 +201,13 @@ def _text_from_hf(t: dict[str, Any] | None) -> TextConfig:
         return TextConfig(vocab_size=257152)
     mt = t.get("model_type", "gemma")
     if mt not in ("gemma", "gemma2"):
-        raise ConfigError(
-            f"config.json field 'text_config.model_type' is {mt!r}; expected 'gemma' or 'gemma2'"
-        )
+        raise ConfigError(f"config.json field 'text_config.model_type' is {mt!r}; expected 'gemma' or 'gemma2'")
     if t.get("attention_bias"):
-        raise ConfigError(
-            "config.json field 'text_config.attention_bias' is true; Gemma has no attention biases"
-        )
+        raise ConfigError("config.json field 'text_config.attention_bias' is true; Gemma has no attention biases")
     rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        raise ConfigError(
-            f"config.json field 'text_config.rope_parameters.rope_type' is {rope_type!r}; only 'default'"
-        )
+        raise ConfigError(f"config.json field 'text_config.rope_parameters.rope_type' is {rope_type!r}; only 'default'")
     rope_theta = float(rope.get("rope_theta", t.get("rope_theta", 10000.0)))
     common: dict[str, Any] = dict(
         arch=mt,

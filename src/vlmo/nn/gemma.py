@@ -49,9 +49,7 @@ class RotaryEmbedding(nn.Module):
         self.theta = theta
 
     def forward(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        exponent = (
-            torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=pos.device).float() / self.head_dim
-        )
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=pos.device).float() / self.head_dim
         inv_freq = 1.0 / (self.theta**exponent)  # float32[hd/2]
         angles = pos.float()[..., None] * inv_freq  # float32[B, T, hd/2]
         emb = torch.cat([angles, angles], dim=-1)[:, None]  # float32[B, 1, T, hd]

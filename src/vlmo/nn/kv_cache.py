@@ -30,9 +30,7 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.max_len = max_len
 
-    def update(
-        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: dt[B, Hkv, T, hd] for slots [start, start+T) → all keys/values so far, dt[B, Hkv, start+T, hd]."""
         end = start + k.shape[2]
         if end > self.max_len:

@@ -102,9 +102,7 @@ class PaliGemma(nn.Module):
             )
         return x.masked_scatter(is_image[..., None], image_features.to(x.dtype))
 
-    def _masks(
-        self, key_valid: torch.Tensor, token_type: torch.Tensor, q_start: int
-    ) -> dict[bool, torch.Tensor]:
+    def _masks(self, key_valid: torch.Tensor, token_type: torch.Tensor, q_start: int) -> dict[bool, torch.Tensor]:
         full = make_attn_mask(key_valid, token_type, q_start)
         window = self.cfg.text.sliding_window
         needs_window = window is not None and any(layer.sliding for layer in self.text.layers)
@@ -122,9 +120,7 @@ class PaliGemma(nn.Module):
 
         input_ids/attention_mask/token_type_ids: int64[B, T]; token_type_ids default to all-prefix.
         """
-        valid = (
-            torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        )
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         tt = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
         x = self.embed(input_ids, self.encode_images(pixel_values))
         h = self.text(x, positions_from_mask(valid), self._masks(valid, tt, 0))

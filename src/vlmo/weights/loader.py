@@ -30,9 +30,7 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CheckpointError(
-            f"{path.parent} has no {path.name}; is this a PaliGemma checkpoint directory?"
-        ) from None
+        raise CheckpointError(f"{path.parent} has no {path.name}; is this a PaliGemma checkpoint directory?") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); download it again") from None
     if not isinstance(data, dict):
@@ -55,9 +53,7 @@ def weight_files(model_dir: Path) -> list[Path]:
         shards = [model_dir / name for name in sorted(set(weight_map.values()))]
         missing = [p.name for p in shards if not p.is_file()]
         if missing:
-            raise CheckpointError(
-                f"{model_dir} lacks shard(s) {', '.join(missing[:3])} listed in {INDEX_FILE}"
-            )
+            raise CheckpointError(f"{model_dir} lacks shard(s) {', '.join(missing[:3])} listed in {INDEX_FILE}")
         return shards
     if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pth")):
         raise CheckpointError(

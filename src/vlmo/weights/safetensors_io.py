@@ -59,9 +59,7 @@ def read_header(path: Path) -> dict[str, dict]:
             begin, end = info["data_offsets"]
             expected = math.prod(info["shape"]) * dtype.itemsize
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(
-                f"{path}: tensor {name!r} has an invalid entry; download the file again"
-            ) from None
+            raise CheckpointError(f"{path}: tensor {name!r} has an invalid entry; download the file again") from None
         if end - begin != expected:
             raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes, expected {expected}")
         if end > data_size:
@@ -82,9 +80,7 @@ def open_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     base = 8 + int.from_bytes(mm[:8], "little")
     out = {}
     with warnings.catch_warnings():
-        warnings.simplefilter(
-            "ignore"
-        )  # frombuffer warns about non-writable buffers; ACCESS_COPY is writable
+        warnings.simplefilter("ignore")  # frombuffer warns about non-writable buffers; ACCESS_COPY is writable
         for name, info in header.items():
             dtype = DTYPES[info["dtype"]]
             begin, end = info["data_offsets"]
