@@ -1,0 +1,410 @@
+"""Image preprocessing and prompt encoding, checked against transformers 5.24 (spec §2, §3)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmo.errors import CheckpointError, ImageError, InputError
+from vlmo.processing import (
+    EncodedBatch,
+    ImageProcessorConfig,
+    TextProcessor,
+    load_image,
+    preprocess_images,
+)
+from vlmo.testing import build_tokenizer
+
+N_IMAGE_TOKENS = 16  # a 56x56 image in 14x14 patches
+
+
+def noise_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    """Random pixels, so that resampling differences cannot hide."""
+    bands = len(Image.new(mode, (1, 1)).getbands())
+    gen = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, 256, (height * width * bands,), generator=gen, dtype=torch.uint8)
+    return Image.frombytes(mode, (width, height), bytes(data.tolist()))
+
+
+def encoded(image: Image.Image, fmt: str, **save_kwargs: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **save_kwargs)
+    return buf.getvalue()
+
+
+def hub_preprocessor_config(size: int) -> dict[str, object]:
+    """The shape of PaliGemma's hub `preprocessor_config.json` (spec §2)."""
+    return {
+        "do_convert_rgb": None,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_processor_type": "SiglipImageProcessor",
+        "image_seq_length": 256,
+        "image_std": [0.5, 0.5, 0.5],
+        "processor_class": "PaliGemmaProcessor",
+        "resample": 3,
+        "rescale_factor": 0.00392156862745098,
+        "size": {"height": size, "width": size},
+    }
+
+
+def hf_image_processor(size: int) -> Any:
+    siglip = pytest.importorskip("transformers.models.siglip")
+    # Pin the PIL backend: the torchvision one (chosen when torchvision is installed) resamples differently.
+    return siglip.SiglipImageProcessorPil(
+        size={"height": size, "width": size},
+        resample=3,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        do_convert_rgb=True,
+    )
+
+
+# -- preprocessing parity ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [224, 64, 70])
+@pytest.mark.parametrize("width,height", [(37, 23), (300, 200), (64, 64), (1, 5)])
+def test_preprocess_matches_transformers_pil_backend(size: int, width: int, height: int) -> None:
+    hf = hf_image_processor(size)
+    image = noise_image(width, height, seed=width * height)
+    expected = hf(images=[image], return_tensors="pt")["pixel_values"]
+    ours = preprocess_images([image], ImageProcessorConfig.from_hf(hub_preprocessor_config(size), size))
+    assert ours.dtype == torch.float32 and ours.shape == (1, 3, size, size)
+    assert torch.equal(ours, expected)
+    assert ours.min() >= -1 and ours.max() <= 1
+
+
+def test_preprocess_batch_matches_transformers() -> None:
+    hf = hf_image_processor(64)
+    images = [noise_image(40, 30, seed=1), noise_image(80, 90, seed=2), noise_image(64, 64, seed=3)]
+    expected = hf(images=images, return_tensors="pt")["pixel_values"]
+    assert torch.equal(preprocess_images(images, ImageProcessorConfig(64, 64)), expected)
+
+
+def test_preprocess_other_mean_std_matches_transformers() -> None:
+    """With 0.5/0.5 many formulas agree; CLIP statistics check that the order of float ops is the same."""
+    siglip = pytest.importorskip("transformers.models.siglip")
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    hf = siglip.SiglipImageProcessorPil(size={"height": 48, "width": 40}, image_mean=mean, image_std=std)
+    image = noise_image(33, 57, seed=9)
+    expected = hf(images=[image], return_tensors="pt")["pixel_values"]
+    config = ImageProcessorConfig(48, 40, image_mean=mean, image_std=std)
+    assert torch.equal(preprocess_images([image], config), expected)
+
+
+def rgb_tRNS_image() -> Image.Image:
+    image = noise_image(20, 12, seed=5)
+    image.info["transparency"] = image.getpixel((0, 0))
+    return image
+
+
+def palette_with_transparency() -> Image.Image:
+    image = noise_image(20, 12, seed=6).quantize(16)
+    image.info["transparency"] = 3
+    return image
+
+
+MODE_IMAGES = {
+    "L": lambda: noise_image(21, 13, "L"),
+    "LA": lambda: noise_image(21, 13, "LA"),
+    "P+transparency": palette_with_transparency,
+    "PA": lambda: noise_image(21, 13, "PA").convert("PA"),
+    "RGBA": lambda: noise_image(21, 13, "RGBA"),
+    "RGB+tRNS": rgb_tRNS_image,
+    "CMYK": lambda: noise_image(21, 13, "CMYK"),
+    "I;16": lambda: noise_image(21, 13, "L").convert("I;16"),
+    "I": lambda: noise_image(21, 13, "L").convert("I"),
+    "F": lambda: noise_image(21, 13, "L").convert("F"),
+    "1": lambda: noise_image(21, 13, "L").convert("1"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODE_IMAGES))
+def test_modes_match_transformers_convert_rgb(name: str) -> None:
+    hf = hf_image_processor(64)
+    image = MODE_IMAGES[name]()
+    expected = hf(images=[image], return_tensors="pt")["pixel_values"]
+    rgb = load_image(image, exif_transpose=False)
+    assert rgb.mode == "RGB"
+    assert torch.equal(preprocess_images([rgb], ImageProcessorConfig(64, 64)), expected)
+    # preprocess_images converts non-RGB input the same way by itself.
+    assert torch.equal(preprocess_images([image], ImageProcessorConfig(64, 64)), expected)
+
+
+def test_transparency_is_composited_onto_white() -> None:
+    rgba = Image.new("RGBA", (4, 2), (200, 10, 60, 255))
+    rgba.putpixel((0, 0), (200, 10, 60, 0))  # fully transparent -> white
+    rgba.putpixel((1, 0), (0, 0, 0, 128))  # half-transparent black -> mid grey
+    out = load_image(rgba)
+    assert out.getpixel((0, 0)) == (255, 255, 255)
+    assert all(abs(c - 127) <= 1 for c in out.getpixel((1, 0)))
+    assert out.getpixel((3, 1)) == (200, 10, 60)
+    # Plain convert("RGB") would have dropped alpha and kept the colour.
+    assert rgba.convert("RGB").getpixel((0, 0)) == (200, 10, 60)
+
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([10, 20, 30, 40, 50, 60] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    palette.info["transparency"] = 0
+    assert load_image(encoded(palette, "PNG")).tobytes() == bytes([255, 255, 255, 40, 50, 60])
+
+
+def test_unsupported_mode_is_an_image_error() -> None:
+    with pytest.raises(ImageError, match="mode 'La'"):
+        load_image(Image.new("La", (3, 3)))
+
+
+def test_preprocess_without_resize_or_normalize() -> None:
+    image = noise_image(5, 4)
+    config = ImageProcessorConfig(4, 5, do_resize=False, do_normalize=False, do_rescale=False)
+    out = preprocess_images([image], config)
+    assert out.shape == (1, 3, 4, 5)
+    assert torch.equal(out[0].permute(1, 2, 0).flatten(), torch.tensor(list(image.tobytes()), dtype=torch.float32))
+    with pytest.raises(InputError, match="different sizes"):
+        preprocess_images([image, noise_image(6, 4)], config)
+    with pytest.raises(InputError, match="no images"):
+        preprocess_images([], config)
+
+
+# -- loading -------------------------------------------------------------------------------------------------
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    stored = Image.new("RGB", (40, 20), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 10, 10))  # red block in the stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera was turned, rotate 90° clockwise to display
+    path = tmp_path / "phone.jpg"
+    stored.save(path, exif=exif.tobytes(), quality=95)
+
+    raw = load_image(path, exif_transpose=False)
+    upright = load_image(path)
+    assert raw.size == (40, 20) and upright.size == (20, 40)
+    assert upright.tobytes() == raw.transpose(Image.Transpose.ROTATE_270).tobytes()
+    r, g, b = upright.getpixel((15, 5))  # the red block is now top-right
+    assert r > 200 and b < 60
+
+
+def test_load_from_path_bytes_and_pil(tmp_path: Path) -> None:
+    image = noise_image(9, 7)
+    data = encoded(image, "PNG")
+    path = tmp_path / "x.png"
+    path.write_bytes(data)
+    for source in (path, str(path), data, Image.open(io.BytesIO(data)), image):
+        out = load_image(source)
+        assert out.mode == "RGB" and out.tobytes() == image.tobytes()
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="no image file at .*nope.png; check the path"):
+        load_image(tmp_path / "nope.png")
+    with pytest.raises(ImageError, match="no image file"):
+        load_image(tmp_path)  # a directory
+
+
+def test_not_an_image(tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("hello, not an image\n")
+    with pytest.raises(ImageError, match="not an image") as info:
+        load_image(text)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ImageError, match="the given image bytes is not an image"):
+        load_image(b"")
+    with pytest.raises(ImageError, match="pass a path, bytes or a PIL image"):
+        load_image(123)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_truncated_file(tmp_path: Path, fmt: str) -> None:
+    data = encoded(noise_image(64, 64), fmt)
+    path = tmp_path / f"cut.{fmt.lower()}"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="truncated or corrupt") as info:
+        load_image(path)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ImageError, match="the given image bytes is truncated"):
+        load_image(data[: len(data) // 2])
+    with Image.open(path) as lazy, pytest.raises(ImageError, match="truncated"):
+        load_image(lazy)  # a lazily opened PIL image fails on load, too
+
+
+# 150 pixels: Pillow only warns (between the limit and twice it); 400: past twice the limit, Pillow raises.
+@pytest.mark.parametrize("pixels", [150, 400])
+def test_decompression_bomb(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pixels: int) -> None:
+    path = tmp_path / "bomb.png"
+    Image.new("RGB", (pixels, 1)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(ImageError, match="too large .*limit of 100 pixels"):
+        load_image(path)
+    with pytest.raises(ImageError, match="too large"):
+        load_image(path.read_bytes())
+
+
+# -- config --------------------------------------------------------------------------------------------------
+
+
+def test_from_hf_reads_hub_config() -> None:
+    config = ImageProcessorConfig.from_hf(hub_preprocessor_config(448), image_size=224)
+    assert (config.height, config.width, config.resample) == (448, 448, 3)
+    assert config.image_mean == config.image_std == (0.5, 0.5, 0.5)
+    assert config.rescale_factor == pytest.approx(1 / 255)
+
+
+def test_from_hf_variants_and_defaults() -> None:
+    assert ImageProcessorConfig.from_hf(None, 896) == ImageProcessorConfig(896, 896)
+    config = ImageProcessorConfig.from_hf(
+        {"size": {"shortest_edge": 112}, "image_mean": [0.1, 0.2, 0.3], "image_std": 0.25, "new_key": 1}, 224
+    )
+    assert (config.height, config.width) == (112, 112)
+    assert config.image_mean == (0.1, 0.2, 0.3) and config.image_std == (0.25, 0.25, 0.25)
+    config = ImageProcessorConfig.from_hf({"size": {"height": 30, "width": 50}, "do_normalize": False}, 224)
+    assert (config.height, config.width, config.do_normalize) == (30, 50, False)
+    out = preprocess_images([noise_image(7, 9)], config)
+    assert out.shape == (1, 3, 30, 50) and out.min() >= 0 and out.max() <= 1
+
+
+# -- prompts and token ids -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    build_tokenizer().save(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_processor(tokenizer_file: Path) -> TextProcessor:
+    return TextProcessor.from_file(tokenizer_file, N_IMAGE_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def hf_processor(tokenizer_file: Path) -> Any:
+    transformers = pytest.importorskip("transformers")
+    image_processor = hf_image_processor(56)
+    image_processor.image_seq_length = N_IMAGE_TOKENS
+    tokenizer = transformers.GemmaTokenizer(tokenizer_file=str(tokenizer_file))
+    return transformers.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def assert_same_as_hf(ours: EncodedBatch, hf: dict[str, torch.Tensor], with_suffix: bool) -> None:
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        assert torch.equal(getattr(ours, key), hf[key]), key
+        assert getattr(ours, key).dtype == torch.int64
+    if with_suffix:
+        assert ours.labels is not None and torch.equal(ours.labels, hf["labels"])
+    else:
+        assert ours.labels is None
+        assert (hf["labels"] == -100).all()  # transformers returns all-ignored labels without suffixes
+
+
+CASES = {
+    "single": (["caption en"], None),
+    "batch": (["caption en", "what is in the picture of the red car?", "ocr"], None),
+    "suffix": (["detect cat"], ["<loc0012><loc0100><loc0500><loc0900> cat"]),
+    "batch+suffix": (
+        ["caption en", "answer en how many shapes are there?"],
+        ["a red circle and a blue square", "3"],
+    ),
+    "image token": (["<image>answer en what color is the car?"], None),
+    "image token+suffix": (["<image> caption fr"], ["une voiture"]),
+    "non-ascii": (["caption de Größe ü"], ["naïve ☃"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_encode_matches_paligemma_processor(text_processor: TextProcessor, hf_processor: Any, case: str) -> None:
+    prompts, suffixes = CASES[case]
+    images = [noise_image(30 + i, 20, seed=i) for i in range(len(prompts))]
+    hf = hf_processor(images=images, text=prompts, suffix=suffixes, padding="longest", return_tensors="pt")
+    ours = text_processor.encode(prompts, suffixes)
+    assert_same_as_hf(ours, hf, with_suffix=suffixes is not None)
+    assert torch.equal(preprocess_images(images, ImageProcessorConfig(56, 56)), hf["pixel_values"])
+
+
+def test_encode_right_padding_matches(text_processor: TextProcessor, hf_processor: Any) -> None:
+    prompts, suffixes = ["caption en", "describe the photo"], ["a", "a dog on a car"]
+    images = [noise_image(8, 8)] * 2
+    hf = hf_processor(
+        images=images,
+        text=prompts,
+        suffix=suffixes,
+        padding="longest",
+        padding_side="right",
+        return_tensors="pt",
+    )
+    assert_same_as_hf(text_processor.encode(prompts, suffixes, padding_side="right"), hf, with_suffix=True)
+
+
+def test_encode_layout(text_processor: TextProcessor) -> None:
+    tp = text_processor
+    batch = tp.encode(["caption en", "a"], ["red", "blue"])
+    ids, types, labels = batch.input_ids, batch.token_type_ids, batch.labels
+    assert labels is not None
+    for row in range(2):
+        real = ids[row][batch.attention_mask[row] == 1].tolist()
+        assert real[:N_IMAGE_TOKENS] == [tp.image_id] * N_IMAGE_TOKENS
+        assert real[N_IMAGE_TOKENS] == tp.bos_id and real[-1] == tp.eos_id
+        assert real.count(tp.image_id) == N_IMAGE_TOKENS and real.count(tp.bos_id) == 1
+    assert batch.input_ids[1, 0] == tp.pad_id and batch.attention_mask[1, 0] == 0  # left padded
+    assert torch.equal(labels != -100, types == 1)
+    # Each prefix ends in exactly one "\n" (the processor's); the user writes none.
+    newline = tp.tokenizer.token_to_id("\n")
+    prefix = ids[0][(types[0] == 0) & (batch.attention_mask[0] == 1)].tolist()
+    assert prefix[-1] == newline and prefix[-2] != newline
+    assert tp.decode(labels[0][labels[0] != -100]) == "red"
+
+
+def test_str_prompt_is_a_batch_of_one(text_processor: TextProcessor) -> None:
+    a, b = text_processor.encode("caption en", "x"), text_processor.encode(["caption en"], ["x"])
+    assert torch.equal(a.input_ids, b.input_ids) and a.input_ids.shape[0] == 1
+
+
+def test_decode_keeps_loc_and_seg(text_processor: TextProcessor) -> None:
+    tp = text_processor
+    text = "<loc0012><loc1023><seg007> cat"
+    ids = [tp.image_id, tp.bos_id, *tp.tokenizer.encode(text, add_special_tokens=False).ids, tp.eos_id]
+    assert tp.decode(ids) == text
+    assert tp.decode(torch.tensor(ids), skip_special_tokens=False).startswith("<image><bos><loc0012>")
+
+
+def test_ids_come_from_the_tokenizer(text_processor: TextProcessor) -> None:
+    tok = build_tokenizer()
+    assert (text_processor.pad_id, text_processor.eos_id, text_processor.bos_id) == (0, 1, 2)
+    assert text_processor.image_id == tok.get_vocab_size() - 1
+
+
+def test_encode_input_errors(text_processor: TextProcessor) -> None:
+    with pytest.raises(InputError, match="prompts must be strings"):
+        text_processor.encode([123])  # type: ignore[list-item]
+    with pytest.raises(InputError, match="2 prompts but 1 suffixes"):
+        text_processor.encode(["a", "b"], ["c"])
+    with pytest.raises(InputError, match="suffixes must be strings"):
+        text_processor.encode(["a"], [None])  # type: ignore[list-item]
+    with pytest.raises(InputError, match="no prompts"):
+        text_processor.encode([])
+
+
+def test_tokenizer_errors(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no tokenizer file"):
+        TextProcessor.from_file(tmp_path / "missing.json", N_IMAGE_TOKENS)
+    with pytest.raises(CheckpointError, match="'<img>'"):
+        TextProcessor(build_tokenizer(), N_IMAGE_TOKENS, image_token="<img>")
+
+
+def test_padding_and_truncation_of_the_tokenizer_are_ignored() -> None:
+    tok = build_tokenizer()
+    tok.enable_padding(length=200)
+    tok.enable_truncation(max_length=4)
+    batch = TextProcessor(tok, N_IMAGE_TOKENS).encode(["caption en"])
+    plain = TextProcessor(build_tokenizer(), N_IMAGE_TOKENS).encode(["caption en"])
+    assert torch.equal(batch.input_ids, plain.input_ids)
+    assert tok.padding is not None  # the caller's tokenizer is left as it was
