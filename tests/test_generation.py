@@ -1,0 +1,170 @@
+"""Generation behaviour on a tiny real model: batching, seeds, sampling options, stopping, streaming, the cache."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmo import SamplingConfig, VLMo
+from vlmo.errors import GenerationConfigError, InputError
+from vlmo.generation import generate_ids, select_next
+
+
+@pytest.fixture(scope="module")
+def vlm(tiny_checkpoints: dict[str, Path]) -> VLMo:
+    return VLMo.from_pretrained(tiny_checkpoints["gqa"], device="cpu", dtype="float32")
+
+
+def picture(seed: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy())
+
+
+PROMPTS = ["caption en", "answer en how many shapes are there in this picture?", "ocr"]
+
+
+def test_batched_generation_equals_one_by_one(vlm: VLMo) -> None:
+    """Left padding with per-row positions and masks: prompts of different lengths in one batch."""
+    images = [picture(i) for i in range(3)]
+    batched = vlm.generate(images, PROMPTS, max_new_tokens=24)
+    single = [vlm.generate(im, p, max_new_tokens=24) for im, p in zip(images, PROMPTS, strict=True)]
+    assert batched == single
+    assert len(set(batched)) > 1
+
+
+def test_one_image_many_prompts_is_encoded_once(vlm: VLMo) -> None:
+    calls = []
+    handle = vlm.model.vision.register_forward_hook(lambda *a: calls.append(a[1][0].shape[0]))
+    try:
+        out = vlm.generate(picture(0), PROMPTS, max_new_tokens=12)
+    finally:
+        handle.remove()
+    assert calls == [1], "the vision tower runs once per request, for one image"
+    assert out == [vlm.generate(picture(0), p, max_new_tokens=12) for p in PROMPTS]
+
+
+def test_image_inputs_path_bytes_and_pil_agree(vlm: VLMo, tmp_path: Path) -> None:
+    img = picture(5)
+    path = tmp_path / "x.png"
+    img.save(path)
+    outs = {vlm.generate(src, "caption en", max_new_tokens=10) for src in (img, path, str(path), path.read_bytes())}
+    assert len(outs) == 1
+
+
+def test_same_seed_same_sample_and_greedy_is_deterministic(vlm: VLMo) -> None:
+    kw = dict(max_new_tokens=20, do_sample=True, temperature=1.5, top_k=200, top_p=0.95)
+    a = vlm.generate(picture(1), "caption en", seed=7, **kw)
+    b = vlm.generate(picture(1), "caption en", seed=7, **kw)
+    others = {vlm.generate(picture(1), "caption en", seed=s, **kw) for s in range(8, 12)}
+    assert a == b
+    assert others - {a}, "different seeds should give different samples"
+    greedy = vlm.generate(picture(1), "caption en", max_new_tokens=20)
+    assert greedy == vlm.generate(picture(1), "caption en", max_new_tokens=20)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"temperature": 0}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_k": 2.5}, "top_k"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": True}, "max_new_tokens"),
+    ],
+)
+def test_invalid_sampling_settings_are_clear_errors(vlm: VLMo, kwargs: dict, words: str) -> None:
+    with pytest.raises(GenerationConfigError, match=words):
+        vlm.generate(picture(0), "caption en", do_sample=True, **kwargs)
+
+
+def test_select_next_applies_top_k_then_temperature_then_top_p() -> None:
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    draw = lambda cfg: {int(select_next(logits, cfg, g)) for _ in range(300)}  # noqa: E731
+    assert draw(SamplingConfig(do_sample=True, top_k=2)) == {0, 1}
+    assert draw(SamplingConfig(do_sample=True, top_k=1, temperature=100.0)) == {0}
+    # p(0)=0.64, p(1)=0.24: top_p=0.7 keeps tokens 0 and 1 (0.64 < 0.7), top_p=0.5 keeps token 0 only.
+    assert draw(SamplingConfig(do_sample=True, top_p=0.7)) == {0, 1}
+    assert draw(SamplingConfig(do_sample=True, top_p=0.5)) == {0}
+    assert draw(SamplingConfig(do_sample=True, temperature=100.0)) == {0, 1, 2, 3, 4}
+    assert int(select_next(logits, SamplingConfig(), None)) == 0
+
+
+def test_max_new_tokens_and_eos_stop(vlm: VLMo) -> None:
+    batch = vlm.text.encode(["caption en"])
+    feats = vlm.encode_images([picture(2)])
+    cfg = SamplingConfig(max_new_tokens=9)
+    steps = list(generate_ids(vlm.model, batch.input_ids, batch.attention_mask, feats, cfg, [1], 0))
+    assert len(steps) == 9
+    # Declare the 4th greedy token an end-of-sequence token: generation must stop right there.
+    stop = int(steps[3][0])
+    assert stop not in {int(s[0]) for s in steps[:3]}, "pick a prompt whose 4th token is new"
+    stopped = list(generate_ids(vlm.model, batch.input_ids, batch.attention_mask, feats, cfg, [stop], 0))
+    assert [int(s[0]) for s in stopped] == [int(s[0]) for s in steps[:4]]
+    # In a batch, a finished row yields padding while the others go on.
+    batch2 = vlm.text.encode(["caption en", "ocr"])
+    feats2 = vlm.encode_images([picture(2), picture(3)])
+    rows = torch.stack(list(generate_ids(vlm.model, batch2.input_ids, batch2.attention_mask, feats2, cfg, [stop], 0)))
+    first = rows[:, 0].tolist()
+    assert first[: first.index(stop) + 1] == [int(s[0]) for s in steps[:4]]
+    assert all(t == 0 for t in first[first.index(stop) + 1 :])
+
+
+def test_stream_pieces_concatenate_to_generate(vlm: VLMo) -> None:
+    pieces = list(vlm.stream(picture(4), "caption en", max_new_tokens=24))
+    assert len(pieces) > 1
+    assert "".join(pieces) == vlm.generate(picture(4), "caption en", max_new_tokens=24)
+
+
+def test_decode_steps_equal_a_full_forward_and_write_the_cache_in_place(vlm: VLMo) -> None:
+    """Prefill + cached decode == recomputing the whole sequence with generated tokens as suffix (type 1)."""
+    model = vlm.model
+    batch = vlm.text.encode(["caption en", "answer en what is it?"])
+    pixels = torch.randn(2, 3, model.cfg.vision.image_size, model.cfg.vision.image_size)
+    with torch.no_grad():
+        feats = model.encode_images(pixels)
+        cache = model.new_cache(2, batch.input_ids.shape[1] + 6)
+        k_ptr = cache.k.data_ptr()
+        logits, state = model.prefill(batch.input_ids, feats, batch.attention_mask, cache)
+        assert logits.shape == (2, model.cfg.text.vocab_size), "prefill computes only the last position's logits"
+        ids, steps = batch.input_ids, []
+        for _ in range(5):
+            token = logits.argmax(-1)
+            steps.append(logits)
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            logits = model.decode(token, state)
+        assert cache.k.data_ptr() == k_ptr
+        n = ids.shape[1]
+        mask = torch.cat([batch.attention_mask, torch.ones(2, 5, dtype=torch.long)], dim=1)
+        types = torch.cat([torch.zeros_like(batch.input_ids), torch.ones(2, 5, dtype=torch.long)], dim=1)
+        full = model(ids, pixels, mask, types)
+    t0 = batch.input_ids.shape[1] - 1
+    for i, step in enumerate(steps):
+        torch.testing.assert_close(step, full[:, t0 + i], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, full[:, n - 1], atol=1e-5, rtol=0)
+
+
+def test_mismatched_batch_lengths_are_errors(vlm: VLMo) -> None:
+    with pytest.raises(InputError, match="2 images but 3 prompts"):
+        vlm.generate([picture(0), picture(1)], PROMPTS)
+    with pytest.raises(InputError):
+        vlm.generate([], "caption en")
+
+
+def test_bytes_that_are_not_an_image_fail_clearly(vlm: VLMo) -> None:
+    from vlmo.errors import ImageError
+
+    with pytest.raises(ImageError):
+        vlm.generate(b"definitely not a png", "caption en")
+    buf = io.BytesIO()
+    picture(0).save(buf, format="PNG")
+    with pytest.raises(ImageError):
+        vlm.generate(buf.getvalue()[:40], "caption en")
