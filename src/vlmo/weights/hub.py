@@ -1,0 +1,442 @@
+"""Resolve a model name to a local checkpoint directory, downloading from the Hugging Face Hub when needed.
+
+`resolve_model("google/paligemma2-3b-pt-224")` returns the cached snapshot directory that holds
+`config.json`, the safetensors weights (`model.safetensors`, or `model.safetensors.index.json` and its
+shards) and `tokenizer.json`, plus `preprocessor_config.json` and `generation_config.json` when the repo has
+them. Nothing else is fetched, never `*.bin`, `*.pth` or `*.npz` weights. A local directory is used as is.
+
+Files go to the standard Hugging Face cache, and huggingface_hub reads its own environment (HF_HOME,
+HF_HUB_CACHE, HF_TOKEN, HF_HUB_OFFLINE, HF_ENDPOINT); this module sets none of it. A model that is already
+cached resolves with no network access at all. Failures become `VlmoError`s whose one-line message ends
+with what to do next.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path, PurePath
+from typing import Any, ClassVar
+
+import httpx2  # huggingface_hub >= 2 talks HTTP through httpx2, whose transport errors reach us unwrapped
+from huggingface_hub import HfApi, constants, hf_hub_download, scan_cache_dir
+from huggingface_hub.errors import (
+    CacheNotFound,
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import are_progress_bars_disabled, validate_repo_id
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from tqdm.std import tqdm
+
+from vlmo.errors import CheckpointError, VlmoError
+
+__all__ = [
+    "DiskFullError",
+    "DownloadError",
+    "GatedModelError",
+    "ModelNotFoundError",
+    "OfflineError",
+    "cache_location",
+    "cached_models",
+    "resolve_model",
+]
+
+logger = logging.getLogger(__name__)
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+TOKENIZER = "tokenizer.json"
+OPTIONAL = ("preprocessor_config.json", "generation_config.json")
+# Named in the "safetensors only" error, so the user sees why a repo that does have weights is refused.
+_OTHER_WEIGHTS = (".bin", ".pth", ".pt", ".npz", ".ckpt", ".msgpack", ".h5", ".gguf")
+
+PathArg = str | os.PathLike[str]
+
+
+class GatedModelError(VlmoError):
+    """The repo is gated (or private) and this user or token may not read it yet: HTTP 401/403."""
+
+
+class ModelNotFoundError(VlmoError):
+    """No local directory, hub repo or revision by that name."""
+
+
+class OfflineError(VlmoError):
+    """Offline mode is on (HF_HUB_OFFLINE) and the model is not completely in the cache."""
+
+
+class DiskFullError(VlmoError):
+    """The disk that holds the cache ran out of space (ENOSPC)."""
+
+
+class DownloadError(VlmoError):
+    """The hub was unreachable, answered with a server error, or the connection dropped mid-file."""
+
+
+def resolve_model(
+    name_or_path: PathArg,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: PathArg | None = None,
+    progress: bool | None = None,
+) -> Path:
+    """The local directory with the checkpoint that `name_or_path` names, downloaded from the hub if needed.
+
+    Args:
+        name_or_path: an existing directory (used as is; it must hold `config.json`), or a hub id
+            `owner/name`. A path-like string that does not exist (`./x`, `/x`, `~/x`, `a/b/c`) is an
+            error, never a hub id.
+        revision: branch, tag or commit of the hub repo (default: its default branch); unused for a directory.
+        token: hub token; `None` lets huggingface_hub use HF_TOKEN or the `hf auth login` token,
+            `False` sends none.
+        cache_dir: hub cache to use instead of HF_HUB_CACHE.
+        progress: rich progress bars on stderr; `None` shows them only when stderr is a terminal.
+
+    Raises:
+        ModelNotFoundError, GatedModelError, OfflineError, DiskFullError, DownloadError, CheckpointError.
+    """
+    name = os.fspath(name_or_path)
+    is_path = isinstance(name_or_path, os.PathLike) or _looks_like_path(name)
+    if is_path or (name and Path(name).is_dir()):
+        return _local_checkpoint(Path(name).expanduser())
+    repo_id = _check_repo_id(name)
+    with _hub_errors(repo_id, revision, cache_dir):
+        cached = _cached_snapshot(repo_id, revision, cache_dir)
+        if cached is not None:
+            return cached
+        if constants.is_offline_mode():
+            raise OfflineError(_offline_message(repo_id, revision, cache_dir))
+        return _download(repo_id, revision, token, cache_dir, _want_progress(progress))
+
+
+def cache_location() -> Path:
+    """The hub cache in use: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    return Path(constants.HF_HUB_CACHE)
+
+
+def cached_models(cache_dir: PathArg | None = None) -> list[tuple[str, int]]:
+    """`(repo id, bytes on disk)` of each model repo in the hub cache, sorted by id; [] without a cache."""
+    try:
+        info = scan_cache_dir(_cache_path(cache_dir))
+    except CacheNotFound:
+        return []
+    return sorted((repo.repo_id, repo.size_on_disk) for repo in info.repos if repo.repo_type == "model")
+
+
+# Names.
+
+
+def _looks_like_path(name: str) -> bool:
+    """`./x`, `../x`, `/x`, `~/x`, `C:\\x` and `a/b/c` are paths; `owner/name` may be a hub id."""
+    return (
+        name.startswith((".", "~", "/", os.sep))
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in name)
+        or bool(PurePath(name).drive)
+    )
+
+
+def _check_repo_id(name: str) -> str:
+    not_found = ModelNotFoundError(
+        f"{name!r} is neither an existing directory nor a hub id of the form owner/name "
+        "(e.g. google/paligemma2-3b-pt-224): check the spelling"
+    )
+    if name.count("/") != 1:
+        raise not_found
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise not_found from None
+    return name
+
+
+def _local_checkpoint(path: Path) -> Path:
+    if not path.exists():
+        raise ModelNotFoundError(f"no such directory: {path} (a hub id looks like owner/name)")
+    if not path.is_dir():
+        raise ModelNotFoundError(f"{path} is a file: pass the checkpoint directory that holds {CONFIG}")
+    if not (path / CONFIG).is_file():
+        raise CheckpointError(f"{path} has no {CONFIG}: pass a PaliGemma checkpoint directory or a hub id")
+    return path
+
+
+# Cache and download.
+
+
+def _cached_snapshot(repo_id: str, revision: str | None, cache_dir: PathArg | None) -> Path | None:
+    """The cached snapshot of this revision if it holds a complete checkpoint; makes no network call."""
+    try:
+        config = hf_hub_download(repo_id, CONFIG, revision=revision, cache_dir=cache_dir, local_files_only=True)
+    except LocalEntryNotFoundError:
+        return None
+    snapshot = Path(config).parent
+    return snapshot if _incomplete(snapshot, repo_id) is None else None
+
+
+def _incomplete(snapshot: Path, repo_id: str) -> str | None:
+    """What a snapshot lacks for vlmo to run it; None when config, weights and tokenizer are all there."""
+    for name in (CONFIG, TOKENIZER):
+        if not (snapshot / name).is_file():
+            return f"no {name}"
+    if (snapshot / WEIGHTS).is_file():
+        return None
+    if not (snapshot / WEIGHTS_INDEX).is_file():
+        return f"no {WEIGHTS} or {WEIGHTS_INDEX}"
+    missing = [s for s in _shard_names(snapshot / WEIGHTS_INDEX, repo_id) if not (snapshot / s).is_file()]
+    return f"shard {missing[0]} missing" if missing else None
+
+
+def _shard_names(index: Path, repo_id: str) -> list[str]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (OSError, ValueError, AttributeError):
+        weight_map = None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(
+            f"{index} has no readable 'weight_map': if the repo's copy is fine, run "
+            f"`hf cache rm model/{repo_id}`, then the same command again"
+        )
+    return sorted(set(weight_map.values()))
+
+
+def _files_to_fetch(where: str, repo_files: set[str]) -> list[str]:
+    """The repo files vlmo needs, small ones first; the shards follow once the index has been read."""
+    if CONFIG not in repo_files:
+        raise CheckpointError(f"{where} has no {CONFIG}: check that it is a PaliGemma checkpoint")
+    if WEIGHTS in repo_files:  # preferred when a repo has both layouts, as the loader does
+        weights = WEIGHTS
+    elif WEIGHTS_INDEX in repo_files:
+        weights = WEIGHTS_INDEX
+    else:
+        others = sorted(f for f in repo_files if f.endswith(_OTHER_WEIGHTS))
+        found = f" (it has {', '.join(others[:3])})" if others else ""
+        raise CheckpointError(
+            f"{where} has no safetensors weights{found}; vlmo only loads safetensors: pick a repo with "
+            "model.safetensors, or convert the weights with transformers' save_pretrained()"
+        )
+    if TOKENIZER not in repo_files:
+        raise CheckpointError(f"{where} has no {TOKENIZER}, which vlmo needs: is it a PaliGemma checkpoint?")
+    return [CONFIG, TOKENIZER, *(f for f in OPTIONAL if f in repo_files), weights]
+
+
+def _download(
+    repo_id: str, revision: str | None, token: str | bool | None, cache_dir: PathArg | None, show: bool
+) -> Path:
+    # One listing call picks the files, so a .bin-only repo fails before anything is downloaded. Each file
+    # then goes through hf_hub_download: resumed after a dropped connection, moved into the cache only when
+    # complete, and found offline next time.
+    where = _where(repo_id, revision)
+    info = HfApi().model_info(repo_id, revision=revision, token=token)
+    repo_files = {s.rfilename for s in info.siblings or []}
+    names = _files_to_fetch(where, repo_files)
+    logger.info("downloading %s to %s", where, _cache_path(cache_dir))
+    with _progress_bars(show) as bar_class:
+
+        def fetch(name: str) -> Path:
+            bar = bar_class(name)
+            path = hf_hub_download(repo_id, name, revision=revision, token=token, cache_dir=cache_dir, tqdm_class=bar)
+            return Path(path)
+
+        paths = [fetch(name) for name in names]
+        if names[-1] == WEIGHTS_INDEX:
+            shards = _shard_names(paths[-1], repo_id)
+            absent = [s for s in shards if s not in repo_files]
+            if absent:
+                raise CheckpointError(f"{where}: {WEIGHTS_INDEX} lists {absent[0]}, which is not in the repo")
+            paths += [fetch(shard) for shard in shards]
+    snapshot = paths[0].parent
+    problem = _incomplete(snapshot, repo_id)
+    if problem is not None:  # e.g. the branch moved between two files, which then sit in two snapshots
+        raise DownloadError(f"the download of {where} is incomplete ({problem}): run the same command again")
+    return snapshot
+
+
+def _where(repo_id: str, revision: str | None) -> str:
+    return f"{repo_id} (revision {revision!r})" if revision else repo_id
+
+
+def _cache_path(cache_dir: PathArg | None) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir is not None else cache_location()
+
+
+# Errors.
+
+
+@contextmanager
+def _hub_errors(repo_id: str, revision: str | None, cache_dir: PathArg | None) -> Iterator[None]:
+    """Turn huggingface_hub, httpx2 and disk errors into vlmo errors. Subclasses must come first."""
+    where = _where(repo_id, revision)
+    page = f"{constants.ENDPOINT}/{repo_id}"
+    try:
+        yield
+    except GatedRepoError as e:
+        raise GatedModelError(_refused(repo_id, page, _status(e), gated=True)) from e
+    except RevisionNotFoundError as e:
+        raise ModelNotFoundError(f"{repo_id} has no revision {revision!r}: check it at {page}") from e
+    except RepositoryNotFoundError as e:
+        # The hub answers 401, not 404, when an anonymous user asks for a private repo: both end up here.
+        raise ModelNotFoundError(
+            f"{repo_id} was not found on {constants.ENDPOINT}: check the id and revision; "
+            "a private repo needs `hf auth login` or HF_TOKEN"
+        ) from e
+    except HfHubHTTPError as e:
+        status = _status(e)
+        if status in (401, 403):
+            raise GatedModelError(_refused(repo_id, page, status, gated=False)) from e
+        if isinstance(e, EntryNotFoundError):
+            raise ModelNotFoundError(f"a file of {where} vanished from the hub: run the command again") from e
+        raise DownloadError(f"the hub answered HTTP {status} for {where}: wait, then run it again") from e
+    except (OfflineModeIsEnabled, LocalEntryNotFoundError) as e:
+        if constants.is_offline_mode():
+            raise OfflineError(_offline_message(repo_id, revision, cache_dir)) from e
+        raise DownloadError(_unreachable(where)) from e
+    except (httpx2.ConnectError, httpx2.ConnectTimeout) as e:
+        raise DownloadError(_unreachable(where)) from e
+    except httpx2.TransportError as e:
+        raise DownloadError(
+            f"the connection dropped while fetching {where} ({type(e).__name__}): "
+            "run the same command again to resume; finished files are kept"
+        ) from e
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise DiskFullError(
+                f"no space left on the disk of the hub cache {_cache_path(cache_dir)}: free some space or "
+                "set HF_HUB_CACHE to a folder on a bigger disk, then run the same command again"
+            ) from e
+        if "Consistency check failed" in str(e):  # huggingface_hub: a file of the wrong size arrived
+            raise DownloadError(
+                f"a file of {where} arrived incomplete: run the same command again; finished files are kept"
+            ) from e
+        raise
+
+
+def _offline_message(repo_id: str, revision: str | None, cache_dir: PathArg | None) -> str:
+    return (
+        f"{_where(repo_id, revision)} is not (completely) in the cache {_cache_path(cache_dir)} and "
+        f"HF_HUB_OFFLINE is set: run `vlmo download {repo_id}` while online, or unset HF_HUB_OFFLINE"
+    )
+
+
+def _unreachable(where: str) -> str:
+    return (
+        f"could not reach {constants.ENDPOINT} for {where}, which is not cached: "
+        "check your connection (or HF_ENDPOINT), then run the same command again"
+    )
+
+
+def _status(error: HfHubHTTPError) -> int | None:
+    response = getattr(error, "response", None)
+    return response.status_code if response is not None else None
+
+
+def _refused(repo_id: str, page: str, status: int | None, *, gated: bool) -> str:
+    what = "is gated" if gated else f"refused access (HTTP {status})"
+    if status == 403:  # a token was sent, but its account has not accepted the licence or lacks read access
+        return (
+            f"{repo_id} {what} for this token: accept the licence at {page} with the same account, "
+            "or use a token with read access (`hf auth login` or HF_TOKEN)"
+        )
+    return f"{repo_id} {what}: accept the licence at {page}, then run `hf auth login` or set HF_TOKEN"
+
+
+# Progress.
+
+
+def _want_progress(progress: bool | None) -> bool:
+    if progress is not None:
+        return progress
+    if are_progress_bars_disabled():  # HF_HUB_DISABLE_PROGRESS_BARS
+        return False
+    return sys.stderr is not None and sys.stderr.isatty()
+
+
+class _Discard(io.TextIOBase):
+    """Where tqdm's own text goes: rich draws the bars."""
+
+    def write(self, s: str) -> int:
+        return len(s)
+
+
+class _RichBar(tqdm):
+    """A tqdm that keeps tqdm's bookkeeping (n, total, resume offset) but draws into a rich `Progress`.
+
+    huggingface_hub makes one per file from the class given as `tqdm_class`; `_bar_class` binds the
+    `Progress` and the file name to that class. Without a `Progress` it draws nothing.
+    """
+
+    monitor_interval = 0  # no tqdm monitor thread
+    progress: ClassVar[Progress | None] = None
+    label: ClassVar[str] = ""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._task: TaskID | None = None
+        kwargs.pop("name", None)
+        kwargs.update(file=_Discard(), disable=False)
+        super().__init__(*args, **kwargs)
+
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        if self.progress is None:
+            return True
+        if self._task is None:
+            description = self.label or self.desc
+            self._task = self.progress.add_task(description, total=self.total, completed=self.n)
+        else:
+            self.progress.update(self._task, total=self.total, completed=self.n)
+        return True
+
+    def close(self) -> None:
+        super().close()
+        if self.progress is not None and self._task is not None:
+            self.progress.update(self._task, total=self.total, completed=self.n)
+
+    # With these two methods, huggingface_hub's Xet downloads report their network bytes here instead of
+    # opening a second bar per file; we show the bytes written to disk (`update`).
+    def update_transfer(self, n: float | None = 1) -> None:
+        pass
+
+    def set_transfer_postfix_str(self, s: str = "", refresh: bool = False) -> None:
+        pass
+
+
+@contextmanager
+def _progress_bars(enabled: bool) -> Iterator[Callable[[str], type[tqdm]]]:
+    """Yields `bar_class(file name)`: a rich bar per file (bytes, speed, ETA) on stderr, or silent bars."""
+    if not enabled:
+        yield lambda name: _bar_class(None, name)
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, TimeRemainingColumn(), console=Console(stderr=True)) as progress:
+        yield lambda name: _bar_class(progress, name)
+
+
+def _bar_class(progress: Progress | None, name: str) -> type[tqdm]:
+    class Bar(_RichBar):
+        pass
+
+    Bar.progress = progress
+    Bar.label = name
+    return Bar
