@@ -12,12 +12,19 @@ This module ties `weights/` (checkpoint → model), `processing.py` (image/text 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal, overload
+from typing import Literal, TypedDict, overload
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # pragma: no cover - typing_extensions comes with torch
+    from typing_extensions import Unpack
 
 import torch
 
+from vlmo.detection import Detection, detect_prompt, parse_detections
 from vlmo.errors import InputError, VlmoError
 from vlmo.generation import SamplingConfig, generate_ids, make_generator
 from vlmo.nn.paligemma import PaliGemma
@@ -28,9 +35,25 @@ from vlmo.processing import (
     load_image,
     preprocess_images,
 )
+from vlmo.weights.hub import resolve_model
 from vlmo.weights.loader import load_model, read_json
 
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+CaptionDetail = Literal["short", "long", "raw"]
+CAPTION_TASKS = {"short": "caption", "long": "describe", "raw": "cap"}
+
+
+class GenerateOptions(TypedDict, total=False):
+    """Keyword options every task method accepts; see `VLMo.generate`."""
+
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -93,13 +116,18 @@ class VLMo:
         *,
         device: str | torch.device = "auto",
         dtype: DTypeName | torch.dtype = "auto",
+        revision: str | None = None,
+        token: str | bool | None = None,
+        progress: bool | None = None,
     ) -> VLMo:
-        """Load a checkpoint directory (`config.json`, safetensors weights, `tokenizer.json`).
+        """Load a checkpoint: a local directory (`config.json`, safetensors weights, `tokenizer.json`) or a hub id
+        such as "google/paligemma-3b-mix-224" (downloaded once into the Hugging Face cache, then used offline).
 
         `device`: "auto" | "cpu" | "cuda[:N]" | "mps"; `dtype`: "auto" | "float32" | "bfloat16" | "float16".
+        `revision`/`token` are passed to the hub; `progress` shows download bars on stderr (None: on a terminal).
         """
-        path = Path(model).expanduser()
         dev = resolve_device(device)
+        path = resolve_model(model, revision=revision, token=token, progress=progress)
         net = load_model(path, dtype=resolve_dtype(dtype, dev), device=dev)
         pre = path / "preprocessor_config.json"
         image_config = ImageProcessorConfig.from_hf(
@@ -172,12 +200,78 @@ class VLMo:
         """
         cfg = SamplingConfig(max_new_tokens, do_sample, temperature, top_k, top_p)
         images, prompts, batched = _pair_up(image, prompt)
-        rows: list[list[int]] = [[] for _ in prompts]
-        for step in self._token_steps(images, prompts, cfg, seed):
-            for row, token in zip(rows, step, strict=True):
-                row.extend(token)
-        texts = [self.text.decode(r) for r in rows]
+        texts = [text for text, _ in self._run(images, prompts, cfg, seed)]
         return texts if batched else texts[0]
+
+    # -- tasks -----------------------------------------------------------------------------------------------
+
+    def ask(
+        self,
+        image: ImageInput | Sequence[ImageInput],
+        question: str | Sequence[str],
+        *,
+        lang: str = "en",
+        **options: Unpack[GenerateOptions],
+    ) -> str | list[str]:
+        """Answer a question about the image (`answer {lang} {question}`). Lists run as a batch."""
+        questions = [question] if isinstance(question, str) else list(question)
+        prompts = [f"answer {lang} {_one_line(q, 'question')}" for q in questions]
+        return self.generate(image, prompts if not isinstance(question, str) else prompts[0], **options)
+
+    def caption(
+        self,
+        image: ImageInput | Sequence[ImageInput],
+        *,
+        lang: str = "en",
+        detail: CaptionDetail = "short",
+        **options: Unpack[GenerateOptions],
+    ) -> str | list[str]:
+        """Describe the image: "short" (`caption`, COCO-like), "long" (`describe`), "raw" (`cap`, alt-text style;
+        pretrained checkpoints only)."""
+        if detail not in CAPTION_TASKS:
+            raise InputError(f"unknown caption detail {detail!r}; use short, long or raw")
+        return self.generate(image, f"{CAPTION_TASKS[detail]} {lang}", **options)
+
+    def ocr(self, image: ImageInput | Sequence[ImageInput], **options: Unpack[GenerateOptions]) -> str | list[str]:
+        """Read the text in the image (`ocr`)."""
+        return self.generate(image, "ocr", **options)
+
+    def detect(
+        self,
+        image: ImageInput | Sequence[ImageInput],
+        labels: str | Sequence[str],
+        **options: Unpack[GenerateOptions],
+    ) -> list[Detection] | list[list[Detection]]:
+        """Find objects (`detect a ; b`). Returns boxes in pixels of each original image; a list per image for a list.
+
+        `labels`: "cat ; dog" or ["cat", "dog"]. An object cut off by `max_new_tokens` (default 128 here) is dropped.
+        """
+        if isinstance(labels, str):
+            labels = [part for part in labels.split(";")]
+        prompt = detect_prompt(labels)
+        options.setdefault("max_new_tokens", 128)
+        images, _, batched = _pair_up(image, prompt)
+        loaded = [load_image(im) for im in images]
+        results = self._run(loaded, [prompt] * len(loaded), _sampling(options), options.get("seed"))
+        out = []
+        for im, (text, ended) in zip(loaded, results, strict=True):
+            found = parse_detections(text, im.size)
+            out.append(found if ended or not found else found[:-1])
+        return out if batched else out[0]
+
+    def _run(
+        self, images: Sequence[ImageInput], prompts: Sequence[str], cfg: SamplingConfig, seed: int | None
+    ) -> list[tuple[str, bool]]:
+        """Generate for a batch: per row, the text and whether it ended with `<eos>` (False: cut by max tokens)."""
+        rows: list[list[int]] = [[] for _ in prompts]
+        ended = [False] * len(prompts)
+        for step in self._token_steps(images, prompts, cfg, seed):
+            for i, token in enumerate(step):
+                if token is None:
+                    ended[i] = True
+                elif token >= 0:
+                    rows[i].append(token)
+        return [(self.text.decode(r), e) for r, e in zip(rows, ended, strict=True)]
 
     def stream(
         self,
@@ -200,7 +294,8 @@ class VLMo:
         ids: list[int] = []
         shown = ""
         for step in self._token_steps([image], [prompt], cfg, seed):
-            ids.extend(step[0])
+            if step[0] is not None and step[0] >= 0:
+                ids.append(step[0])
             text = self.text.decode(ids)
             if text.endswith("\ufffd") or not text.startswith(shown):
                 continue
@@ -213,8 +308,8 @@ class VLMo:
 
     def _token_steps(
         self, images: Sequence[ImageInput], prompts: Sequence[str], cfg: SamplingConfig, seed: int | None
-    ) -> Iterator[list[list[int]]]:
-        """Per step, the new token ids of each row: `[]` once a row has ended, never `<eos>` itself."""
+    ) -> Iterator[list[int | None]]:
+        """Per step and row: the new token id; None at the row's end-of-sequence; -1 after that."""
         batch = self.text.encode(prompts)
         features = self.encode_images(images)
         if features.shape[0] == 1 and len(prompts) > 1:
@@ -231,13 +326,15 @@ class VLMo:
             self.text.pad_id,
             make_generator(seed, self.device),
         ):
-            step: list[list[int]] = []
+            step: list[int | None] = []
             for i, tok in enumerate(tokens.tolist()):
-                if finished[i] or tok in eos:
+                if finished[i]:
+                    step.append(-1)
+                elif tok in eos:
                     finished[i] = True
-                    step.append([])
+                    step.append(None)
                 else:
-                    step.append([tok])
+                    step.append(tok)
             yield step
 
     @torch.inference_mode()
@@ -245,6 +342,22 @@ class VLMo:
         """Images → projected soft tokens dt[B, N, D] (what the decoder sees in place of `<image>`)."""
         pixels = preprocess_images([load_image(im) for im in images], self.image_config)
         return self.model.encode_images(pixels.to(self.device))
+
+
+def _sampling(options: GenerateOptions) -> SamplingConfig:
+    return SamplingConfig(
+        max_new_tokens=options.get("max_new_tokens", 64),
+        do_sample=options.get("do_sample", False),
+        temperature=options.get("temperature", 1.0),
+        top_k=options.get("top_k", 0),
+        top_p=options.get("top_p", 1.0),
+    )
+
+
+def _one_line(text: str, what: str) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"the {what} is empty; pass some text")
+    return " ".join(text.split())
 
 
 def _pair_up(

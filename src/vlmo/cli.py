@@ -1,0 +1,424 @@
+"""The `vlmo` command line. It parses arguments and calls the Python API; nothing else lives here.
+
+Results go to stdout (plain text, or one JSON object with `--json`); progress, hints and errors go to stderr.
+Errors are one line (see `vlmo/errors_cli.py`); `VLMO_DEBUG=1` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from vlmo import __version__
+from vlmo.cli_errors import CliUsageError, ErrorHandlingGroup
+from vlmo.detection import Detection, draw_detections
+from vlmo.processing import load_image
+
+DEFAULT_MODEL = "google/paligemma-3b-mix-224"
+
+app = typer.Typer(
+    name="vlmo",
+    cls=ErrorHandlingGroup,
+    help="Run PaliGemma vision-language models: ask, caption, OCR and detect, locally.",
+    epilog=(
+        "Examples:\n\n"
+        '  vlmo ask photo.jpg "what is on the table?"\n\n'
+        '  vlmo detect photo.jpg "cat ; dog" --out boxes.png\n\n'
+        "  vlmo caption a.jpg b.jpg --json"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+# -- shared options, declared once ------------------------------------------------------------------------------
+
+Model = Annotated[
+    str,
+    typer.Option("--model", "-m", envvar="VLMO_MODEL", help="Hub id or local checkpoint directory.", show_envvar=True),
+]
+Revision = Annotated[str | None, typer.Option(help="Hub branch, tag or commit.")]
+Device = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
+Dtype = Annotated[
+    str, typer.Option(help="auto (float32 on CPU, bfloat16 on CUDA, float16 on MPS), float32, bfloat16 or float16.")
+]
+MaxTokens = Annotated[int | None, typer.Option("--max-tokens", help="Most tokens to generate.")]
+Sample = Annotated[bool, typer.Option("--sample/--greedy", help="Sample instead of always taking the top token.")]
+Temperature = Annotated[float, typer.Option(help="Sampling temperature (> 0).")]
+TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling: keep tokens up to this probability mass.")]
+TopK = Annotated[int, typer.Option("--top-k", help="Keep only the k most likely tokens (0: all).")]
+Seed = Annotated[int | None, typer.Option(help="Random seed, for reproducible sampling.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+Stream = Annotated[
+    bool | None, typer.Option("--stream/--no-stream", help="Print tokens as they come (default: on a terminal).")
+]
+Images = Annotated[list[str], typer.Argument(help="Image file(s); several run as one batch.", show_default=False)]
+Lang = Annotated[str, typer.Option(help="Language code of the answer (en, fr, de, …).")]
+
+
+class Run:
+    """The options every generating command shares, turned into API calls."""
+
+    def __init__(
+        self,
+        model: str,
+        revision: str | None,
+        device: str,
+        dtype: str,
+        max_tokens: int | None,
+        sample: bool,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        seed: int | None,
+    ) -> None:
+        self.model_name = model
+        self.revision, self.device, self.dtype = revision, device, dtype
+        self.options: dict[str, Any] = dict(
+            do_sample=sample, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
+        )
+        if max_tokens is not None:
+            self.options["max_new_tokens"] = max_tokens
+        from vlmo.generation import SamplingConfig
+
+        SamplingConfig(max_tokens or 64, sample, temperature, top_k, top_p)  # validate before loading anything
+
+    def load(self):  # noqa: ANN201 - VLMo, imported lazily so `vlmo -h` stays fast
+        from vlmo.api import VLMo
+
+        with _status(f"Loading {self.model_name}"):
+            return VLMo.from_pretrained(self.model_name, device=self.device, dtype=self.dtype, revision=self.revision)
+
+
+def _run(
+    model: str,
+    revision: str | None,
+    device: str,
+    dtype: str,
+    max_tokens: int | None,
+    sample: bool,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+) -> Run:
+    return Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
+
+
+@contextmanager
+def _status(message: str) -> Iterator[None]:
+    if sys.stderr.isatty():
+        with stderr.status(message):
+            yield
+    else:
+        yield
+
+
+def _emit_json(obj: dict[str, Any]) -> None:
+    typer.echo(json.dumps(obj, ensure_ascii=False))
+
+
+def _check_images(images: list[str]) -> list[str]:
+    """Open every image before the model loads, so a typo costs no waiting."""
+    for image in images:
+        load_image(image)
+    return images
+
+
+def _texts(
+    run: Run,
+    images: list[str],
+    prompts: list[str],
+    task: str,
+    json_out: bool,
+    stream: bool | None,
+    generate: Callable[..., Any],
+) -> None:
+    """Shared body of ask/caption/ocr/generate: batch, stream or JSON."""
+    _check_images(images)
+    vlm = run.load()
+    streaming = (sys.stdout.isatty() if stream is None else stream) and not json_out and len(images) == 1
+    if streaming:
+        for piece in vlm.stream(images[0], prompts[0], **run.options):
+            typer.echo(piece, nl=False)
+        typer.echo()
+        return
+    texts = generate(vlm)
+    texts = [texts] if isinstance(texts, str) else texts
+    if json_out:
+        results = [{"image": i, "prompt": p, "text": t} for i, p, t in zip(images, prompts, texts, strict=True)]
+        _emit_json({"model": run.model_name, "task": task, "results": results})
+    elif len(images) == 1:
+        typer.echo(texts[0])
+    else:
+        for image, text in zip(images, texts, strict=True):
+            typer.echo(f"{image}\t{text}")
+
+
+# -- commands ---------------------------------------------------------------------------------------------------
+
+
+@app.command(
+    epilog='Examples:\n\n  vlmo ask photo.jpg "what color is the car?"\n\n  vlmo ask a.jpg b.jpg -q "how many people?"'
+)
+def ask(
+    images: Annotated[list[str], typer.Argument(help="Image file(s), then the question unless -q is given.")],
+    question: Annotated[str | None, typer.Option("--question", "-q", help="The question (for several images).")] = None,
+    lang: Lang = "en",
+    model: Model = DEFAULT_MODEL,
+    revision: Revision = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    max_tokens: MaxTokens = None,
+    sample: Sample = False,
+    temperature: Temperature = 1.0,
+    top_p: TopP = 1.0,
+    top_k: TopK = 0,
+    seed: Seed = None,
+    json_out: JsonOut = False,
+    stream: Stream = None,
+) -> None:
+    """Answer a question about one or more images."""
+    if question is None:
+        if len(images) < 2:
+            raise CliUsageError('give an image and a question, e.g. vlmo ask photo.jpg "what is this?"')
+        *images, question = images
+    if not question.strip():
+        raise CliUsageError("the question is empty; pass some text")
+    run = _run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
+    prompt = f"answer {lang} {' '.join(question.split())}"
+    _texts(
+        run,
+        images,
+        [prompt] * len(images),
+        "ask",
+        json_out,
+        stream,
+        lambda v: v.generate(images, prompt, **run.options),
+    )
+
+
+@app.command(epilog="Examples:\n\n  vlmo caption photo.jpg\n\n  vlmo caption photo.jpg --detail long --lang fr")
+def caption(
+    images: Images,
+    lang: Lang = "en",
+    detail: Annotated[str, typer.Option(help="short (caption), long (describe) or raw (cap).")] = "short",
+    model: Model = DEFAULT_MODEL,
+    revision: Revision = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    max_tokens: MaxTokens = None,
+    sample: Sample = False,
+    temperature: Temperature = 1.0,
+    top_p: TopP = 1.0,
+    top_k: TopK = 0,
+    seed: Seed = None,
+    json_out: JsonOut = False,
+    stream: Stream = None,
+) -> None:
+    """Describe one or more images."""
+    from vlmo.api import CAPTION_TASKS
+
+    if detail not in CAPTION_TASKS:
+        raise CliUsageError(f"unknown --detail {detail!r}; use short, long or raw")
+    run = _run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
+    prompt = f"{CAPTION_TASKS[detail]} {lang}"
+    _texts(
+        run,
+        images,
+        [prompt] * len(images),
+        "caption",
+        json_out,
+        stream,
+        lambda v: v.generate(images, prompt, **run.options),
+    )
+
+
+@app.command(epilog="Example:\n\n  vlmo ocr receipt.png")
+def ocr(
+    images: Images,
+    model: Model = DEFAULT_MODEL,
+    revision: Revision = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    max_tokens: MaxTokens = None,
+    sample: Sample = False,
+    temperature: Temperature = 1.0,
+    top_p: TopP = 1.0,
+    top_k: TopK = 0,
+    seed: Seed = None,
+    json_out: JsonOut = False,
+    stream: Stream = None,
+) -> None:
+    """Read the text in one or more images."""
+    run = _run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
+    _texts(
+        run, images, ["ocr"] * len(images), "ocr", json_out, stream, lambda v: v.generate(images, "ocr", **run.options)
+    )
+
+
+@app.command(epilog='Example:\n\n  vlmo generate photo.jpg "answer en what is this?"')
+def generate(
+    image: Annotated[str, typer.Argument(help="Image file.")],
+    prompt: Annotated[str, typer.Argument(help='Raw PaliGemma prompt, e.g. "caption en" or "detect cat".')],
+    model: Model = DEFAULT_MODEL,
+    revision: Revision = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    max_tokens: MaxTokens = None,
+    sample: Sample = False,
+    temperature: Temperature = 1.0,
+    top_p: TopP = 1.0,
+    top_k: TopK = 0,
+    seed: Seed = None,
+    json_out: JsonOut = False,
+    stream: Stream = None,
+) -> None:
+    """Complete a raw prompt for an image (special tokens such as <loc0123> are kept)."""
+    run = _run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
+    _texts(run, [image], [prompt], "generate", json_out, stream, lambda v: v.generate(image, prompt, **run.options))
+
+
+@app.command(
+    epilog='Examples:\n\n  vlmo detect photo.jpg "cat ; dog"\n\n  vlmo detect photo.jpg car --out boxes.png --json'
+)
+def detect(
+    image: Annotated[str, typer.Argument(help="Image file.")],
+    labels: Annotated[str, typer.Argument(help='What to find, separated by ";", e.g. "cat ; dog".')],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Save a copy of the image with boxes drawn.")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite --out if it exists.")] = False,
+    model: Model = DEFAULT_MODEL,
+    revision: Revision = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    max_tokens: MaxTokens = None,
+    sample: Sample = False,
+    temperature: Temperature = 1.0,
+    top_p: TopP = 1.0,
+    top_k: TopK = 0,
+    seed: Seed = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Find objects and print their boxes (x_min y_min x_max y_max, in pixels)."""
+    from vlmo.detection import detect_prompt
+
+    label_list = labels.split(";")
+    detect_prompt(label_list)  # validates: no empty labels
+    _check_output(out, force)
+    pil = load_image(image)
+    run = _run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
+    vlm = run.load()
+    found: list[Detection] = vlm.detect(pil, label_list, **run.options)
+    if out is not None:
+        draw_detections(pil, found).save(out)
+        stderr.print(f"saved {out}")
+    if json_out:
+        _emit_json(
+            {
+                "model": run.model_name,
+                "task": "detect",
+                "image": image,
+                "size": list(pil.size),
+                "detections": [d.to_dict() for d in found],
+                "output": None if out is None else str(out),
+            }
+        )
+        return
+    if not found:
+        stderr.print("no objects found")
+    for d in found:
+        typer.echo(f"{d.label}\t" + "\t".join(f"{v:.1f}" for v in d.box))
+
+
+def _check_output(out: Path | None, force: bool) -> None:
+    if out is None:
+        return
+    from PIL import Image
+
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise CliUsageError(f"cannot save images as {out.suffix or 'a file without extension'}; use .png or .jpg")
+    if out.exists() and not force:
+        raise CliUsageError(f"{out} already exists; pass --force to overwrite it or choose another --out")
+    if not out.parent.is_dir():
+        raise CliUsageError(f"no such directory for --out: {out.parent}")
+
+
+@app.command(epilog="Example:\n\n  vlmo download google/paligemma-3b-mix-224")
+def download(
+    model: Annotated[str, typer.Argument(help="Hub id, e.g. google/paligemma-3b-mix-224.")],
+    revision: Revision = None,
+) -> None:
+    """Download a model into the Hugging Face cache (only the files vlmo needs) and print its path."""
+    from vlmo.weights.hub import resolve_model
+
+    path = resolve_model(model, revision=revision)
+    typer.echo(str(path))
+
+
+@app.command()
+def info(json_out: JsonOut = False) -> None:
+    """Show versions, devices, and the models in the Hugging Face cache."""
+    import torch
+
+    from vlmo.api import resolve_dtype
+    from vlmo.weights.hub import cache_location, cached_models
+
+    devices = ["cpu"]
+    devices += [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        devices.append("mps")
+    auto = str(resolve_dtype("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))).split(".")[-1]
+    models = cached_models()
+    data = {
+        "vlmo": __version__,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "devices": devices,
+        "auto_dtype": auto,
+        "cache": str(cache_location()),
+        "cached_models": [{"id": repo, "bytes": size} for repo, size in models],
+        "default_model": os.environ.get("VLMO_MODEL", DEFAULT_MODEL),
+    }
+    if json_out:
+        _emit_json(data)
+        return
+    for key in ("vlmo", "torch", "python", "auto_dtype", "default_model", "cache"):
+        typer.echo(f"{key}: {data[key]}")
+    typer.echo("devices: " + ", ".join(devices))
+    typer.echo("cached models:" + ("" if models else " none"))
+    for repo, size in models:
+        typer.echo(f"  {repo}  {size / 1e9:.2f} GB")
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"vlmo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", "-V", callback=version_callback, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """Run PaliGemma vision-language models: ask, caption, OCR and detect, locally."""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="vlmo")
+
+
+__all__ = ["app", "main"]
