@@ -141,3 +141,48 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_checkpoints: dict[str, Path]) -> Path:
     return tiny_checkpoints["gqa"]
+
+
+# What the "taught" model answers: a tiny checkpoint fitted for a second to these examples, so task and CLI tests
+# check real answers (boxes, colours) coming out of the whole pipeline instead of random tokens.
+TAUGHT_DETECTION = "<loc0100><loc0200><loc0600><loc0700> cat ; <loc0300><loc0050><loc0900><loc0400> dog"
+TAUGHT_EXAMPLES = (
+    ((220, 30, 30), "answer en what color is it?", "red"),
+    ((30, 30, 220), "answer en what color is it?", "blue"),
+    ((220, 30, 30), "detect cat ; dog", TAUGHT_DETECTION),
+    ((220, 30, 30), "caption en", "a red square"),
+    ((220, 30, 30), "ocr", "STOP"),
+)
+
+
+@pytest.fixture(scope="session")
+def taught_checkpoint(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The `gqa` tiny checkpoint trained to answer TAUGHT_EXAMPLES (images: solid 96×64 colours), saved by vlmo."""
+    import shutil
+
+    from PIL import Image
+
+    from vlmo import VLMo
+    from vlmo.processing import preprocess_images
+    from vlmo.weights.writer import save_weights
+
+    src = tiny_checkpoints["gqa"]
+    vlm = VLMo.from_pretrained(src, device="cpu", dtype="float32")
+    model = vlm.model.requires_grad_(True).train()
+    batch = vlm.text.encode([e[1] for e in TAUGHT_EXAMPLES], [e[2] for e in TAUGHT_EXAMPLES], padding_side="right")
+    pixels = preprocess_images([Image.new("RGB", (96, 64), e[0]) for e in TAUGHT_EXAMPLES], vlm.image_config)
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(200):
+        logits = model(batch.input_ids, pixels, batch.attention_mask, batch.token_type_ids)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch.labels[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.005:
+            break
+    out = tmp_path_factory.mktemp("taught")
+    for name in ("config.json", "tokenizer.json", "preprocessor_config.json"):
+        shutil.copy(src / name, out / name)
+    save_weights(model, out)
+    return out

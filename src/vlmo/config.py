@@ -158,47 +158,52 @@ class PaliGemmaConfig:
             raise ConfigError(
                 f"config.json field 'model_type' is {model_type!r}; vlmo runs only 'paligemma' checkpoints"
             )
+        rd = _Fields(d, "")
         vision = _vision_from_hf(d.get("vision_config"))
-        text = _text_from_hf(d.get("text_config"))
-        projection_dim = int(d.get("projection_dim", 2048))
+        # transformers ties the head by the *top-level* flag (PreTrainedModel reads the PaliGemma config).
+        text = replace(_text_from_hf(d.get("text_config")), tie_word_embeddings=rd.bool("tie_word_embeddings", True))
+        projection_dim = rd.int("projection_dim", 2048)
         eos = d.get("eos_token_id", (d.get("text_config") or {}).get("eos_token_id", 1))
-        eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list | tuple) else [eos]))
+        eos_list = eos if isinstance(eos, list | tuple) else [eos]
+        eos_ids = tuple(_Fields({"eos_token_id": e}, "").int("eos_token_id", 1) for e in eos_list)
         image_token = d.get("image_token_index", d.get("image_token_id", 256000))
         return cls(
             vision=vision,
             text=text,
             projector=ProjectorConfig(kind="linear", in_features=vision.hidden_size, out_features=projection_dim),
-            image_token_id=int(image_token),
-            bos_token_id=int(d.get("bos_token_id", 2)),
+            image_token_id=_Fields({"image_token_index": image_token}, "").int("image_token_index", 256000),
+            bos_token_id=rd.int("bos_token_id", 2),
             eos_token_ids=eos_ids,
-            pad_token_id=int(d.get("pad_token_id", 0)),
+            pad_token_id=rd.int("pad_token_id", 0),
         )
 
 
 def _vision_from_hf(v: dict[str, Any] | None) -> VisionConfig:
     if v is None:  # PaliGemmaConfig's own defaults for a missing sub-config (note: intermediate 4096, not 4304)
         return VisionConfig(intermediate_size=4096)
+    rv = _Fields(v, "vision_config.")
     mt = v.get("model_type", "siglip_vision_model")
     if mt != "siglip_vision_model":
         raise ConfigError(f"config.json field 'vision_config.model_type' is {mt!r}; expected 'siglip_vision_model'")
     # SiglipVisionConfig class defaults (ViT-B/16) apply to any field the file leaves out.
     return VisionConfig(
-        hidden_size=int(v.get("hidden_size", 768)),
-        intermediate_size=int(v.get("intermediate_size", 3072)),
-        num_layers=int(v.get("num_hidden_layers", 12)),
-        num_heads=int(v.get("num_attention_heads", 12)),
-        num_channels=int(v.get("num_channels", 3)),
-        image_size=int(v.get("image_size", 224)),
-        patch_size=int(v.get("patch_size", 16)),
-        layer_norm_eps=float(v.get("layer_norm_eps", 1e-6)),
+        hidden_size=rv.int("hidden_size", 768),
+        intermediate_size=rv.int("intermediate_size", 3072),
+        num_layers=rv.int("num_hidden_layers", 12),
+        num_heads=rv.int("num_attention_heads", 12),
+        num_channels=rv.int("num_channels", 3),
+        image_size=rv.int("image_size", 224),
+        patch_size=rv.int("patch_size", 16),
+        layer_norm_eps=rv.float("layer_norm_eps", 1e-6),
         gelu_approximate=_gelu_kind(v.get("hidden_act", "gelu_pytorch_tanh"), "vision_config.hidden_act"),
-        has_unused_head=bool(v.get("vision_use_head", True)),  # SiglipVisionConfig's default is True
+        has_unused_head=rv.bool("vision_use_head", True),  # SiglipVisionConfig's default is True
     )
 
 
 def _text_from_hf(t: dict[str, Any] | None) -> TextConfig:
     if t is None:  # PaliGemmaConfig's own defaults: Gemma 2B, vocab 257152
         return TextConfig(vocab_size=257152)
+    rt = _Fields(t, "text_config.")
     mt = t.get("model_type", "gemma")
     if mt not in ("gemma", "gemma2"):
         raise ConfigError(f"config.json field 'text_config.model_type' is {mt!r}; expected 'gemma' or 'gemma2'")
@@ -208,30 +213,29 @@ def _text_from_hf(t: dict[str, Any] | None) -> TextConfig:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise ConfigError(f"config.json field 'text_config.rope_parameters.rope_type' is {rope_type!r}; only 'default'")
-    rope_theta = float(rope.get("rope_theta", t.get("rope_theta", 10000.0)))
+    rope_theta = _Fields(rope, "text_config.rope_parameters.").float("rope_theta", rt.float("rope_theta", 10000.0))
     common: dict[str, Any] = dict(
         arch=mt,
-        rms_norm_eps=float(t.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=rt.float("rms_norm_eps", 1e-6),
         rope_theta=rope_theta,
-        max_position_embeddings=int(t.get("max_position_embeddings", 8192)),
-        head_dim=int(t.get("head_dim") or 256),
-        tie_word_embeddings=bool(t.get("tie_word_embeddings", True)),
+        max_position_embeddings=rt.int("max_position_embeddings", 8192),
+        head_dim=rt.int("head_dim", 256),
     )
     if mt == "gemma":
         act = t.get("hidden_act", "gelu_pytorch_tanh")
         if act != "gelu":  # Gemma's legacy "gelu" means the tanh approximation (transformers rewrites it)
             _require_tanh(act, "text_config.hidden_act")
         return TextConfig(
-            vocab_size=int(t.get("vocab_size", 256000)),
-            hidden_size=int(t.get("hidden_size", 3072)),
-            intermediate_size=int(t.get("intermediate_size", 24576)),
-            num_layers=int(t.get("num_hidden_layers", 28)),
-            num_heads=int(t.get("num_attention_heads", 16)),
-            num_kv_heads=int(t.get("num_key_value_heads", 16)),
+            vocab_size=rt.int("vocab_size", 256000),
+            hidden_size=rt.int("hidden_size", 3072),
+            intermediate_size=rt.int("intermediate_size", 24576),
+            num_layers=rt.int("num_hidden_layers", 28),
+            num_heads=rt.int("num_attention_heads", 16),
+            num_kv_heads=rt.int("num_key_value_heads", 16),
             **common,
         )
     _require_tanh(t.get("hidden_activation", "gelu_pytorch_tanh"), "text_config.hidden_activation")
-    num_layers = int(t.get("num_hidden_layers", 26))
+    num_layers = rt.int("num_hidden_layers", 26)
     layer_types = t.get("layer_types") or [
         "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)
     ]
@@ -239,16 +243,16 @@ def _text_from_hf(t: dict[str, Any] | None) -> TextConfig:
         if lt not in ("full_attention", "sliding_attention"):
             raise ConfigError(f"config.json field 'text_config.layer_types' has unknown entry {lt!r}")
     return TextConfig(
-        vocab_size=int(t.get("vocab_size", 256000)),
-        hidden_size=int(t.get("hidden_size", 2304)),
-        intermediate_size=int(t.get("intermediate_size", 9216)),
+        vocab_size=rt.int("vocab_size", 256000),
+        hidden_size=rt.int("hidden_size", 2304),
+        intermediate_size=rt.int("intermediate_size", 9216),
         num_layers=num_layers,
-        num_heads=int(t.get("num_attention_heads", 8)),
-        num_kv_heads=int(t.get("num_key_value_heads", 4)),
-        query_pre_attn_scalar=float(t.get("query_pre_attn_scalar", 256)),
-        attn_logit_softcapping=_opt_float(t.get("attn_logit_softcapping", 50.0)),
-        final_logit_softcapping=_opt_float(t.get("final_logit_softcapping", 30.0)),
-        sliding_window=_opt_int(t.get("sliding_window", 4096)),
+        num_heads=rt.int("num_attention_heads", 8),
+        num_kv_heads=rt.int("num_key_value_heads", 4),
+        query_pre_attn_scalar=rt.float("query_pre_attn_scalar", 256),
+        attn_logit_softcapping=rt.opt_float("attn_logit_softcapping", 50.0),
+        final_logit_softcapping=rt.opt_float("final_logit_softcapping", 30.0),
+        sliding_window=rt.opt_int("sliding_window", 4096),
         layer_types=tuple(layer_types),
         **common,
     )
@@ -267,9 +271,43 @@ def _require_tanh(act: str, name: str) -> None:
         raise ConfigError(f"config.json field {name!r} is {act!r}; Gemma uses 'gelu_pytorch_tanh'")
 
 
-def _opt_float(x: Any) -> float | None:
-    return None if x is None else float(x)
+class _Fields:
+    """Reads typed fields of one config dict; `null` means "use the default", anything else wrong is an error."""
 
+    def __init__(self, d: dict[str, Any], where: str) -> None:
+        self.d, self.where = d, where
 
-def _opt_int(x: Any) -> int | None:
-    return None if x is None else int(x)
+    def _get(self, key: str, default: Any, kind: type, optional: bool = False) -> Any:
+        value = self.d.get(key)
+        if value is None:
+            return None if optional and key in self.d else default
+        if isinstance(value, bool) and kind is not bool:
+            value = "bool"
+        try:
+            if kind is bool:
+                if not isinstance(value, bool):
+                    raise ValueError
+                return value
+            number = kind(value)
+            if kind is int and number != value:
+                raise ValueError
+            return number
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"config.json field '{self.where}{key}' is {self.d.get(key)!r}; expected a {kind.__name__}"
+            ) from None
+
+    def int(self, key: str, default: int) -> int:
+        return self._get(key, default, int)
+
+    def float(self, key: str, default: float) -> float:
+        return self._get(key, default, float)
+
+    def bool(self, key: str, default: bool) -> bool:
+        return self._get(key, default, bool)
+
+    def opt_int(self, key: str, default: int | None) -> int | None:
+        return self._get(key, default, int, optional=True)
+
+    def opt_float(self, key: str, default: float | None) -> float | None:
+        return self._get(key, default, float, optional=True)

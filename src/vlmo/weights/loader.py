@@ -63,9 +63,13 @@ def weight_files(model_dir: Path) -> list[Path]:
     raise CheckpointError(f"{model_dir} has no {SINGLE_FILE} or {INDEX_FILE}")
 
 
-def read_state_dict(model_dir: Path, cfg: PaliGemmaConfig, keymap: KeyMap) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint under its vlmo name (mmapped, in the stored dtype)."""
+def read_state_dict(
+    model_dir: Path, cfg: PaliGemmaConfig, keymap: KeyMap
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of the checkpoint under its vlmo name (mmapped, in the stored dtype), and for each name the key
+    it has in the file (for error messages a user can search the file for)."""
     out: dict[str, torch.Tensor] = {}
+    sources: dict[str, str] = {}
     unexpected: list[str] = []
     for path in weight_files(model_dir):
         for key, tensor in open_tensors(path).items():
@@ -78,11 +82,12 @@ def read_state_dict(model_dir: Path, cfg: PaliGemmaConfig, keymap: KeyMap) -> di
                 raise CheckpointError(f"{model_dir}: two checkpoint tensors map to {name!r} (one is {key!r})")
             else:
                 out[name] = tensor
+                sources[name] = key
     if unexpected:
         raise CheckpointError(
             f"{model_dir} has {len(unexpected)} tensor(s) that are not part of PaliGemma, e.g. {_few(unexpected)}"
         )
-    return out
+    return out, sources
 
 
 def load_model(
@@ -98,7 +103,7 @@ def load_model(
         raise CheckpointError(f"no such checkpoint directory: {model_dir}")
     cfg = load_config(model_dir)
     keymap = KeyMap(cfg.text.arch)
-    state = read_state_dict(model_dir, cfg, keymap)
+    state, sources = read_state_dict(model_dir, cfg, keymap)
     with torch.device("meta"):
         model = PaliGemma(cfg)
     _resolve_lm_head(model, state)
@@ -110,11 +115,17 @@ def load_model(
             f"{model_dir} lacks {len(missing)} tensor(s) the config needs, e.g. "
             f"{_few([keymap.to_hf(k) for k in missing])}; is config.json from the same model?"
         )
+    extra = [sources[k] for k in state if k not in expected]
+    if extra:
+        raise CheckpointError(
+            f"{model_dir} has {len(extra)} tensor(s) that config.json does not describe, e.g. {_few(extra)}; "
+            "is config.json from the same model?"
+        )
     for name, ref in expected.items():
         got = state[name]
         if tuple(got.shape) != tuple(ref.shape):
             raise CheckpointError(
-                f"{model_dir}: tensor {keymap.to_hf(name)!r} has shape {tuple(got.shape)} but config.json implies "
+                f"{model_dir}: tensor {sources[name]!r} has shape {tuple(got.shape)} but config.json implies "
                 f"{tuple(ref.shape)}"
             )
         if got.is_floating_point():

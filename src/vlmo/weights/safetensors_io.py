@@ -54,14 +54,16 @@ def read_header(path: Path) -> dict[str, dict]:
     header.pop("__metadata__", None)
     data_size = size - 8 - n
     for name, info in header.items():
+        if isinstance(info, dict) and info.get("dtype") not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
         try:
             dtype = DTYPES[info["dtype"]]
-            begin, end = info["data_offsets"]
-            expected = math.prod(info["shape"]) * dtype.itemsize
+            begin, end = (int(x) for x in info["data_offsets"])
+            expected = math.prod(int(d) for d in info["shape"]) * dtype.itemsize
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: tensor {name!r} has an invalid entry; download the file again") from None
-        if end - begin != expected:
-            raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes, expected {expected}")
+        if not 0 <= begin <= end or end - begin != expected:
+            raise CheckpointError(f"{path}: tensor {name!r} has invalid offsets [{begin}, {end}) for {expected} bytes")
         if end > data_size:
             raise CheckpointError(
                 f"{path} is truncated ({size} bytes, tensor {name!r} ends at byte {8 + n + end}); download it again"

@@ -1,0 +1,67 @@
+"""Task methods (ask, caption, ocr, detect) end to end on the taught tiny model, and saving weights back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TAUGHT_DETECTION, TAUGHT_EXAMPLES
+from vlmo import VLMo
+from vlmo.detection import Detection
+from vlmo.errors import InputError
+
+RED, BLUE = TAUGHT_EXAMPLES[0][0], TAUGHT_EXAMPLES[1][0]
+
+
+@pytest.fixture(scope="module")
+def vlm(taught_checkpoint: Path) -> VLMo:
+    return VLMo.from_pretrained(taught_checkpoint, device="cpu")
+
+
+def solid(rgb: tuple[int, int, int], size: tuple[int, int] = (96, 64)) -> Image.Image:
+    return Image.new("RGB", size, rgb)
+
+
+def test_saved_weights_reload_to_the_same_model(vlm: VLMo, taught_checkpoint: Path) -> None:
+    again = VLMo.from_pretrained(taught_checkpoint, device="cpu")
+    for (name, a), b in zip(vlm.model.state_dict().items(), again.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_ask_caption_ocr(vlm: VLMo) -> None:
+    assert vlm.ask(solid(RED), "what color is it?") == "red"
+    assert vlm.ask([solid(RED), solid(BLUE)], "what color is it?") == ["red", "blue"]
+    assert vlm.ask(solid(BLUE), ["what color is it?", "  what   color is it? "]) == ["blue", "blue"]
+    assert vlm.caption(solid(RED)) == "a red square"
+    assert vlm.ocr(solid(RED)) == "STOP"
+    with pytest.raises(InputError, match="detail"):
+        vlm.caption(solid(RED), detail="huge")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="empty"):
+        vlm.ask(solid(RED), "   ")
+
+
+def test_detect_returns_boxes_in_original_pixels(vlm: VLMo) -> None:
+    # The squash to the model's square input is undone: bins are fractions of the original width/height.
+    found = vlm.detect(solid(RED, (1023, 2046)), "cat ; dog")
+    assert [d.label for d in found] == ["cat", "dog"]
+    assert found[0] == Detection("cat", (200.0, 200.0, 700.0, 1200.0), (100, 200, 600, 700))
+    assert vlm.detect(solid(RED), ["cat", "dog"]) == vlm.detect(solid(RED), "cat;dog")
+    batch = vlm.detect([solid(RED), solid(RED, (50, 50))], "cat ; dog")
+    assert len(batch) == 2 and all(len(b) == 2 for b in batch)
+
+
+def test_detect_drops_an_object_cut_off_by_max_tokens(vlm: VLMo) -> None:
+    # Stop one token before the end: the second object loses (part of) its label and must not be reported.
+    n = len(vlm.text.tokenizer.encode(TAUGHT_DETECTION, add_special_tokens=False).ids)
+    full = vlm.generate(solid(RED), "detect cat ; dog", max_new_tokens=n - 1)
+    assert full.count("<loc") == 8 and not full.endswith("dog")
+    found = vlm.detect(solid(RED), "cat ; dog", max_new_tokens=n - 1)
+    assert [d.label for d in found] == ["cat"]
+
+
+def test_detect_rejects_empty_labels(vlm: VLMo) -> None:
+    with pytest.raises(InputError):
+        vlm.detect(solid(RED), "cat ; ")
