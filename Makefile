@@ -1,0 +1,19 @@
+.PHONY: install test lint format docs
+PY ?= python
+
+install:            ## editable install with test and lint tools (install torch first)
+	$(PY) -m pip install -e ".[dev]"
+
+test:               ## the test suite, as CI runs it
+	$(PY) -m pytest -q
+
+lint:               ## ruff lint and format check
+	ruff check .
+	ruff format --check .
+
+format:             ## apply ruff fixes and formatting
+	ruff check --fix .
+	ruff format .
+
+docs:               ## regenerate the README's CLI reference
+	$(PY) -m vlmo.cli_reference --write README.md
