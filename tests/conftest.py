@@ -129,6 +129,19 @@ _SPECS = {
     "gqa": TinySpec(vision_use_head=True),
     # image size ≠ 224 with an odd patch grid (70 / 14 = 5×5) and multi-query attention
     "odd": TinySpec(image_size=70, text_heads=4, text_kv_heads=1, vision_heads=2, text_layers=3),
+    # PaliGemma 2: Gemma 2 decoder with a sliding window shorter than the prompt and soft-capping that bites
+    "gemma2": TinySpec(
+        arch="gemma2",
+        text_layers=3,
+        text_extra={
+            "sliding_window": 6,
+            "query_pre_attn_scalar": 24,
+            "attn_logit_softcapping": 5.0,
+            "final_logit_softcapping": 3.0,
+        },
+    ),
+    # "448-style": a larger image for the same patch size, so 4× the image tokens (8×8 = 64)
+    "hires": TinySpec(image_size=112, arch="gemma2", text_extra={"sliding_window": 32}),
 }
 
 

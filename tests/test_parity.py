@@ -41,7 +41,7 @@ def reference(path: Path):  # noqa: ANN201 - transformers types
     return model, proc
 
 
-@pytest.fixture(scope="module", params=["gqa", "odd"])
+@pytest.fixture(scope="module", params=["gqa", "odd", "gemma2", "hires"])
 def pair(request: pytest.FixtureRequest, tiny_checkpoints: dict[str, Path]):  # noqa: ANN201
     path = tiny_checkpoints[request.param]
     return VLMo.from_pretrained(path, device="cpu", dtype="float32"), *reference(path)

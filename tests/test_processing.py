@@ -408,3 +408,25 @@ def test_padding_and_truncation_of_the_tokenizer_are_ignored() -> None:
     plain = TextProcessor(build_tokenizer(), N_IMAGE_TOKENS).encode(["caption en"])
     assert torch.equal(batch.input_ids, plain.input_ids)
     assert tok.padding is not None  # the caller's tokenizer is left as it was
+
+
+@pytest.mark.parametrize("add_bos_token", [True, False])
+def test_bos_adding_post_processor_does_not_change_ids(tmp_path: Path, add_bos_token: bool) -> None:
+    """Real Gemma tokenizer.json files add <bos> in a post-processor (and PaliGemma 1/2 tokenizer configs differ in
+    add_bos_token); PaliGemmaProcessor turns it off and places <bos> itself. So must we, for either tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers.processors import TemplateProcessing
+
+    tok = build_tokenizer()
+    tok.post_processor = TemplateProcessing(single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 2)])
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    image_processor = transformers.models.siglip.SiglipImageProcessorPil(size={"height": 56, "width": 56})
+    image_processor.image_seq_length = 16
+    hf_tok = transformers.GemmaTokenizer(tokenizer_file=str(path), add_bos_token=add_bos_token)
+    proc = transformers.PaliGemmaProcessor(image_processor=image_processor, tokenizer=hf_tok)
+    img = Image.new("RGB", (30, 30))
+    want = proc(images=[img, img], text=["<image>caption en", "<image>ocr"], suffix=["a cat", "b"], padding="longest")
+    got = TextProcessor.from_file(path, 16).encode(["caption en", "ocr"], ["a cat", "b"])
+    assert got.input_ids.tolist() == list(map(list, want["input_ids"]))
+    assert got.labels is not None and got.labels.tolist() == want["labels"].tolist()
