@@ -247,7 +247,7 @@ class VLMo:
         `labels`: "cat ; dog" or ["cat", "dog"]. An object cut off by `max_new_tokens` (default 128 here) is dropped.
         """
         if isinstance(labels, str):
-            labels = [part for part in labels.split(";")]
+            labels = labels.split(";")
         prompt = detect_prompt(labels)
         options.setdefault("max_new_tokens", 128)
         images, _, batched = _pair_up(image, prompt)
