@@ -13,17 +13,17 @@ from typing import Any
 import pytest
 import torch
 
+from fake_hub import isolate_hf
 from vlmo.testing import build_tokenizer
 
 
 @pytest.fixture(autouse=True)
 def _isolate_hf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep every test away from the user's Hugging Face cache and token."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.delenv("VLMO_MODEL", raising=False)
+    """Keep every test away from the user's Hugging Face cache and token (a private cache in tmp_path/"hf"), and
+    from the caller's VLMO_* settings."""
+    isolate_hf(monkeypatch, tmp_path / "hf")
+    for name in ("VLMO_MODEL", "VLMO_DEBUG", "VLMO_CACHE"):
+        monkeypatch.delenv(name, raising=False)
 
 
 @dataclass(frozen=True)

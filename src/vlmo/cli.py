@@ -1,7 +1,7 @@
 """The `vlmo` command line. It parses arguments and calls the Python API; nothing else lives here.
 
 Results go to stdout (plain text, or one JSON object with `--json`); progress, hints and errors go to stderr.
-Errors are one line (see `vlmo/errors_cli.py`); `VLMO_DEBUG=1` adds the traceback.
+Errors are one line (see `vlmo/cli_errors.py`); `VLMO_DEBUG=1` adds the traceback.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ app = typer.Typer(
         '  vlmo detect photo.jpg "cat ; dog" --out boxes.png\n\n'
         "  vlmo caption a.jpg b.jpg --json"
     ),
-    no_args_is_help=True,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
@@ -53,7 +52,9 @@ Device = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu,
 Dtype = Annotated[
     str, typer.Option(help="auto (float32 on CPU, bfloat16 on CUDA, float16 on MPS), float32, bfloat16 or float16.")
 ]
-MaxTokens = Annotated[int | None, typer.Option("--max-tokens", help="Most tokens to generate.")]
+MaxTokens = Annotated[
+    int | None, typer.Option("--max-tokens", help="Most tokens to generate (default 64; 128 for detect).")
+]
 Sample = Annotated[bool, typer.Option("--sample/--greedy", help="Sample instead of always taking the top token.")]
 Temperature = Annotated[float, typer.Option(help="Sampling temperature (> 0).")]
 TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling: keep tokens up to this probability mass.")]
@@ -63,7 +64,9 @@ JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object on 
 Stream = Annotated[
     bool | None, typer.Option("--stream/--no-stream", help="Print tokens as they come (default: on a terminal).")
 ]
-Images = Annotated[list[str], typer.Argument(help="Image file(s); several run as one batch.", show_default=False)]
+Images = Annotated[
+    list[str], typer.Argument(metavar="IMAGE", help="Image file(s); several run as one batch.", show_default=False)
+]
 Lang = Annotated[str, typer.Option(help="Language code of the answer (en, fr, de, …).")]
 
 
@@ -92,7 +95,8 @@ class Run:
             self.options["max_new_tokens"] = max_tokens
         from vlmo.generation import SamplingConfig
 
-        SamplingConfig(max_tokens or 64, sample, temperature, top_k, top_p)  # validate before loading anything
+        # Validate before loading anything; 0 must reach the check, so no `max_tokens or 64`.
+        SamplingConfig(64 if max_tokens is None else max_tokens, sample, temperature, top_k, top_p)
 
     def load(self):  # noqa: ANN201 - VLMo, imported lazily so `vlmo -h` stays fast
         from vlmo.api import VLMo
@@ -173,7 +177,9 @@ def _texts(
     epilog='Examples:\n\n  vlmo ask photo.jpg "what color is the car?"\n\n  vlmo ask a.jpg b.jpg -q "how many people?"'
 )
 def ask(
-    images: Annotated[list[str], typer.Argument(help="Image file(s), then the question unless -q is given.")],
+    images: Annotated[
+        list[str], typer.Argument(metavar="IMAGE", help="Image file(s), then the question unless -q is given.")
+    ],
     question: Annotated[str | None, typer.Option("--question", "-q", help="The question (for several images).")] = None,
     lang: Lang = "en",
     model: Model = DEFAULT_MODEL,
@@ -270,8 +276,10 @@ def ocr(
 
 @app.command(epilog='Example:\n\n  vlmo generate photo.jpg "answer en what is this?"')
 def generate(
-    image: Annotated[str, typer.Argument(help="Image file.")],
-    prompt: Annotated[str, typer.Argument(help='Raw PaliGemma prompt, e.g. "caption en" or "detect cat".')],
+    image: Annotated[str, typer.Argument(metavar="IMAGE", help="Image file.")],
+    prompt: Annotated[
+        str, typer.Argument(metavar="PROMPT", help='Raw PaliGemma prompt, e.g. "caption en" or "detect cat".')
+    ],
     model: Model = DEFAULT_MODEL,
     revision: Revision = None,
     device: Device = "auto",
@@ -294,8 +302,8 @@ def generate(
     epilog='Examples:\n\n  vlmo detect photo.jpg "cat ; dog"\n\n  vlmo detect photo.jpg car --out boxes.png --json'
 )
 def detect(
-    image: Annotated[str, typer.Argument(help="Image file.")],
-    labels: Annotated[str, typer.Argument(help='What to find, separated by ";", e.g. "cat ; dog".')],
+    image: Annotated[str, typer.Argument(metavar="IMAGE", help="Image file.")],
+    labels: Annotated[str, typer.Argument(metavar="LABELS", help='What to find, separated by ";", e.g. "cat ; dog".')],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Save a copy of the image with boxes drawn.")] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite --out if it exists.")] = False,
     model: Model = DEFAULT_MODEL,
@@ -314,7 +322,7 @@ def detect(
     from vlmo.detection import detect_prompt
 
     label_list = labels.split(";")
-    detect_prompt(label_list)  # validates: no empty labels
+    detect_prompt(label_list)  # validate before loading anything: no empty labels, no '<' '>'
     _check_output(out, force)
     pil = load_image(image)
     run = _run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
@@ -356,7 +364,7 @@ def _check_output(out: Path | None, force: bool) -> None:
 
 @app.command(epilog="Example:\n\n  vlmo download google/paligemma-3b-mix-224")
 def download(
-    model: Annotated[str, typer.Argument(help="Hub id, e.g. google/paligemma-3b-mix-224.")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Hub id, e.g. google/paligemma-3b-mix-224.")],
     revision: Revision = None,
 ) -> None:
     """Download a model into the Hugging Face cache (only the files vlmo needs) and print its path."""
@@ -407,13 +415,16 @@ def version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", "-V", callback=version_callback, is_eager=True, help="Show the version.")
     ] = False,
 ) -> None:
     """Run PaliGemma vision-language models: ask, caption, OCR and detect, locally."""
+    if ctx.invoked_subcommand is None:  # plain `vlmo`: the help, on stdout, as a success
+        typer.echo(ctx.get_help())
 
 
 def main() -> None:

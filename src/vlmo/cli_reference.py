@@ -36,7 +36,7 @@ def render() -> str:
 
 
 def _arg_usage(p: Any) -> str:
-    name = p.name.upper()
+    name = getattr(p, "metavar", None) or p.name.upper()
     return f"{name}..." if p.nargs == -1 else name
 
 

@@ -241,7 +241,7 @@ def detect_prompt(labels: str | Sequence[str]) -> str:
     """
     items = [labels] if isinstance(labels, str) else list(labels)
     if not items:
-        raise InputError("detect_prompt needs at least one label, e.g. detect_prompt(['cat', 'dog'])")
+        raise InputError('no labels given; name what to find, e.g. "cat ; dog"')
     return "detect " + " ; ".join(_clean_label(label, allow_empty=False) for label in items)
 
 
@@ -387,11 +387,11 @@ def _clean_label(label: object, *, allow_empty: bool) -> str:
         raise InputError(f"labels must be strings, got {type(label).__name__}: {label!r}")
     clean = " ".join(label.split())
     if not clean and not allow_empty:
-        raise InputError("labels must not be empty, e.g. detect_prompt(['cat', 'red car'])")
+        raise InputError('empty label; separate labels with ";" and leave none blank, e.g. "cat ; red car"')
     bad = sorted(_LABEL_FORBIDDEN.intersection(clean))
     if bad:
         raise InputError(
-            f"label {label!r} contains {' '.join(bad)}; ';' separates objects and '<' '>' delimit tokens, "
-            "so pass several labels as a list and remove those characters"
+            f"label {label!r} contains {' '.join(bad)}; ';' separates labels and '<' '>' mark model tokens, "
+            "so remove those characters"
         )
     return clean

@@ -60,7 +60,9 @@ def weight_files(model_dir: Path) -> list[Path]:
             f"{model_dir} has only pickle weights (*.bin/*.pth); vlmo loads safetensors only — convert them with "
             "transformers' save_pretrained(safe_serialization=True)"
         )
-    raise CheckpointError(f"{model_dir} has no {SINGLE_FILE} or {INDEX_FILE}")
+    raise CheckpointError(
+        f"{model_dir} has no {SINGLE_FILE} or {INDEX_FILE}; pass a complete checkpoint directory or a hub id"
+    )
 
 
 def read_state_dict(

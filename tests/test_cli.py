@@ -1,0 +1,391 @@
+"""The `vlmo` command line through Typer's CliRunner (in process), plus one real run of the installed script.
+
+Commands run on the taught tiny checkpoint (conftest.py), so answers are real: red, blue, "a red square", STOP
+and two boxes. Hub commands talk to the fake hub on 127.0.0.1 (fake_hub.py). CliRunner keeps stdout and stderr
+apart, so every test checks both: results on stdout, one `error: …` line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import PIL.Image
+import pytest
+import torch
+from huggingface_hub import constants
+from PIL import Image
+from typer.testing import CliRunner, Result
+
+import vlmo
+import vlmo.api
+from conftest import TAUGHT_DETECTION, TAUGHT_EXAMPLES
+from fake_hub import FakeHub, isolate_hf
+from vlmo.cli import app
+
+RED, BLUE = TAUGHT_EXAMPLES[0][0], TAUGHT_EXAMPLES[1][0]
+SIZE = (96, 64)  # (width, height) of the images the model was taught on
+QUESTION = "what color is it?"
+COMMANDS = ["ask", "caption", "ocr", "generate", "detect", "download", "info"]
+
+runner = CliRunner()
+
+
+def vlmo_cli(*args: str | Path, env: dict[str, str | None] | None = None) -> Result:
+    return runner.invoke(app, [str(a) for a in args], env=env, prog_name="vlmo")
+
+
+def ok(result: Result) -> str:
+    """stdout of a run that must have succeeded."""
+    assert result.exit_code == 0, (result.exit_code, result.stderr, result.exception)
+    assert "Traceback" not in result.output
+    return result.stdout
+
+
+def assert_error(result: Result, code: int, *fragments: str) -> str:
+    """A handled failure: exit `code`, nothing on stdout, one `error: …` line on stderr; returns that line."""
+    assert isinstance(result.exception, SystemExit), result.exception  # not an exception that escaped the table
+    assert result.exit_code == code, (result.exit_code, result.stderr)
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
+def expected_boxes(size: tuple[int, int]) -> list[tuple[str, tuple[float, float, float, float], list[int]]]:
+    """(label, pixel box x0 y0 x1 y1, bins y0 x0 y1 x1) per object of TAUGHT_DETECTION, for a (W, H) image."""
+    width, height = size
+    found = []
+    for bins_text, label in re.findall(r"((?:<loc\d{4}>){4}) (\w+)", TAUGHT_DETECTION):
+        y0, x0, y1, x1 = (int(b) for b in re.findall(r"\d{4}", bins_text))
+        box = (x0 / 1023 * width, y0 / 1023 * height, x1 / 1023 * width, y1 / 1023 * height)
+        found.append((label, box, [y0, x0, y1, x1]))
+    return found
+
+
+# -- fixtures ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Good and bad inputs: red/blue PNGs, a text file, a truncated PNG, and a path that does not exist."""
+    root = tmp_path_factory.mktemp("images")
+    paths = {name: root / f"{name}.png" for name in ("red", "blue", "truncated", "missing")}
+    Image.new("RGB", SIZE, RED).save(paths["red"])
+    Image.new("RGB", SIZE, BLUE).save(paths["blue"])
+    data = paths["red"].read_bytes()
+    paths["truncated"].write_bytes(data[: len(data) // 2])
+    paths["text"] = root / "notes.txt"
+    paths["text"].write_text("not an image\n")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def ckpt(taught_checkpoint: Path) -> str:
+    return str(taught_checkpoint)
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, taught_checkpoint: Path) -> Iterator[FakeHub]:
+    """The taught checkpoint served as acme/taught; the private HF cache (see `_hermetic`) points at it."""
+    with FakeHub() as fake:
+        fake.add_repo("acme/taught", taught_checkpoint)
+        isolate_hf(monkeypatch, tmp_path / "hf", endpoint=fake.url)
+        yield fake
+
+
+# -- commands on the taught model -------------------------------------------------------------------------------
+
+
+def test_ask_one_image(images: dict[str, Path], ckpt: str) -> None:
+    result = vlmo_cli("ask", images["red"], QUESTION, "--model", ckpt)
+    assert ok(result) == "red\n"
+    assert result.stderr == ""  # no spinner when stderr is not a terminal
+
+
+def test_ask_several_images_prints_tab_separated_lines(images: dict[str, Path], ckpt: str) -> None:
+    out = ok(vlmo_cli("ask", images["red"], images["blue"], "-q", QUESTION, "--model", ckpt))
+    assert out.splitlines() == [f"{images['red']}\tred", f"{images['blue']}\tblue"]
+
+
+def test_ask_json(images: dict[str, Path], ckpt: str) -> None:
+    out = ok(vlmo_cli("ask", images["red"], images["blue"], "-q", QUESTION, "--model", ckpt, "--json"))
+    assert out.count("\n") == 1  # one object on one line
+    data = json.loads(out)
+    assert data == {
+        "model": ckpt,
+        "task": "ask",
+        "results": [
+            {"image": str(images["red"]), "prompt": f"answer en {QUESTION}", "text": "red"},
+            {"image": str(images["blue"]), "prompt": f"answer en {QUESTION}", "text": "blue"},
+        ],
+    }
+
+
+def test_ask_stream_prints_the_same_text(images: dict[str, Path], ckpt: str) -> None:
+    # CliRunner's stdout is not a terminal, so the default is not to stream: force it both ways.
+    plain = ok(vlmo_cli("ask", images["blue"], QUESTION, "--model", ckpt, "--no-stream"))
+    streamed = ok(vlmo_cli("ask", images["blue"], QUESTION, "--model", ckpt, "--stream"))
+    assert streamed == plain == "blue\n"
+
+
+def test_model_from_environment(images: dict[str, Path], ckpt: str) -> None:
+    assert ok(vlmo_cli("ask", images["red"], QUESTION, env={"VLMO_MODEL": ckpt})) == "red\n"
+
+
+def test_caption(images: dict[str, Path], ckpt: str) -> None:
+    assert ok(vlmo_cli("caption", images["red"], "--model", ckpt)) == "a red square\n"
+    data = json.loads(ok(vlmo_cli("caption", images["red"], "--model", ckpt, "--json")))
+    assert data["task"] == "caption" and data["results"][0]["prompt"] == "caption en"
+    assert data["results"][0]["text"] == "a red square"
+
+
+def test_caption_long_uses_the_describe_prompt(images: dict[str, Path], ckpt: str) -> None:
+    data = json.loads(ok(vlmo_cli("caption", images["red"], "--detail", "long", "--model", ckpt, "--json")))
+    [row] = data["results"]
+    assert row["prompt"] == "describe en" and row["image"] == str(images["red"])
+
+
+def test_ocr(images: dict[str, Path], ckpt: str) -> None:
+    assert ok(vlmo_cli("ocr", images["red"], "--model", ckpt)) == "STOP\n"
+
+
+def test_generate_keeps_loc_tokens(images: dict[str, Path], ckpt: str) -> None:
+    assert ok(vlmo_cli("generate", images["red"], "detect cat ; dog", "--model", ckpt)) == TAUGHT_DETECTION + "\n"
+
+
+def test_detect_prints_one_line_per_object_in_pixels(images: dict[str, Path], ckpt: str) -> None:
+    out = ok(vlmo_cli("detect", images["red"], "cat ; dog", "--model", ckpt))
+    lines = [line.split("\t") for line in out.splitlines()]
+    want = expected_boxes(SIZE)
+    assert [line[0] for line in lines] == [label for label, _, _ in want] == ["cat", "dog"]
+    for line, (_, box, _) in zip(lines, want, strict=True):
+        assert line[1:] == [f"{v:.1f}" for v in box]
+
+
+def test_detect_json(images: dict[str, Path], ckpt: str) -> None:
+    data = json.loads(ok(vlmo_cli("detect", images["red"], "cat;dog", "--model", ckpt, "--json")))
+    assert data["task"] == "detect" and data["image"] == str(images["red"])
+    assert data["size"] == list(SIZE) and data["output"] is None
+    want = expected_boxes(SIZE)
+    assert [d["label"] for d in data["detections"]] == [label for label, _, _ in want]
+    for got, (_, box, bins) in zip(data["detections"], want, strict=True):
+        assert got["bins"] == bins
+        assert got["box"] == pytest.approx(box)
+
+
+def test_detect_out_writes_an_image_and_refuses_to_overwrite(
+    images: dict[str, Path], ckpt: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "boxes.png"
+    first = vlmo_cli("detect", images["red"], "cat ; dog", "--model", ckpt, "--out", out)
+    assert ok(first).count("\n") == 2
+    assert str(out) in first.stderr  # "saved …" goes to stderr, not into the results
+    with Image.open(out) as drawn:
+        assert drawn.size == SIZE
+    before = out.read_bytes()
+    assert_error(vlmo_cli("detect", images["red"], "cat ; dog", "--model", ckpt, "--out", out), 2, "--force")
+    assert out.read_bytes() == before
+    out.write_bytes(b"")
+    ok(vlmo_cli("detect", images["red"], "cat ; dog", "--model", ckpt, "--out", out, "--force"))
+    with Image.open(out) as drawn:
+        assert drawn.size == SIZE
+
+
+def test_detect_out_with_unsupported_extension(images: dict[str, Path], ckpt: str, tmp_path: Path) -> None:
+    out = tmp_path / "boxes.xyz"
+    assert_error(vlmo_cli("detect", images["red"], "cat", "--model", ckpt, "--out", out), 2, ".xyz")
+    assert not out.exists()
+
+
+def test_info(tmp_path: Path) -> None:
+    out = ok(vlmo_cli("info"))
+    assert f"vlmo: {vlmo.__version__}" in out.splitlines()
+    assert "cached models: none" in out
+    data = json.loads(ok(vlmo_cli("info", "--json")))
+    assert {"vlmo", "torch", "devices", "cache", "cached_models"} <= data.keys()
+    assert data["vlmo"] == vlmo.__version__ and data["torch"] == torch.__version__
+    assert "cpu" in data["devices"] and data["cached_models"] == []
+    assert Path(data["cache"]) == tmp_path / "hf" / "hub"
+
+
+# -- the hub -----------------------------------------------------------------------------------------------------
+
+
+def test_download_then_run_offline_from_the_cache(
+    hub: FakeHub, images: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = Path(ok(vlmo_cli("download", "acme/taught")).strip())
+    assert (path / "config.json").is_file()
+    assert path.is_relative_to(constants.HF_HUB_CACHE)
+    cached = json.loads(ok(vlmo_cli("info", "--json")))["cached_models"]
+    assert [m["id"] for m in cached] == ["acme/taught"] and cached[0]["bytes"] > 0
+    assert "acme/taught" in ok(vlmo_cli("info"))
+
+    hub.stop()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert ok(vlmo_cli("ask", images["red"], QUESTION, "--model", "acme/taught")) == "red\n"
+
+
+def test_gated_repo(hub: FakeHub, images: dict[str, Path]) -> None:
+    hub.gate("acme/taught", 401)
+    assert_error(vlmo_cli("ask", images["red"], QUESTION, "--model", "acme/taught"), 1, "hf auth login")
+    assert_error(vlmo_cli("download", "acme/taught"), 1, "hf auth login")
+
+
+def test_missing_repo(hub: FakeHub, images: dict[str, Path]) -> None:
+    assert_error(vlmo_cli("ask", images["red"], QUESTION, "--model", "acme/nope"), 1, "acme/nope was not found")
+    assert_error(vlmo_cli("download", "acme/nope"), 1, "acme/nope")
+
+
+# -- errors ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [("missing", "no image file"), ("text", "not an image"), ("truncated", "truncated or corrupt")],
+)
+def test_bad_image(images: dict[str, Path], ckpt: str, name: str, fragment: str) -> None:
+    line = assert_error(vlmo_cli("ask", images[name], QUESTION, "--model", ckpt), 2, fragment)
+    assert str(images[name]) in line
+
+
+def test_too_large_image(images: dict[str, Path], ckpt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 1000)
+    assert_error(vlmo_cli("caption", images["red"], "--model", ckpt), 2, "too large", "MAX_IMAGE_PIXELS")
+
+
+def test_bad_image_is_caught_before_the_model_loads(images: dict[str, Path], tmp_path: Path) -> None:
+    assert_error(vlmo_cli("ocr", images["missing"], "--model", tmp_path / "no-model"), 2, "no image file")
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        (["--sample", "--temperature", "0"], "temperature"),
+        (["--top-p", "2"], "top_p"),
+        (["--top-k", "-1"], "top_k"),
+        (["--max-tokens", "0"], "max_new_tokens"),
+    ],
+)
+def test_invalid_sampling_is_a_usage_error_before_loading(
+    images: dict[str, Path], tmp_path: Path, options: list[str], fragment: str
+) -> None:
+    # The model does not exist: a sampling error must come first, without loading (or looking for) anything.
+    result = vlmo_cli("ask", images["red"], QUESTION, "--model", tmp_path / "no-model", *options)
+    assert_error(result, 2, fragment)
+
+
+@pytest.mark.parametrize("labels", [" ; dog", "cat ;", ";", "  "])
+def test_detect_empty_label(images: dict[str, Path], ckpt: str, labels: str) -> None:
+    line = assert_error(vlmo_cli("detect", images["red"], labels, "--model", ckpt), 2, "empty label")
+    assert "detect_prompt" not in line  # a CLI message, not the Python API's
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["ask", "{red}"], "give an image and a question"),
+        (["ask", "{red}", "   "], "question is empty"),
+        (["caption", "{red}", "--detail", "huge"], "--detail"),
+    ],
+)
+def test_command_usage_errors(images: dict[str, Path], ckpt: str, args: list[str], fragment: str) -> None:
+    args = [a.format(red=images["red"]) for a in args]
+    assert_error(vlmo_cli(*args, "--model", ckpt), 2, fragment)
+
+
+def test_model_directory_missing_files(images: dict[str, Path], ckpt: str, tmp_path: Path) -> None:
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(Path(ckpt) / "config.json", partial)
+    assert_error(vlmo_cli("ask", images["red"], QUESTION, "--model", partial), 1, "model.safetensors")
+
+
+def test_model_directory_missing(images: dict[str, Path], tmp_path: Path) -> None:
+    # A typed path that does not exist is a runtime "not found" (exit 1), like a hub id that does not exist.
+    result = vlmo_cli("ask", images["red"], QUESTION, "--model", tmp_path / "no-model")
+    assert_error(result, 1, "no such directory", str(tmp_path / "no-model"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda(images: dict[str, Path], ckpt: str) -> None:
+    assert_error(vlmo_cli("ask", images["red"], QUESTION, "--model", ckpt, "--device", "cuda"), 2, "--device cpu")
+
+
+def test_unexpected_exception(images: dict[str, Path], ckpt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args: object, **kwargs: object) -> str:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(vlmo.api.VLMo, "generate", boom)
+    assert_error(vlmo_cli("ask", images["red"], QUESTION, "--model", ckpt), 1, "RuntimeError", "boom", "VLMO_DEBUG=1")
+
+
+def test_debug_shows_the_traceback(images: dict[str, Path], ckpt: str, tmp_path: Path) -> None:
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(Path(ckpt) / "config.json", partial)
+    result = vlmo_cli("ask", images["red"], QUESTION, "--model", partial, env={"VLMO_DEBUG": "1"})
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.startswith("Traceback (most recent call last):")
+    assert "CheckpointError" in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("error: ")
+
+
+# -- help and version --------------------------------------------------------------------------------------------
+
+
+def test_no_arguments_prints_help() -> None:
+    result = vlmo_cli()
+    assert result.exit_code == 0 and result.stderr == ""
+    assert result.stdout.startswith("Usage: vlmo")
+    for command in COMMANDS:
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", [[], *([c] for c in COMMANDS)])
+def test_help(command: list[str]) -> None:
+    short, long = vlmo_cli(*command, "-h"), vlmo_cli(*command, "--help")
+    assert ok(short) == ok(long)
+    assert short.stdout.startswith(f"Usage: vlmo {' '.join(command)}".rstrip() + " ")
+    assert short.stderr == ""
+
+
+def test_version() -> None:
+    assert ok(vlmo_cli("--version")) == f"vlmo {vlmo.__version__}\n"
+    assert ok(vlmo_cli("-V")) == f"vlmo {vlmo.__version__}\n"
+
+
+# -- the installed console script --------------------------------------------------------------------------------
+
+
+def installed_vlmo() -> str:
+    script = Path(sys.executable).parent / "vlmo"
+    found = str(script) if script.is_file() else shutil.which("vlmo", path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.skip("the vlmo console script is not installed next to this Python")
+    return found
+
+
+def test_console_script(images: dict[str, Path], ckpt: str) -> None:
+    # One real process: stdout and stderr are pipes, not terminals, so no spinner or progress bar may appear.
+    script = installed_vlmo()
+    good = subprocess.run(
+        [script, "ask", str(images["red"]), QUESTION, "--model", ckpt], capture_output=True, text=True, timeout=120
+    )
+    assert (good.returncode, good.stdout, good.stderr) == (0, "red\n", "")
+    bad = subprocess.run(
+        [script, "ask", str(images["text"]), QUESTION, "--model", ckpt], capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
+    assert "Traceback" not in bad.stderr
