@@ -166,6 +166,8 @@ class _Handler(BaseHTTPRequestHandler):
         raw_path = urlsplit(self.path).path
         self.hub._record(Seen(self.command, raw_path, {k.lower(): v for k, v in self.headers.items()}))
         parts = [unquote(p) for p in raw_path.strip("/").split("/")]
+        if parts[:1] == ["spaces"] and len(parts) >= 6 and parts[3] == "resolve":
+            parts = parts[1:]  # a Space file, /spaces/{owner}/{name}/resolve/…: served like a model repo's
         if parts[:1] == ["cdn"] and len(parts) == 2:
             self._cdn(parts[1], head=head)
         elif parts[:2] == ["api", "models"] and len(parts) >= 4:
