@@ -159,12 +159,15 @@ def tiny_checkpoint(tiny_checkpoints: dict[str, Path]) -> Path:
 # What the "taught" model answers: a tiny checkpoint fitted for a second to these examples, so task and CLI tests
 # check real answers (boxes, colours) coming out of the whole pipeline instead of random tokens.
 TAUGHT_DETECTION = "<loc0100><loc0200><loc0600><loc0700> cat ; <loc0300><loc0050><loc0900><loc0400> dog"
+RED, BLUE = (220, 30, 30), (30, 30, 220)
+TAUGHT_SEGMENT = "<loc0100><loc0200><loc0600><loc0700>" + "".join(f"<seg{c:03d}>" for c in range(16)) + " cat"
 TAUGHT_EXAMPLES = (
-    ((220, 30, 30), "answer en what color is it?", "red"),
-    ((30, 30, 220), "answer en what color is it?", "blue"),
-    ((220, 30, 30), "detect cat ; dog", TAUGHT_DETECTION),
-    ((220, 30, 30), "caption en", "a red square"),
-    ((220, 30, 30), "ocr", "STOP"),
+    (RED, "answer en what color is it?", "red"),
+    (BLUE, "answer en what color is it?", "blue"),
+    (RED, "detect cat ; dog", TAUGHT_DETECTION),
+    (RED, "segment cat", TAUGHT_SEGMENT),
+    (RED, "caption en", "a red square"),
+    (RED, "ocr", "STOP"),
 )
 
 
@@ -199,3 +202,20 @@ def taught_checkpoint(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytes
         shutil.copy(src / name, out / name)
     save_weights(model, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def filled_mask_decoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A vae-oid decoder file whose every 64×64 logit is +5 (zero weights, last bias 5): each mask fills its box."""
+    from safetensors.torch import save_file
+
+    from vlmo.nn.vqvae import VQVAEDecoder
+
+    decoder = VQVAEDecoder()
+    with torch.no_grad():
+        for p in decoder.parameters():
+            p.zero_()
+        decoder.state_dict()["decoder.12.bias"].fill_(5.0)
+    path = tmp_path_factory.mktemp("vae") / "vae-oid.safetensors"
+    save_file({k: v.contiguous() for k, v in decoder.state_dict().items()}, str(path))
+    return path

@@ -24,14 +24,13 @@ from typer.testing import CliRunner, Result
 
 import vlmo
 import vlmo.api
-from conftest import TAUGHT_DETECTION, TAUGHT_EXAMPLES
+from conftest import BLUE, RED, TAUGHT_DETECTION
 from fake_hub import FakeHub, isolate_hf
 from vlmo.cli import app
 
-RED, BLUE = TAUGHT_EXAMPLES[0][0], TAUGHT_EXAMPLES[1][0]
 SIZE = (96, 64)  # (width, height) of the images the model was taught on
 QUESTION = "what color is it?"
-COMMANDS = ["ask", "caption", "ocr", "generate", "detect", "download", "info"]
+COMMANDS = ["ask", "caption", "ocr", "generate", "detect", "segment", "download", "info"]
 
 runner = CliRunner()
 
@@ -204,6 +203,33 @@ def test_detect_out_with_unsupported_extension(images: dict[str, Path], ckpt: st
     out = tmp_path / "boxes.xyz"
     assert_error(vlmo_cli("detect", images["red"], "cat", "--model", ckpt, "--out", out), 2, ".xyz")
     assert not out.exists()
+
+
+def test_segment_plain_json_and_out(
+    images: dict[str, Path], ckpt: str, filled_mask_decoder: Path, tmp_path: Path
+) -> None:
+    from vlmo.segmentation import rle_to_mask
+
+    args = ("segment", images["red"], "cat", "--model", ckpt, "--mask-decoder", filled_mask_decoder)
+    (_, box, bins), _ = expected_boxes(SIZE)  # the taught segment answer has the cat box of the detection
+    x0, y0, x1, y1 = (int(v) for v in box)
+    line = ok(vlmo_cli(*args)).strip().split("\t")
+    assert line[:5] == ["cat", *(f"{v:.1f}" for v in box)]
+    assert int(line[5]) == (x1 - x0) * (y1 - y0)  # the decoder fills the box
+    out = tmp_path / "masks.png"
+    data = json.loads(ok(vlmo_cli(*args, "--json", "--out", out)))
+    assert data["task"] == "segment" and data["mask_encoding"].startswith("coco_rle")
+    (seg,) = data["segmentations"]
+    assert seg["bins"] == bins and seg["seg_codes"] == list(range(16))
+    mask = rle_to_mask(seg["mask"])
+    assert mask.shape == (SIZE[1], SIZE[0]) and int(mask.sum()) == (x1 - x0) * (y1 - y0)
+    with Image.open(out) as drawn:
+        assert drawn.size == SIZE
+
+
+def test_segment_with_a_missing_mask_decoder_file(images: dict[str, Path], ckpt: str, tmp_path: Path) -> None:
+    result = vlmo_cli("segment", images["red"], "cat", "--model", ckpt, "--mask-decoder", tmp_path / "nope.npz")
+    assert_error(result, 2, "--mask-decoder")
 
 
 def test_info(tmp_path: Path) -> None:

@@ -8,12 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TAUGHT_DETECTION, TAUGHT_EXAMPLES
+from conftest import BLUE, RED, TAUGHT_DETECTION
 from vlmo import VLMo
 from vlmo.detection import Detection
 from vlmo.errors import InputError
-
-RED, BLUE = TAUGHT_EXAMPLES[0][0], TAUGHT_EXAMPLES[1][0]
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +63,16 @@ def test_detect_drops_an_object_cut_off_by_max_tokens(vlm: VLMo) -> None:
 def test_detect_rejects_empty_labels(vlm: VLMo) -> None:
     with pytest.raises(InputError):
         vlm.detect(solid(RED), "cat ; ")
+
+
+def test_segment_returns_masks_of_the_original_size(vlm: VLMo, filled_mask_decoder: Path) -> None:
+    (seg,) = vlm.segment(solid(RED, (1023, 2046)), "cat", mask_decoder=filled_mask_decoder)
+    assert seg.label == "cat" and seg.box == (200.0, 200.0, 700.0, 1200.0)
+    assert seg.seg_codes == tuple(range(16))
+    assert seg.mask.shape == (2046, 1023) and seg.mask.dtype == torch.bool
+    inside = torch.zeros(2046, 1023, dtype=torch.bool)
+    inside[200:1200, 200:700] = True  # the decoder fills its box: the mask is exactly the box's pixels
+    assert torch.equal(seg.mask, inside)
+    batch = vlm.segment([solid(RED), solid(RED, (30, 90))], ["cat"], mask_decoder=filled_mask_decoder)
+    assert [b[0].mask.shape for b in batch] == [(64, 96), (90, 30)]
+    assert vlm.segment(solid(RED), "cat", mask_decoder=filled_mask_decoder, max_new_tokens=10) == []

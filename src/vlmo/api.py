@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal, TypedDict, overload
+from typing import Literal, TypedDict, TypeVar, overload
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -25,9 +25,11 @@ else:  # pragma: no cover - typing_extensions comes with torch
 import torch
 
 from vlmo.detection import Detection, detect_prompt, parse_detections
-from vlmo.errors import InputError, VlmoError
+from vlmo.devices import DTypeName, resolve_device, resolve_dtype
+from vlmo.errors import InputError
 from vlmo.generation import SamplingConfig, generate_ids, make_generator
 from vlmo.nn.paligemma import PaliGemma
+from vlmo.nn.vqvae import VQVAEDecoder
 from vlmo.processing import (
     ImageInput,
     ImageProcessorConfig,
@@ -35,10 +37,12 @@ from vlmo.processing import (
     load_image,
     preprocess_images,
 )
+from vlmo.segmentation import Segmentation, parse_segmentations
 from vlmo.weights.hub import resolve_model
 from vlmo.weights.loader import load_model, read_json
+from vlmo.weights.vqvae import load_mask_decoder
 
-DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+T = TypeVar("T")
 CaptionDetail = Literal["short", "long", "raw"]
 CAPTION_TASKS = {"short": "caption", "long": "describe", "raw": "cap"}
 
@@ -54,52 +58,6 @@ class GenerateOptions(TypedDict, total=False):
     seed: int | None
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class DeviceError(VlmoError, ValueError):
-    """A device that is unknown or not available on this machine."""
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """ "auto" picks cuda, then mps, then cpu. A named device that this machine lacks is an error."""
-    if str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise DeviceError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and (
-        not torch.cuda.is_available() or (dev.index is not None and dev.index >= torch.cuda.device_count())
-    ):
-        raise DeviceError(f"device {device!r} is not available here (no such CUDA GPU); use --device cpu or auto")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise DeviceError(f"device {device!r} is not available here (no Apple MPS); use --device cpu or auto")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise DeviceError(f"unsupported device {device!r}; use auto, cpu, cuda, cuda:N or mps")
-    return dev
-
-
-def resolve_dtype(dtype: DTypeName | torch.dtype, device: torch.device) -> torch.dtype:
-    """ "auto": float32 on CPU (CPUs without native bf16 run bf16 matmuls several times slower), bfloat16 on CUDA
-    (float16 where the GPU lacks bf16), float16 on MPS."""
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
-            raise InputError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
-        return dtype
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float16 if device.type == "mps" else torch.float32
-    if dtype not in _DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
-    return _DTYPES[dtype]
-
-
 class VLMo:
     """A loaded PaliGemma model with its tokenizer and image settings."""
 
@@ -108,6 +66,7 @@ class VLMo:
         self.text = text
         self.image_config = image_config
         self.source = source
+        self._mask_decoders: dict[str | None, VQVAEDecoder] = {}  # loaded on first `segment`, by source
 
     @classmethod
     def from_pretrained(
@@ -246,17 +205,49 @@ class VLMo:
 
         `labels`: "cat ; dog" or ["cat", "dog"]. An object cut off by `max_new_tokens` (default 128 here) is dropped.
         """
-        if isinstance(labels, str):
-            labels = labels.split(";")
-        prompt = detect_prompt(labels)
         options.setdefault("max_new_tokens", 128)
+        return self._locate(image, labels, "detect", options, parse_detections)
+
+    def segment(
+        self,
+        image: ImageInput | Sequence[ImageInput],
+        labels: str | Sequence[str],
+        *,
+        mask_decoder: str | os.PathLike[str] | None = None,
+        **options: Unpack[GenerateOptions],
+    ) -> list[Segmentation] | list[list[Segmentation]]:
+        """Segment objects (`segment a ; b`): label, box and a boolean mask of each original image's size.
+
+        The `<seg>` codes are decoded by PaliGemma's VQ-VAE mask decoder: `mask_decoder` is a local `vae-oid.npz`
+        (or its converted .safetensors); by default it is downloaded once and cached (`vlmo.weights.vqvae`).
+        An object cut off by `max_new_tokens` (default 256 here) is dropped.
+        """
+        key = None if mask_decoder is None else str(mask_decoder)
+        if key not in self._mask_decoders:
+            self._mask_decoders[key] = load_mask_decoder(mask_decoder)
+        decoder = self._mask_decoders[key]
+        options.setdefault("max_new_tokens", 256)
+        return self._locate(
+            image, labels, "segment", options, lambda text, size: parse_segmentations(text, size, decoder)
+        )
+
+    def _locate(
+        self,
+        image: ImageInput | Sequence[ImageInput],
+        labels: str | Sequence[str],
+        task: Literal["detect", "segment"],
+        options: GenerateOptions,
+        parse: Callable[[str, tuple[int, int]], list[T]],
+    ) -> list[T] | list[list[T]]:
+        """Shared by detect/segment: prompt, generate, parse each answer against its original image size."""
+        prompt = detect_prompt(labels.split(";") if isinstance(labels, str) else labels, task)
         images, _, batched = _pair_up(image, prompt)
         loaded = [load_image(im) for im in images]
         results = self._run(loaded, [prompt] * len(loaded), _sampling(options), options.get("seed"))
         out = []
         for im, (text, ended) in zip(loaded, results, strict=True):
-            found = parse_detections(text, im.size)
-            out.append(found if ended or not found else found[:-1])
+            found = parse(text, im.size)
+            out.append(found if ended or not found else found[:-1])  # the last object may be cut short
         return out if batched else out[0]
 
     def _run(

@@ -12,14 +12,14 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
 
 from vlmo import __version__
 from vlmo.cli_errors import CliUsageError, ErrorHandlingGroup
-from vlmo.detection import Detection, draw_detections
+from vlmo.detection import draw_detections
 from vlmo.processing import load_image
 
 DEFAULT_MODEL = "google/paligemma-3b-mix-224"
@@ -319,34 +319,89 @@ def detect(
     json_out: JsonOut = False,
 ) -> None:
     """Find objects and print their boxes (x_min y_min x_max y_max, in pixels)."""
+    run = _run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
+    _locate("detect", image, labels, out, force, run, json_out)
+
+
+@app.command(
+    epilog='Examples:\n\n  vlmo segment photo.jpg "cat ; dog" --out masks.png\n\n  vlmo segment photo.jpg car --json'
+)
+def segment(
+    image: Annotated[str, typer.Argument(metavar="IMAGE", help="Image file.")],
+    labels: Annotated[str, typer.Argument(metavar="LABELS", help='What to segment, separated by ";".')],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Save a copy with masks and boxes drawn.")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite --out if it exists.")] = False,
+    mask_decoder: Annotated[
+        Path | None,
+        typer.Option(help="Local vae-oid.npz (or converted .safetensors); default: downloaded once and cached."),
+    ] = None,
+    model: Model = DEFAULT_MODEL,
+    revision: Revision = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    max_tokens: MaxTokens = None,
+    sample: Sample = False,
+    temperature: Temperature = 1.0,
+    top_p: TopP = 1.0,
+    top_k: TopK = 0,
+    seed: Seed = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Segment objects: print boxes and mask areas; --json gives COCO RLE masks."""
+    run = _run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
+    _locate("segment", image, labels, out, force, run, json_out, mask_decoder)
+
+
+def _locate(
+    task: Literal["detect", "segment"],
+    image: str,
+    labels: str,
+    out: Path | None,
+    force: bool,
+    run: Run,
+    json_out: bool,
+    mask_decoder: Path | None = None,
+) -> None:
+    """Shared body of detect/segment. Everything the user typed is checked before the model loads."""
     from vlmo.detection import detect_prompt
 
     label_list = labels.split(";")
-    detect_prompt(label_list)  # validate before loading anything: no empty labels, no '<' '>'
+    detect_prompt(label_list, task)  # no empty labels, no '<' '>'
     _check_output(out, force)
+    if mask_decoder is not None and not mask_decoder.is_file():
+        raise CliUsageError(f"no such file for --mask-decoder: {mask_decoder}")
     pil = load_image(image)
-    run = _run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
     vlm = run.load()
-    found: list[Detection] = vlm.detect(pil, label_list, **run.options)
+    if task == "detect":
+        found: list[Any] = vlm.detect(pil, label_list, **run.options)
+        boxes = found
+    else:
+        found = vlm.segment(pil, label_list, mask_decoder=mask_decoder, **run.options)
+        boxes = [s.to_detection() for s in found]
     if out is not None:
-        draw_detections(pil, found).save(out)
+        from vlmo.segmentation import draw_segmentations
+
+        (draw_detections(pil, found) if task == "detect" else draw_segmentations(pil, found)).save(out)
         stderr.print(f"saved {out}")
     if json_out:
+        key = "detections" if task == "detect" else "segmentations"
         _emit_json(
             {
                 "model": run.model_name,
-                "task": "detect",
+                "task": task,
                 "image": image,
                 "size": list(pil.size),
-                "detections": [d.to_dict() for d in found],
+                key: [d.to_dict() for d in found],
                 "output": None if out is None else str(out),
+                **({"mask_encoding": "coco_rle_uncompressed_column_major"} if task == "segment" else {}),
             }
         )
         return
     if not found:
         stderr.print("no objects found")
-    for d in found:
-        typer.echo(f"{d.label}\t" + "\t".join(f"{v:.1f}" for v in d.box))
+    for i, d in enumerate(boxes):
+        area = f"\t{int(found[i].mask.sum())}" if task == "segment" else ""
+        typer.echo(f"{d.label}\t" + "\t".join(f"{v:.1f}" for v in d.box) + area)
 
 
 def _check_output(out: Path | None, force: bool) -> None:
@@ -379,7 +434,7 @@ def info(json_out: JsonOut = False) -> None:
     """Show versions, devices, and the models in the Hugging Face cache."""
     import torch
 
-    from vlmo.api import resolve_dtype
+    from vlmo.devices import resolve_dtype
     from vlmo.weights.hub import cache_location, cached_models
 
     devices = ["cpu"]

@@ -16,7 +16,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from vlmo.errors import GenerationConfigError, ImageError, InputError, VlmoError
+from vlmo.errors import DeviceError, GenerationConfigError, ImageError, InputError, VlmoError
 
 
 class CliUsageError(VlmoError):
@@ -50,8 +50,7 @@ def _is_disk_full(e: BaseException) -> bool:
 
 # (matches, exit code, message). First match wins; order matters.
 ERROR_TABLE: list[tuple[Any, int, Any]] = [
-    ((CliUsageError, InputError, GenerationConfigError, ImageError), 2, str),
-    (lambda e: type(e).__name__ == "DeviceError", 2, str),
+    ((CliUsageError, InputError, GenerationConfigError, ImageError, DeviceError), 2, str),
     (VlmoError, 1, str),
     (_is_oom, 1, _oom),
     (_is_disk_full, 1, _disk),

@@ -45,7 +45,7 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -233,8 +233,8 @@ def encode_boxes(boxes: Sequence[Sequence[float]], labels: Sequence[str], image_
     return format_objects(objects)
 
 
-def detect_prompt(labels: str | Sequence[str]) -> str:
-    """The detection prompt for one label or several: `detect cat`, `detect cat ; red car`.
+def detect_prompt(labels: str | Sequence[str], task: Literal["detect", "segment"] = "detect") -> str:
+    """The detection (or segmentation) prompt for one label or several: `detect cat`, `segment cat ; red car`.
 
     Labels are stripped (inner whitespace collapsed). Raises InputError on no labels, an empty label, or a
     label containing `;` (pass a list instead), `<` or `>` (the answer's label could not be parsed back).
@@ -242,7 +242,7 @@ def detect_prompt(labels: str | Sequence[str]) -> str:
     items = [labels] if isinstance(labels, str) else list(labels)
     if not items:
         raise InputError('no labels given; name what to find, e.g. "cat ; dog"')
-    return "detect " + " ; ".join(_clean_label(label, allow_empty=False) for label in items)
+    return f"{task} " + " ; ".join(_clean_label(label, allow_empty=False) for label in items)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -29,3 +29,7 @@ class GenerationConfigError(VlmoError, ValueError):
 
 class InputError(VlmoError, ValueError):
     """Inputs that do not fit together, e.g. a list of 3 images with a list of 2 prompts."""
+
+
+class DeviceError(VlmoError, ValueError):
+    """A device that is unknown or not available on this machine."""
