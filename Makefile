@@ -15,5 +15,5 @@ format:             ## apply ruff fixes and formatting
 	ruff check --fix .
 	ruff format .
 
-docs:               ## regenerate the README's CLI reference
-	$(PY) -m vlmo.cli_reference --write README.md
+docs:               ## regenerate the README CLI reference and the docs picture
+	$(PY) docs/build.py

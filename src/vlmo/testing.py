@@ -1,4 +1,4 @@
-"""Small, self-made tokenizers for tests, benchmarks and the demo model.
+"""Small, self-made stand-ins for tests, benchmarks, docs and the demo model: a tokenizer and a mask decoder.
 
 Real PaliGemma tokenizers are gated on the hub, so tests build a tiny one with the same *structure*: a byte-fallback
 BPE over "▁"-normalised text (Gemma style), the special tokens at their real ids (`<pad>` 0, `<eos>` 1, `<bos>` 2,
@@ -9,8 +9,13 @@ has 257153 entries; this one about 1600).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
+
+if TYPE_CHECKING:
+    from vlmo.nn.vqvae import VQVAEDecoder
 
 SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
 LOC_TOKENS = tuple(f"<loc{i:04d}>" for i in range(1024))
@@ -68,3 +73,30 @@ def build_tokenizer(words: tuple[str, ...] = DEFAULT_WORDS) -> Tokenizer:
     tok.add_special_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)])
     assert tok.token_to_id(IMAGE_TOKEN) == len(vocab)
     return tok
+
+
+def blob_mask_decoder() -> VQVAEDecoder:
+    """A hand-set vae-oid decoder that draws its 4×4 code grid as a smooth blob, for tests and the docs' pictures.
+
+    Codes ≥ 64 mean "inside", codes < 64 "outside": the codebook puts that bit in channel 0, every layer carries
+    channel 0 alone (1×1 identity, residual blocks zeroed, each transposed convolution a ×2 bilinear upsampling),
+    and the last layer thresholds at 0.5. So the 64×64 mask is the grid upsampled and rounded off. The real
+    decoder's weights come from `vae-oid.npz`; this one only makes the plumbing visible.
+    """
+    import torch
+
+    from vlmo.nn.vqvae import VQVAEDecoder
+
+    decoder = VQVAEDecoder()
+    bilinear = torch.tensor([0.25, 0.75, 0.75, 0.25])
+    with torch.no_grad():
+        for p in decoder.parameters():
+            p.zero_()
+        decoder._vq_vae._embedding[64:, 0] = 1.0
+        layers = decoder.decoder
+        layers[0].weight[0, 0] = 1.0
+        for i in (4, 6, 8, 10):
+            layers[i].weight[0, 0] = torch.outer(bilinear, bilinear)
+        layers[12].weight[0, 0] = 1.0
+        layers[12].bias.fill_(-0.5)
+    return decoder.eval().requires_grad_(False)

@@ -1,0 +1,68 @@
+"""Build the generated parts of the docs: the README's CLI reference and the output-format picture.
+
+    python docs/build.py            # rewrite README.md's CLI reference and docs/img/output-formats.png
+
+The picture comes from the same stand-ins the tests use (`vlmo.testing.blob_mask_decoder`), applied to a model
+answer written by hand, so it shows exactly what vlmo's parsing, mask placement and drawing do.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from vlmo import cli_reference
+from vlmo.detection import ParsedObject, box_to_bins, draw_detections, format_objects, parse_detections
+from vlmo.segmentation import draw_segmentations, parse_segmentations
+from vlmo.testing import blob_mask_decoder
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = (360, 240)
+CIRCLE = (40, 50, 160, 170)  # x_min, y_min, x_max, y_max
+SQUARE = (210, 70, 320, 180)
+# 4×4 seg-code grids, row-major: ≥ 64 is "inside" for the stand-in decoder
+ROUND = (0, 64, 64, 0, 64, 64, 64, 64, 64, 64, 64, 64, 0, 64, 64, 0)
+FULL = (64,) * 16
+
+
+def scene() -> Image.Image:
+    image = Image.new("RGB", SIZE, (236, 232, 220))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse(CIRCLE, fill=(205, 45, 40))
+    draw.rectangle(SQUARE, fill=(40, 70, 200))
+    return image
+
+
+def model_answer() -> str:
+    """What PaliGemma would answer to `segment circle ; square` for `scene()` (a `detect` answer lacks the segs)."""
+    objects = [
+        ParsedObject(box_to_bins(CIRCLE, SIZE), ROUND, "circle"),
+        ParsedObject(box_to_bins(SQUARE, SIZE), FULL, "square"),
+    ]
+    return format_objects(objects)
+
+
+def render_output_formats(path: Path) -> Path:
+    """Side by side: the detection boxes, and the segmentation masks with their boxes."""
+    image, text = scene(), model_answer()
+    detections = parse_detections(text, SIZE)
+    segmentations = parse_segmentations(text, SIZE, blob_mask_decoder())
+    left, right = draw_detections(image, detections), draw_segmentations(image, segmentations)
+    canvas = Image.new("RGB", (SIZE[0] * 2 + 10, SIZE[1]), (255, 255, 255))
+    canvas.paste(left, (0, 0))
+    canvas.paste(right, (SIZE[0] + 10, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path, optimize=True)
+    return path
+
+
+def main() -> int:
+    cli_reference.main(["--write", str(ROOT / "README.md")])
+    print(render_output_formats(ROOT / "docs" / "img" / "output-formats.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
