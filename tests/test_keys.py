@@ -7,66 +7,12 @@ from typing import Any
 import pytest
 import torch
 
+from hub_configs import pg1_224, pg2_3b_224
 from vlmo.config import PaliGemmaConfig
 from vlmo.nn.paligemma import PaliGemma
 from vlmo.weights.keys import KeyMap
 
 transformers = pytest.importorskip("transformers")
-
-PG1_224: dict[str, Any] = {  # google/paligemma-3b-pt-224 config.json fields (spec §1.2)
-    "model_type": "paligemma",
-    "bos_token_id": 2,
-    "eos_token_id": 1,
-    "pad_token_id": 0,
-    "hidden_size": 2048,
-    "image_token_index": 257152,
-    "projection_dim": 2048,
-    "vocab_size": 257216,
-    "text_config": {
-        "hidden_size": 2048,
-        "intermediate_size": 16384,
-        "model_type": "gemma",
-        "num_attention_heads": 8,
-        "num_hidden_layers": 18,
-        "num_image_tokens": 256,
-        "num_key_value_heads": 1,
-        "torch_dtype": "float32",
-        "vocab_size": 257216,
-    },
-    "vision_config": {
-        "hidden_size": 1152,
-        "intermediate_size": 4304,
-        "model_type": "siglip_vision_model",
-        "num_attention_heads": 16,
-        "num_hidden_layers": 27,
-        "num_image_tokens": 256,
-        "patch_size": 14,
-        "projection_dim": 2048,
-        "projector_hidden_act": "gelu_fast",
-        "vision_use_head": False,
-    },
-}
-PG2_224: dict[str, Any] = {  # google/paligemma2-3b-pt-224 (spec §1.2)
-    **PG1_224,
-    "projection_dim": 2304,
-    "eos_token_id": [1, 107],
-    "text_config": {
-        "model_type": "gemma2",
-        "hidden_size": 2304,
-        "intermediate_size": 9216,
-        "num_hidden_layers": 26,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 4,
-        "query_pre_attn_scalar": 256,
-        "sliding_window": 4096,
-        "attn_logit_softcapping": 50.0,
-        "final_logit_softcapping": 30.0,
-        "hidden_act": "gelu_pytorch_tanh",
-        "hidden_activation": "gelu_pytorch_tanh",
-        "vocab_size": 257216,
-    },
-    "vision_config": {**PG1_224["vision_config"], "projection_dim": 2304},
-}
 
 
 def _meta_models(d: dict[str, Any]) -> tuple[PaliGemma, torch.nn.Module]:
@@ -83,7 +29,9 @@ def _legacy_name(v5_key: str) -> str:
     return key.replace("model.multi_modal_projector.", "multi_modal_projector.", 1)
 
 
-@pytest.mark.parametrize(("d", "n_params"), [(PG1_224, 2_923_466_480), (PG2_224, 3_032_242_416)], ids=["pg1", "pg2"])
+@pytest.mark.parametrize(
+    ("d", "n_params"), [(pg1_224(), 2_923_466_480), (pg2_3b_224(), 3_032_242_416)], ids=["pg1", "pg2"]
+)
 def test_every_reference_tensor_maps_to_ours_with_the_same_shape(d: dict[str, Any], n_params: int) -> None:
     ours, ref = _meta_models(d)
     keymap = KeyMap(ours.cfg.text.arch)

@@ -105,21 +105,6 @@ class Run:
             return VLMo.from_pretrained(self.model_name, device=self.device, dtype=self.dtype, revision=self.revision)
 
 
-def _run(
-    model: str,
-    revision: str | None,
-    device: str,
-    dtype: str,
-    max_tokens: int | None,
-    sample: bool,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    seed: int | None,
-) -> Run:
-    return Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
-
-
 @contextmanager
 def _status(message: str) -> Iterator[None]:
     if sys.stderr.isatty():
@@ -202,7 +187,7 @@ def ask(
         *images, question = images
     if not question.strip():
         raise CliUsageError("the question is empty; pass some text")
-    run = _run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
+    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
     prompt = f"answer {lang} {' '.join(question.split())}"
     _texts(
         run,
@@ -238,7 +223,7 @@ def caption(
 
     if detail not in CAPTION_TASKS:
         raise CliUsageError(f"unknown --detail {detail!r}; use short, long or raw")
-    run = _run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
+    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
     prompt = f"{CAPTION_TASKS[detail]} {lang}"
     _texts(
         run,
@@ -268,7 +253,7 @@ def ocr(
     stream: Stream = None,
 ) -> None:
     """Read the text in one or more images."""
-    run = _run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
+    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
     _texts(
         run, images, ["ocr"] * len(images), "ocr", json_out, stream, lambda v: v.generate(images, "ocr", **run.options)
     )
@@ -294,7 +279,7 @@ def generate(
     stream: Stream = None,
 ) -> None:
     """Complete a raw prompt for an image (special tokens such as <loc0123> are kept)."""
-    run = _run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
+    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
     _texts(run, [image], [prompt], "generate", json_out, stream, lambda v: v.generate(image, prompt, **run.options))
 
 
@@ -319,7 +304,7 @@ def detect(
     json_out: JsonOut = False,
 ) -> None:
     """Find objects and print their boxes (x_min y_min x_max y_max, in pixels)."""
-    run = _run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
+    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
     _locate("detect", image, labels, out, force, run, json_out)
 
 
@@ -348,7 +333,7 @@ def segment(
     json_out: JsonOut = False,
 ) -> None:
     """Segment objects: print boxes and mask areas; --json gives COCO RLE masks."""
-    run = _run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
+    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
     _locate("segment", image, labels, out, force, run, json_out, mask_decoder)
 
 
