@@ -402,6 +402,78 @@ def _check_output(out: Path | None, force: bool) -> None:
         raise CliUsageError(f"no such directory for --out: {out.parent}")
 
 
+@app.command(
+    epilog=(
+        "Examples:\n\n  vlmo finetune --model google/paligemma-3b-pt-224 --data train.jsonl --out runs/lora\n\n"
+        "  torchrun --nproc-per-node 2 -m vlmo.finetune --model … --data train.jsonl --out runs/ddp"
+    )
+)
+def finetune(
+    out: Annotated[Path, typer.Option(help="Run directory: metrics.jsonl, checkpoint-N/, final/.")],
+    model: Model = DEFAULT_MODEL,
+    data: Annotated[Path | None, typer.Option(help="JSONL training data: image, prefix, suffix per line.")] = None,
+    vqa_questions: Annotated[Path | None, typer.Option(help="VQAv2 questions JSON (instead of --data).")] = None,
+    vqa_annotations: Annotated[Path | None, typer.Option(help="VQAv2 annotations JSON.")] = None,
+    vqa_images: Annotated[Path | None, typer.Option(help="VQAv2 image folder (COCO_*_…jpg).")] = None,
+    train: Annotated[
+        str, typer.Option(help="What trains, comma-separated: lora, projector, attention, full.")
+    ] = "lora",
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    lora_alpha: Annotated[float, typer.Option(help="LoRA alpha (scale = alpha / r).")] = 16.0,
+    lora_dropout: Annotated[float, typer.Option(help="Dropout on the LoRA input.")] = 0.0,
+    lora_vision: Annotated[bool, typer.Option(help="Also put LoRA on the vision tower.")] = False,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 2e-4,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps before the cosine decay.")] = 0,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 100,
+    batch_size: Annotated[int, typer.Option(help="Examples per process and micro-step.")] = 4,
+    grad_accum: Annotated[int, typer.Option(help="Micro-steps per optimizer step.")] = 1,
+    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed for data order, initialisation and dropout.")] = 0,
+    save_every: Annotated[int, typer.Option(help="Save a resumable checkpoint every N steps (0: at the end).")] = 0,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations to save memory.")] = False,
+    bf16: Annotated[bool, typer.Option(help="bf16 autocast on CUDA (ignored on CPU).")] = True,
+    device: Device = "auto",
+    resume: Annotated[Path | None, typer.Option(help="A checkpoint-N directory to continue from.")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Write into a non-empty --out.")] = False,
+) -> None:
+    """Fine-tune a model (LoRA by default) on JSONL or VQAv2 data; prints the final model's path."""
+    from vlmo.finetune import FinetuneConfig
+    from vlmo.finetune import finetune as run_finetune
+
+    if out.exists() and any(out.iterdir()) and resume is None and not force:
+        raise CliUsageError(f"{out} is not empty; pass --resume CHECKPOINT to continue, --force, or another --out")
+    cfg = FinetuneConfig(
+        model=model,
+        out=str(out),
+        data=None if data is None else str(data),
+        vqa_questions=None if vqa_questions is None else str(vqa_questions),
+        vqa_annotations=None if vqa_annotations is None else str(vqa_annotations),
+        vqa_images=None if vqa_images is None else str(vqa_images),
+        train=tuple(part.strip() for part in train.split(",") if part.strip()),  # type: ignore[arg-type]
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        lora_vision=lora_vision,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
+        steps=steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_grad_norm=max_grad_norm,
+        seed=seed,
+        save_every=save_every,
+        gradient_checkpointing=gradient_checkpointing,
+        bf16=bf16,
+        device=device,
+        resume=None if resume is None else str(resume),
+    )
+    result = run_finetune(cfg)
+    if result.output is not None:
+        typer.echo(str(result.output))
+
+
 @app.command(epilog="Example:\n\n  vlmo download google/paligemma-3b-mix-224")
 def download(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="Hub id, e.g. google/paligemma-3b-mix-224.")],

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vlmo.config import TextConfig
 from vlmo.nn.kv_cache import KVCache
@@ -177,6 +178,7 @@ class Gemma(nn.Module):
         # None while tied to `embed` (all PaliGemma checkpoints); a Linear only for a checkpoint whose own lm_head
         # differs from the embedding (spec §1.3).
         self.lm_head: nn.Linear | None = None
+        self.gradient_checkpointing = False
 
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
         """int64[B, T] → dt[B, T, D], scaled by √D cast to the weight dtype first (bf16: 45.25 for D=2048)."""
@@ -197,7 +199,11 @@ class Gemma(nn.Module):
         """
         rope = self.rope(positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, masks[layer.sliding], cache, i, start)
+            if self.gradient_checkpointing and self.training and cache is None:
+                # Recompute each layer's activations in the backward pass: memory O(layers) → O(1) layer.
+                x = checkpoint(layer, x, rope, masks[layer.sliding], None, i, 0, use_reentrant=False)
+            else:
+                x = layer(x, rope, masks[layer.sliding], cache, i, start)
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -116,15 +116,28 @@ class PaliGemma(nn.Module):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Whole-sequence logits without a cache (training, reference checks): dt[B, T, V].
+        """Whole-sequence logits without a cache (reference checks): dt[B, T, V].
 
         input_ids/attention_mask/token_type_ids: int64[B, T]; token_type_ids default to all-prefix.
+        """
+        return self.text.logits(self.hidden_states(input_ids, pixel_values, attention_mask, token_type_ids))
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final-normed decoder states dt[B, T, D] for a whole sequence, without a cache.
+
+        Training applies the head only where there are targets: with 257216 vocabulary rows, logits for every
+        position would cost far more memory than the rest of the step.
         """
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         tt = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
         x = self.embed(input_ids, self.encode_images(pixel_values))
-        h = self.text(x, positions_from_mask(valid), self._masks(valid, tt, 0))
-        return self.text.logits(h)
+        return self.text(x, positions_from_mask(valid), self._masks(valid, tt, 0))
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         t = self.cfg.text

@@ -1,0 +1,408 @@
+"""Fine-tuning: LoRA, projector, attention-only or full training, on one process or many (torchrun).
+
+    vlmo finetune --model google/paligemma-3b-pt-224 --data train.jsonl --out runs/x --steps 1000
+    torchrun --nproc-per-node 4 -m vlmo.finetune --model … --data … --out …
+
+The loss is cross-entropy on the suffix tokens (and the final `<eos>`), summed and divided by the number of target
+tokens in the whole *global* batch (all processes, all accumulation steps). So the gradient of a step does not
+depend on how the global batch is split: one process with 4 accumulation steps, or 4 processes with 1, give the
+same update (tested). transformers instead averages per micro-batch, which weighs short answers more.
+
+Each step draws the global batch from a seeded permutation of the data (a new one per epoch); sample k of the
+run is a pure function of (seed, k), which is what makes resuming exact: a checkpoint stores the trainable
+weights, optimizer, scheduler, RNG states and step, and a resumed run reproduces the uninterrupted one's losses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vlmo.data.collate import Collator, TrainBatch
+from vlmo.data.examples import Dataset, JsonlDataset, VQAv2Dataset
+from vlmo.errors import InputError
+
+TrainPart = Literal["lora", "projector", "attention", "full"]
+TRAIN_PARTS: tuple[TrainPart, ...] = ("lora", "projector", "attention", "full")
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a run needs. Paths are strings so the config round-trips through JSON (saved with checkpoints)."""
+
+    model: str
+    out: str
+    data: str | None = None  # JSONL with image/prefix/suffix
+    vqa_questions: str | None = None  # or the official VQAv2 layout
+    vqa_annotations: str | None = None
+    vqa_images: str | None = None
+    train: tuple[TrainPart, ...] = ("lora",)
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_vision: bool = False
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    steps: int = 100
+    batch_size: int = 4  # per process and micro-step
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    save_every: int = 0  # 0: only at the end
+    gradient_checkpointing: bool = False
+    bf16: bool = True  # autocast on CUDA only; CPUs without native bf16 would be slower
+    device: str = "auto"
+    resume: str | None = None
+    progress: bool | None = None  # None: a progress bar when stderr is a terminal
+
+    def __post_init__(self) -> None:
+        self.train = tuple(self.train)
+        unknown = [p for p in self.train if p not in TRAIN_PARTS]
+        if not self.train or unknown:
+            raise InputError(f"--train must list some of {', '.join(TRAIN_PARTS)}; got {', '.join(self.train)}")
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.save_every < 0 or self.max_grad_norm <= 0:
+            raise InputError("lr and max_grad_norm must be > 0; warmup_steps and save_every must be ≥ 0")
+        vqa = (self.vqa_questions, self.vqa_annotations, self.vqa_images)
+        if (self.data is None) == all(v is None for v in vqa) or (self.data is None and None in vqa):
+            raise InputError(
+                "give training data either as --data FILE.jsonl or as all of --vqa-questions, --vqa-annotations "
+                "and --vqa-images"
+            )
+
+
+@dataclass
+class FinetuneResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)  # per step, global token-weighted mean
+    output: Path | None = None
+
+
+# -- distributed -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Dist:
+    """Join the process group torchrun set up (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA."""
+    from vlmo.devices import resolve_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = resolve_device(device)
+    if world == 1:
+        return Dist(0, 1, dev)
+    if dev.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def _all_sum(value: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        dist.all_reduce(value)
+    return value
+
+
+# -- what trains -------------------------------------------------------------------------------------------------
+
+
+def select_trainable(model: nn.Module, cfg: FinetuneConfig) -> list[tuple[str, nn.Parameter]]:
+    """Freeze everything, then unfreeze (or add, for LoRA) the parts `cfg.train` names. Returns them by name."""
+    model.requires_grad_(False)
+    if "lora" in cfg.train:
+        from vlmo.nn.lora import apply_lora, lora_parameters
+
+        apply_lora(model, lora_config(cfg))  # type: ignore[arg-type]
+        for p in lora_parameters(model):  # type: ignore[arg-type]
+            p.requires_grad_(True)
+    if "full" in cfg.train:
+        model.requires_grad_(True)
+    if "projector" in cfg.train:
+        model.projector.requires_grad_(True)  # type: ignore[union-attr]
+    if "attention" in cfg.train:  # the decoder's q/k/v/o projections, whole
+        for name, module in model.named_modules():
+            if name.startswith("text.layers.") and name.endswith(".attn"):
+                module.requires_grad_(True)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise InputError(f"--train {','.join(cfg.train)} selects no parameters of this model")
+    return trainable
+
+
+def lora_config(cfg: FinetuneConfig):  # noqa: ANN201 - LoRAConfig, imported lazily
+    from vlmo.nn.lora import LoRAConfig
+
+    return LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, include_vision=cfg.lora_vision)
+
+
+def warmup_cosine(warmup: int, total: int) -> Any:
+    """LR factor: linear from 1/(warmup+1) up to 1 over `warmup` steps, then cosine down to 0 at `total`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+# -- data order --------------------------------------------------------------------------------------------------
+
+
+def sample_indices(n: int, seed: int, start: int, count: int) -> list[tuple[int, int]]:
+    """(epoch, index) of run samples [start, start + count): epoch e visits a permutation seeded by (seed, e)."""
+    out: list[tuple[int, int]] = []
+    perms: dict[int, list[int]] = {}
+    for k in range(start, start + count):
+        epoch, pos = divmod(k, n)
+        if epoch not in perms:
+            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            perms[epoch] = torch.randperm(n, generator=g).tolist()
+        out.append((epoch, perms[epoch][pos]))
+    return out
+
+
+def micro_batches(data: Dataset, cfg: FinetuneConfig, d: Dist, step: int) -> Iterator[list]:
+    """This process's micro-batches of global step `step` (sample j of the global batch goes to rank j // B % W)."""
+    per_micro = cfg.batch_size * d.world
+    picks = sample_indices(len(data), cfg.seed, step * per_micro * cfg.grad_accum, per_micro * cfg.grad_accum)
+    for a in range(cfg.grad_accum):
+        mine = picks[a * per_micro + d.rank * cfg.batch_size : a * per_micro + (d.rank + 1) * cfg.batch_size]
+        yield [data.get(index, epoch) for epoch, index in mine]
+
+
+def load_dataset(cfg: FinetuneConfig) -> Dataset:
+    if cfg.data is not None:
+        return JsonlDataset(cfg.data)
+    from vlmo.eval import load_vqav2
+
+    assert cfg.vqa_questions and cfg.vqa_annotations and cfg.vqa_images
+    return VQAv2Dataset(load_vqav2(cfg.vqa_questions, cfg.vqa_annotations, cfg.vqa_images), seed=cfg.seed)
+
+
+# -- the loop ----------------------------------------------------------------------------------------------------
+
+
+class SuffixLoss(nn.Module):
+    """The training objective as a module, so DistributedDataParallel can wrap it (its hooks run in forward)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: TrainBatch) -> torch.Tensor:
+        """Summed fp32 cross-entropy of every target token (labels shifted left by one); logits only there."""
+        h = self.model.hidden_states(batch.input_ids, batch.pixel_values, batch.attention_mask, batch.token_type_ids)
+        targets = batch.labels[:, 1:]
+        keep = targets != -100
+        logits = self.model.text.logits(h[:, :-1][keep]).float()
+        return F.cross_entropy(logits, targets[keep], reduction="sum")
+
+
+def finetune(cfg: FinetuneConfig) -> FinetuneResult:
+    """Run the training loop described by `cfg`; see the module docstring for the loss and data order."""
+    from vlmo.api import VLMo
+
+    d = init_distributed(cfg.device)
+    torch.manual_seed(cfg.seed)
+    vlm = VLMo.from_pretrained(cfg.model, device=d.device, dtype="float32")
+    model = vlm.model.train()
+    model.text.gradient_checkpointing = cfg.gradient_checkpointing
+    trainable = select_trainable(model, cfg)
+    params = [p for _, p in trainable]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
+    data, collate = load_dataset(cfg), Collator(vlm.text, vlm.image_config)
+    out = Path(cfg.out)
+    step = 0
+    if cfg.resume is not None:
+        step = load_checkpoint(Path(cfg.resume), model, optimizer, scheduler)
+    net: nn.Module = SuffixLoss(model)
+    if d.world > 1:
+        net = nn.parallel.DistributedDataParallel(net, find_unused_parameters=False)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and d.device.type == "cuda" else nullcontext()
+    result = FinetuneResult(steps=step)
+    bar = _Progress(cfg, d, step)
+    while step < cfg.steps:
+        started = time.perf_counter()
+        batches = [collate(examples).to(d.device) for examples in micro_batches(data, cfg, d, step)]
+        total = _all_sum(torch.tensor(float(sum(b.num_targets for b in batches)), device=d.device), d)
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = torch.zeros((), device=d.device)
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            sync = net.no_sync() if isinstance(net, nn.parallel.DistributedDataParallel) and not last else nullcontext()
+            with sync, autocast:
+                loss_sum = net(batch)
+            # DDP averages gradients over processes; × world turns that back into a sum over the global batch.
+            (loss_sum * d.world / total.clamp(min=1)).backward()
+            step_loss += loss_sum.detach()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        loss = float(_all_sum(step_loss, d) / total.clamp(min=1))
+        result.losses.append(loss)
+        samples = cfg.batch_size * d.world * cfg.grad_accum
+        bar.update(step, loss, scheduler.get_last_lr()[0], samples / (time.perf_counter() - started))
+        if d.main:
+            _log(out, step, loss, scheduler.get_last_lr()[0])
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                save_checkpoint(out / f"checkpoint-{step}", model, trainable, optimizer, scheduler, step, cfg)
+    bar.close()
+    result.steps = step
+    if d.main:
+        save_checkpoint(out / f"checkpoint-{step}", model, trainable, optimizer, scheduler, step, cfg)
+        result.output = export(model, vlm, cfg, out / "final")
+    if d.world > 1:
+        dist.barrier()
+    return result
+
+
+def _log(out: Path, step: int, loss: float, lr: float) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "metrics.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
+
+
+class _Progress:
+    """A rich progress bar on stderr (on a terminal, rank 0): step, loss, learning rate, samples/s."""
+
+    def __init__(self, cfg: FinetuneConfig, d: Dist, start: int) -> None:
+        show = sys.stderr.isatty() if cfg.progress is None else cfg.progress
+        self.bar = None
+        if show and d.main:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("finetune"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                transient=False,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=cfg.steps, completed=start, info="")
+
+    def update(self, step: int, loss: float, lr: float, rate: float) -> None:
+        if self.bar is not None:
+            info = f"loss {loss:.4f}  lr {lr:.2e}  {rate:.1f} samples/s"
+            self.bar.update(self.task, completed=step, info=info)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# -- checkpoints -------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    trainable: list[tuple[str, nn.Parameter]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    step: int,
+    cfg: FinetuneConfig,
+) -> None:
+    """Trainable weights (safetensors) + optimizer, scheduler and RNG state (tensors only) + the run config."""
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({n: p.detach().cpu().contiguous() for n, p in trainable}, str(path / "trainable.safetensors"))
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    torch.save(state, path / "training_state.pt")
+    (path / "finetune_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
+    """Restore a `save_checkpoint` directory into an identically configured run; returns the step to go on from."""
+    weights, state_file = path / "trainable.safetensors", path / "training_state.pt"
+    if not weights.is_file() or not state_file.is_file():
+        raise InputError(f"{path} is not a vlmo training checkpoint (no trainable.safetensors/training_state.pt)")
+    tensors = load_file(str(weights))
+    params = dict(model.named_parameters())
+    wrong = [n for n in tensors if n not in params or not params[n].requires_grad]
+    if wrong:
+        raise InputError(f"{path} trains other parameters ({', '.join(wrong[:3])}); resume with the same --train")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+    state = torch.load(state_file, map_location="cpu", weights_only=True)  # tensors and plain data only
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if state["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return int(state["step"])
+
+
+def export(model: nn.Module, vlm: Any, cfg: FinetuneConfig, path: Path) -> Path:
+    """The trained model in a loadable form: a PEFT-format adapter when only LoRA trained, else a full checkpoint
+    (LoRA merged) that `VLMo.from_pretrained` and transformers both load."""
+    import shutil
+
+    from vlmo.weights.writer import save_weights
+
+    path.mkdir(parents=True, exist_ok=True)
+    if cfg.train == ("lora",):
+        from vlmo.weights.adapters import save_adapter
+
+        save_adapter(model, path, lora_config(cfg), base_model=cfg.model)  # type: ignore[arg-type]
+        return path
+    if "lora" in cfg.train:
+        from vlmo.nn.lora import remove_lora
+
+        remove_lora(model, merge=True)  # type: ignore[arg-type]
+    for name in ("config.json", "tokenizer.json", "preprocessor_config.json"):
+        if (vlm.source / name).is_file():
+            shutil.copy(vlm.source / name, path / name)
+    save_weights(model, path)  # type: ignore[arg-type]
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m vlmo.finetune …` (what torchrun runs): the same options as `vlmo finetune`."""
+    from vlmo.cli import app
+
+    app(args=["finetune", *(sys.argv[1:] if argv is None else argv)], prog_name="vlmo")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Fine-tuning on CPU with tiny models: learning, exact resumption, DDP equivalence, data readers, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from vlmo import VLMo
+from vlmo.data.examples import JsonlDataset
+from vlmo.errors import InputError
+from vlmo.finetune import FinetuneConfig, finetune, sample_indices, warmup_cosine
+
+COLOURS = {"red": (210, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 210), "yellow": (230, 210, 40)}
+
+
+def write_vqa_set(root: Path, seed: int, per_colour: int) -> Path:
+    """A synthetic VQA set: solid-colour pictures (shades and sizes vary) asking for the colour; returns the JSONL."""
+    g = torch.Generator().manual_seed(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for name, rgb in COLOURS.items():
+        for i in range(per_colour):
+            shade = tuple(int(min(255, max(0, c + torch.randint(-25, 26, (1,), generator=g).item()))) for c in rgb)
+            size = (int(torch.randint(40, 120, (1,), generator=g)), int(torch.randint(40, 120, (1,), generator=g)))
+            path = root / f"{name}{i}.png"
+            Image.new("RGB", size, shade).save(path)
+            lines.append({"image": path.name, "prefix": "answer en what color is it?", "suffix": name})
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    return data
+
+
+def exact_match(model_dir: Path, data: Path) -> float:
+    vlm = VLMo.from_pretrained(model_dir, device="cpu")
+    examples = JsonlDataset(data).examples
+    answers = vlm.generate([e.image for e in examples], [e.prefix for e in examples], max_new_tokens=4)
+    return sum(a == e.suffix for a, e in zip(answers, examples, strict=True)) / len(examples)
+
+
+def config(ckpt: Path, train_data: Path, out: Path, **kw: object) -> FinetuneConfig:
+    base = dict(model=str(ckpt), out=str(out), data=str(train_data), train=("full",), lr=3e-3, steps=30, batch_size=8)
+    base.update(kw)
+    return FinetuneConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def vqa(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("vqa")
+    return write_vqa_set(root / "train", seed=0, per_colour=6), write_vqa_set(root / "heldout", seed=1, per_colour=3)
+
+
+def test_training_lowers_the_loss_and_learns_held_out_questions(
+    tiny_checkpoint: Path, vqa: tuple[Path, Path], tmp_path: Path
+) -> None:
+    train, heldout = vqa
+    before = exact_match(tiny_checkpoint, heldout)
+    result = finetune(config(tiny_checkpoint, train, tmp_path / "run", warmup_steps=3, steps=60, lr=5e-3))
+    assert result.steps == 60 and result.output == tmp_path / "run" / "final"
+    assert sum(result.losses[-5:]) / 5 < 0.2 * sum(result.losses[:3]) / 3
+    after = exact_match(result.output, heldout)
+    assert before <= 0.25 and after >= 0.9, (before, after)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["loss"] for m in logged] == pytest.approx(result.losses)
+
+
+def test_resuming_gives_the_same_losses_as_an_uninterrupted_run(
+    tiny_checkpoint: Path, vqa: tuple[Path, Path], tmp_path: Path
+) -> None:
+    train, _ = vqa
+    kw = dict(steps=6, batch_size=4, grad_accum=2, warmup_steps=2, train=("attention", "projector"))
+    whole = finetune(config(tiny_checkpoint, train, tmp_path / "whole", save_every=3, **kw))
+    again = finetune(
+        config(tiny_checkpoint, train, tmp_path / "part", resume=str(tmp_path / "whole/checkpoint-3"), **kw)
+    )
+    assert again.losses == whole.losses[3:]
+    a = load_file(str(tmp_path / "whole/checkpoint-6/trainable.safetensors"))
+    b = load_file(str(tmp_path / "part/checkpoint-6/trainable.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(k.startswith(("projector.", "text.layers.")) for k in a) and any(".attn." in k for k in a)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(
+    tiny_checkpoint: Path, vqa: tuple[Path, Path], tmp_path: Path
+) -> None:
+    train, _ = vqa
+    args = ["--model", str(tiny_checkpoint), "--data", str(train), "--train", "attention", "--steps", "3"]
+    args += ["--lr", "1e-3", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
+    ddp += ["--master-port", str(_free_port()), "-m", "vlmo.finetune"]
+    done = subprocess.run(
+        [*ddp, *args, "--batch-size", "3", "--out", str(tmp_path / "ddp")], env=env, capture_output=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    single = config(tiny_checkpoint, train, tmp_path / "one", train=("attention",), steps=3, lr=1e-3, batch_size=3)
+    single.grad_accum = 2  # the same 6 samples per step as 2 processes × 3
+    finetune(single)
+    a = load_file(str(tmp_path / "ddp/checkpoint-3/trainable.safetensors"))
+    b = load_file(str(tmp_path / "one/checkpoint-3/trainable.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+def test_sample_order_is_a_pure_function_of_seed_and_position() -> None:
+    run = sample_indices(5, seed=3, start=0, count=12)
+    assert sorted(i for e, i in run if e == 0) == list(range(5))  # every example once per epoch
+    assert run[7:12] == sample_indices(5, seed=3, start=7, count=5)
+    assert run != sample_indices(5, seed=4, start=0, count=12)
+
+
+def test_warmup_then_cosine() -> None:
+    f = warmup_cosine(4, 14)
+    assert [round(f(s), 3) for s in (0, 3, 4, 9, 14)] == [0.2, 0.8, 1.0, 0.5, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("kw", "words"),
+    [
+        ({"train": ("everything",)}, "--train"),
+        ({"steps": 0}, "steps"),
+        ({"data": None}, "--data"),
+        ({"lr": 0.0}, "lr"),
+    ],
+)
+def test_config_errors(kw: dict, words: str, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=words):
+        config(tmp_path, tmp_path / "x.jsonl", tmp_path / "out", **kw)
+
+
+def test_jsonl_errors_name_the_line(tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "a.png", "prefix": "ocr", "suffix": "x"}\n{"image": "a.png", "prefix": "ocr"}\n')
+    with pytest.raises(InputError, match=r"bad.jsonl:2 lacks string field\(s\) suffix"):
+        JsonlDataset(bad)
+    bad.write_text('{"image": "missing.png", "prefix": "ocr", "suffix": "x"}\n')
+    with pytest.raises(InputError, match="no image file"):
+        JsonlDataset(bad)
+    bad.write_text("not json\n")
+    with pytest.raises(InputError, match=":1 is not valid JSON"):
+        JsonlDataset(bad)
