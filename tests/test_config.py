@@ -74,7 +74,9 @@ def as_vlmo(hf: Any) -> PaliGemmaConfig:
     return PaliGemmaConfig(
         vision=vision,
         text=text,
-        projector=ProjectorConfig(kind="linear", in_features=v.hidden_size, out_features=hf.projection_dim),
+        projector=ProjectorConfig(
+            kind="linear", in_features=v.hidden_size, out_features=hf.projection_dim, vision_layers=v.num_hidden_layers
+        ),
         image_token_id=hf.image_token_index,
         bos_token_id=gen.bos_token_id,
         eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,),

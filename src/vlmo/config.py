@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from vlmo.errors import ConfigError
 
@@ -115,11 +115,103 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class ProjectorConfig:
-    """Maps vision features (width `in_features`) to the text width. `kind` selects the module in `nn/projector.py`."""
+    """Maps vision features (width `in_features`) to the text width. `kind` selects the module in `nn/projector.py`.
 
-    kind: Literal["linear"] = "linear"
+    `linear` is PaliGemma's own projector. `sti`, `sci`, `dci` are the Dense Connector instantiations (arXiv
+    2405.13800) and `seed` the seed project's variant, each built as the pretrained linear plus a zero-initialised
+    branch over intermediate vision layers (definitions and adaptations: `nn/projector.py`). Layer numbers are indices
+    into the tower's hidden states as transformers numbers them: 0 is the patch embeddings, i the output of block i.
+    Only the fields a kind uses are validated, so a `linear` config never fails on the Dense Connector fields.
+    """
+
+    KINDS: ClassVar[tuple[str, ...]] = ("linear", "sti", "sci", "dci", "seed")
+
+    kind: Literal["linear", "sti", "sci", "dci", "seed"] = "linear"
     in_features: int = 1152
     out_features: int = 2048
+    vision_layers: int = 27
+    """Depth of the vision tower the projector reads (it receives vision_layers + 1 hidden states). Must equal
+    `VisionConfig.num_layers` for the Dense Connector kinds; 27 for SigLIP So400m."""
+    layers: tuple[int, ...] | None = None
+    """sti, sci, seed: the intermediate hidden states used, strictly increasing, each in 0..vision_layers - 1.
+    None means the kind's default for this depth (`intermediate_layers`): sti/sci scale the paper's choice for
+    24-layer CLIP-L (hidden states 7 and 15) to (8, 17) at 27 layers; seed takes 1/3 and 2/3 depth, (9, 18)."""
+    pool_stride: int = 8
+    """sti: tokens per average-pooling window over the row-major patch sequence (the paper's α = 8)."""
+    groups: int = 2
+    """dci: hidden states 0..vision_layers - 2 are split into this many contiguous groups of adjacent layers, each
+    averaged (the paper uses 2; at 27 layers: 0-12 and 13-25, the paper's own SigLIP grouping)."""
+    mlp_width: int | None = None
+    """sti, sci, dci: hidden width of the branch MLP (Linear, GELU, Linear). None: `out_features`, as in the paper's
+    two-layer MLP, whose hidden width is the LLM width."""
+
+    @property
+    def uses_hidden_states(self) -> bool:
+        """Whether the projector needs the tower's hidden states (every kind but `linear`)."""
+        return self.kind != "linear"
+
+    @property
+    def intermediate_layers(self) -> tuple[int, ...]:
+        """sti, sci, seed: `layers`, or the kind's default scaled to `vision_layers` (rounded half up)."""
+        if self.layers is not None:
+            return self.layers
+        # seed: 1/3 and 2/3 depth; sti/sci: the paper's code reads CLIP-L/24 hidden_states[7] and [15].
+        fractions = (1 / 3, 2 / 3) if self.kind == "seed" else (7 / 24, 15 / 24)
+        return tuple(math.floor(f * self.vision_layers + 0.5) for f in fractions)
+
+    @property
+    def group_ranges(self) -> tuple[tuple[int, int], ...]:
+        """dci: half-open [start, stop) hidden-state ranges, earlier groups one larger when the split is uneven.
+
+        The paper's SigLIP tower drops So400m's last block, takes hidden state 26 as its final features and averages
+        every state before it (0-12, 13-25). We average those same states: all but the last two, which are the
+        paper's final layer (L - 1) and ours (L, normed into the final features)."""
+        n, g = self.vision_layers - 1, self.groups
+        sizes = [n // g + (1 if i < n % g else 0) for i in range(g)]
+        starts = [sum(sizes[:i]) for i in range(g)]
+        return tuple((s, s + size) for s, size in zip(starts, sizes, strict=True))
+
+    @property
+    def branch_width(self) -> int:
+        """Hidden width of the branch MLP (sti, sci, dci)."""
+        return self.out_features if self.mlp_width is None else self.mlp_width
+
+    def __post_init__(self) -> None:
+        if self.kind not in self.KINDS:
+            raise ConfigError(f"unknown projector kind {self.kind!r}; choose one of {', '.join(self.KINDS)}")
+        if isinstance(self.layers, list):  # a config read back from JSON
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if self.kind == "linear":
+            return
+        depth = self.vision_layers
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 2:
+            raise ConfigError(
+                f"projector kind {self.kind!r} needs a vision tower of at least 2 layers; vision_layers is {depth!r}"
+            )
+        if self.kind in ("sti", "sci", "seed"):
+            layers = self.intermediate_layers
+            ok = (
+                isinstance(layers, tuple)
+                and len(layers) > 0
+                and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+                and all(0 <= i < depth for i in layers)
+                and all(a < b for a, b in zip(layers, layers[1:], strict=False))
+            )
+            if not ok:
+                raise ConfigError(
+                    f"projector layers {layers!r} must be strictly increasing hidden-state indices in 0..{depth - 1} "
+                    f"(0 = embeddings, i = block i of the {depth}-layer vision tower; block {depth} gives the final "
+                    "features); set ProjectorConfig.layers"
+                )
+        if self.kind == "sti" and (not isinstance(self.pool_stride, int) or self.pool_stride < 1):
+            raise ConfigError(f"projector pool_stride must be a positive number of tokens, not {self.pool_stride!r}")
+        if self.kind == "dci" and (not isinstance(self.groups, int) or not 1 <= self.groups <= depth - 1):
+            raise ConfigError(
+                f"projector groups must be in 1..{depth - 1} (hidden states 0..{depth - 2} of the {depth}-layer "
+                f"vision tower are split into groups), not {self.groups!r}"
+            )
+        if self.kind != "seed" and self.mlp_width is not None and self.mlp_width < 1:
+            raise ConfigError(f"projector mlp_width must be positive (or None for out_features), not {self.mlp_width}")
 
 
 @dataclass(frozen=True)
@@ -140,6 +232,11 @@ class PaliGemmaConfig:
         if self.projector.in_features != self.vision.hidden_size:
             raise ConfigError(
                 f"projector input width {self.projector.in_features} != vision hidden_size {self.vision.hidden_size}"
+            )
+        if self.projector.uses_hidden_states and self.projector.vision_layers != self.vision.num_layers:
+            raise ConfigError(
+                f"projector kind {self.projector.kind!r} reads a {self.projector.vision_layers}-layer tower but the "
+                f"vision tower has {self.vision.num_layers} layers; set vlmo_projector.vision_layers to match"
             )
         if self.projector.out_features != self.text.hidden_size:
             raise ConfigError(
@@ -170,12 +267,36 @@ class PaliGemmaConfig:
         return cls(
             vision=vision,
             text=text,
-            projector=ProjectorConfig(kind="linear", in_features=vision.hidden_size, out_features=projection_dim),
+            projector=_projector_from_hf(d.get("vlmo_projector"), vision, projection_dim),
             image_token_id=_Fields({"image_token_index": image_token}, "").int("image_token_index", 256000),
             bos_token_id=rd.int("bos_token_id", 2),
             eos_token_ids=eos_ids,
             pad_token_id=rd.int("pad_token_id", 0),
         )
+
+
+def _projector_from_hf(p: dict[str, Any] | None, vision: VisionConfig, projection_dim: int) -> ProjectorConfig:
+    """PaliGemma's linear projector, unless vlmo saved a Dense Connector kind under the `vlmo_projector` key."""
+    if p is None:
+        return ProjectorConfig("linear", vision.hidden_size, projection_dim, vision_layers=vision.num_layers)
+    if not isinstance(p, dict):
+        raise ConfigError("config.json field 'vlmo_projector' must be an object")
+    known = {"kind", "layers", "pool_stride", "groups", "mlp_width", "vision_layers"}
+    unknown = sorted(set(p) - known - {"in_features", "out_features"})
+    if unknown:
+        raise ConfigError(f"config.json field 'vlmo_projector' has unknown key(s) {', '.join(unknown)}")
+    fields = {k: v for k, v in p.items() if k in known}
+    fields.setdefault("vision_layers", vision.num_layers)
+    return ProjectorConfig(in_features=vision.hidden_size, out_features=projection_dim, **fields)
+
+
+def projector_to_hf(p: ProjectorConfig) -> dict[str, Any] | None:
+    """The `vlmo_projector` entry of config.json for a non-linear projector (None for PaliGemma's own)."""
+    if p.kind == "linear":
+        return None
+    out = {k: getattr(p, k) for k in ("kind", "layers", "pool_stride", "groups", "mlp_width", "vision_layers")}
+    out["layers"] = list(p.intermediate_layers) if p.kind in ("sti", "sci", "seed") else None
+    return out
 
 
 def _vision_from_hf(v: dict[str, Any] | None) -> VisionConfig:

@@ -376,25 +376,19 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 def export(model: nn.Module, vlm: Any, cfg: FinetuneConfig, path: Path) -> Path:
     """The trained model in a loadable form: a PEFT-format adapter when only LoRA trained, else a full checkpoint
     (LoRA merged) that `VLMo.from_pretrained` and transformers both load."""
-    import shutil
+    from vlmo.weights.writer import save_checkpoint
 
-    from vlmo.weights.writer import save_weights
-
-    path.mkdir(parents=True, exist_ok=True)
-    if cfg.train == ("lora",):
+    if cfg.train == ("lora",) and model.cfg.projector.kind == "linear":  # type: ignore[union-attr]
         from vlmo.weights.adapters import save_adapter
 
+        path.mkdir(parents=True, exist_ok=True)
         save_adapter(model, path, lora_config(cfg), base_model=cfg.model)  # type: ignore[arg-type]
         return path
     if "lora" in cfg.train:
         from vlmo.nn.lora import remove_lora
 
         remove_lora(model, merge=True)  # type: ignore[arg-type]
-    for name in ("config.json", "tokenizer.json", "preprocessor_config.json"):
-        if (vlm.source / name).is_file():
-            shutil.copy(vlm.source / name, path / name)
-    save_weights(model, path)  # type: ignore[arg-type]
-    return path
+    return save_checkpoint(model, path, vlm.source)  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> None:

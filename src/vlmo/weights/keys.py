@@ -43,7 +43,14 @@ _VISION = (
     ("post_layernorm.{p}", "norm.{p}"),
     ("head.{rest}", "unused_head.{rest}"),  # SigLIP's pooling head: PaliGemma does not use it (see loader)
 )
-_PROJECTOR = (("linear.{p}", "linear.{p}"),)
+_PROJECTOR = (
+    ("linear.{p}", "linear.{p}"),
+    # Dense Connector branches (vlmo's own projector kinds, see nn/projector.py); PaliGemma checkpoints lack them.
+    ("norms.{i}.{p}", "norms.{i}.{p}"),
+    ("mlp.fc1.{p}", "mlp.fc1.{p}"),
+    ("mlp.fc2.{p}", "mlp.fc2.{p}"),
+    ("proj.{p}", "proj.{p}"),
+)
 _TEXT_COMMON = (
     ("embed_tokens.weight", "embed.weight"),
     ("norm.weight", "norm.weight"),

@@ -1,21 +1,24 @@
-"""Write a model's weights back as a Hugging Face-layout safetensors file (the legacy names every version loads)."""
+"""Write a model back as a Hugging Face-layout checkpoint (the legacy tensor names every transformers loads)."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 from safetensors.torch import save_file
 
+from vlmo.config import projector_to_hf
 from vlmo.nn.paligemma import PaliGemma
 from vlmo.weights.keys import KeyMap
-from vlmo.weights.loader import SINGLE_FILE
+from vlmo.weights.loader import CONFIG_FILE, SINGLE_FILE, read_json
 
 
 def save_weights(model: PaliGemma, out_dir: str | Path) -> Path:
     """Save every parameter of `model` to `out_dir/model.safetensors` under its checkpoint (legacy) name.
 
     The tied head is not written, as transformers does not write it. `config.json` and `tokenizer.json` are the
-    caller's to copy or write.
+    caller's to copy or write (`save_checkpoint` does both).
     """
     keymap = KeyMap(model.cfg.text.arch)
     tensors = {keymap.to_hf(name): t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
@@ -23,3 +26,24 @@ def save_weights(model: PaliGemma, out_dir: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"format": "pt"})
     return path
+
+
+def save_checkpoint(model: PaliGemma, out_dir: str | Path, source: str | Path) -> Path:
+    """A complete checkpoint directory: the weights, and `source`'s config, tokenizer and preprocessor files.
+
+    config.json is `source`'s, with the `vlmo_projector` entry set for a Dense Connector projector (transformers
+    ignores the key and would load such a checkpoint as plain PaliGemma, without the branch) or removed otherwise.
+    """
+    out, source = Path(out_dir), Path(source)
+    out.mkdir(parents=True, exist_ok=True)
+    config = read_json(source / CONFIG_FILE)
+    config.pop("vlmo_projector", None)
+    extra = projector_to_hf(model.cfg.projector)
+    if extra is not None:
+        config["vlmo_projector"] = extra
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    for name in ("tokenizer.json", "preprocessor_config.json", "generation_config.json"):
+        if (source / name).is_file():
+            shutil.copy(source / name, out / name)
+    save_weights(model, out)
+    return out
