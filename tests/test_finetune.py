@@ -155,3 +155,28 @@ def test_jsonl_errors_name_the_line(tmp_path: Path) -> None:
     bad.write_text("not json\n")
     with pytest.raises(InputError, match=":1 is not valid JSON"):
         JsonlDataset(bad)
+
+
+def test_dense_connector_projector_trains_and_reloads(
+    tiny_checkpoint: Path, vqa: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """--projector sci starts equal to the base model, trains its branch, and the exported checkpoint reloads it."""
+    train, heldout = vqa
+    result = finetune(config(tiny_checkpoint, train, tmp_path / "sci", train=("attention",), projector="sci", steps=4))
+    assert result.output is not None
+    saved = json.loads((result.output / "config.json").read_text())
+    assert saved["vlmo_projector"]["kind"] == "sci"
+    vlm = VLMo.from_pretrained(result.output, device="cpu")
+    assert vlm.model.cfg.projector.kind == "sci"
+    assert vlm.model.projector.mlp.fc2.weight.abs().sum() > 0  # the branch moved away from its zero start
+    # the base checkpoint's config with this projector kind but without its weights is an error, not random weights
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_checkpoint.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    base_cfg = json.loads((tiny_checkpoint / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**base_cfg, "vlmo_projector": saved["vlmo_projector"]}))
+    from vlmo.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="lacks"):
+        VLMo.from_pretrained(broken, device="cpu")

@@ -418,6 +418,9 @@ def finetune(
     train: Annotated[
         str, typer.Option(help="What trains, comma-separated: lora, projector, attention, full.")
     ] = "lora",
+    projector: Annotated[
+        str, typer.Option(help="Projector to train with: linear, or a Dense Connector kind (sti, sci, dci, seed).")
+    ] = "linear",
     lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
     lora_alpha: Annotated[float, typer.Option(help="LoRA alpha (scale = alpha / r).")] = 16.0,
     lora_dropout: Annotated[float, typer.Option(help="Dropout on the LoRA input.")] = 0.0,
@@ -451,6 +454,7 @@ def finetune(
         vqa_annotations=None if vqa_annotations is None else str(vqa_annotations),
         vqa_images=None if vqa_images is None else str(vqa_images),
         train=tuple(part.strip() for part in train.split(",") if part.strip()),  # type: ignore[arg-type]
+        projector=projector,
         lora_r=lora_r,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,

@@ -157,7 +157,8 @@ class ProjectorConfig:
             return self.layers
         # seed: 1/3 and 2/3 depth; sti/sci: the paper's code reads CLIP-L/24 hidden_states[7] and [15].
         fractions = (1 / 3, 2 / 3) if self.kind == "seed" else (7 / 24, 15 / 24)
-        return tuple(math.floor(f * self.vision_layers + 0.5) for f in fractions)
+        # A shallow (test-sized) tower can round two fractions to one layer: keep each layer once.
+        return tuple(sorted({math.floor(f * self.vision_layers + 0.5) for f in fractions}))
 
     @property
     def group_ranges(self) -> tuple[tuple[int, int], ...]:

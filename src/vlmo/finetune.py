@@ -51,6 +51,7 @@ class FinetuneConfig:
     vqa_annotations: str | None = None
     vqa_images: str | None = None
     train: tuple[TrainPart, ...] = ("lora",)
+    projector: str = "linear"  # a Dense Connector kind starts from the base projector and trains with it
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -146,8 +147,8 @@ def select_trainable(model: nn.Module, cfg: FinetuneConfig) -> list[tuple[str, n
             p.requires_grad_(True)
     if "full" in cfg.train:
         model.requires_grad_(True)
-    if "projector" in cfg.train:
-        model.projector.requires_grad_(True)  # type: ignore[union-attr]
+    if "projector" in cfg.train or model.cfg.projector.kind != "linear":  # type: ignore[union-attr]
+        model.projector.requires_grad_(True)  # type: ignore[union-attr]  # a new branch must train to matter
     if "attention" in cfg.train:  # the decoder's q/k/v/o projections, whole
         for name, module in model.named_modules():
             if name.startswith("text.layers.") and name.endswith(".attn"):
@@ -156,6 +157,19 @@ def select_trainable(model: nn.Module, cfg: FinetuneConfig) -> list[tuple[str, n
     if not trainable:
         raise InputError(f"--train {','.join(cfg.train)} selects no parameters of this model")
     return trainable
+
+
+def switch_projector(model: nn.Module, kind: str) -> None:
+    """Replace the model's projector by a `kind` one that starts equal to it (zero-initialised branch)."""
+    from dataclasses import replace
+
+    from vlmo.nn.projector import init_from_linear
+
+    if model.cfg.projector.kind != "linear":  # type: ignore[union-attr]
+        raise InputError(f"this model already has a {model.cfg.projector.kind!r} projector; keep --projector as is")
+    new = replace(model.cfg.projector, kind=kind, vision_layers=model.cfg.vision.num_layers)  # type: ignore[union-attr]
+    model.projector = init_from_linear(new, model.projector)  # type: ignore[arg-type]
+    model.cfg = model.cfg.with_overrides(projector=new)  # type: ignore[union-attr, operator]
 
 
 def lora_config(cfg: FinetuneConfig):  # noqa: ANN201 - LoRAConfig, imported lazily
@@ -238,6 +252,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     vlm = VLMo.from_pretrained(cfg.model, device=d.device, dtype="float32")
     model = vlm.model.train()
     model.text.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.projector != model.cfg.projector.kind:
+        switch_projector(model, cfg.projector)
     trainable = select_trainable(model, cfg)
     params = [p for _, p in trainable]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
