@@ -1,0 +1,470 @@
+"""VQAv2 evaluation: the official accuracy metric, the official file layout, and a batched evaluation loop.
+
+    from vlmo import VLMo
+    from vlmo.eval import evaluate_vqa, load_vqav2
+    examples = load_vqav2("v2_OpenEnded_mscoco_val2014_questions.json", "v2_mscoco_val2014_annotations.json",
+                          "val2014/")
+    report = evaluate_vqa(VLMo.from_pretrained("google/paligemma-3b-ft-vqav2-224"), examples[:1000])
+    print(report.format_table())
+    report.write("vqav2_report.json")    # + vqav2_report_results.json in the official results format
+
+The metric follows the official evaluation script (GT-Vision-Lab/VQA, `PythonEvaluationTools/vqaEvaluation/
+vqaEval.py`, master since 2021); its normalisation rules live in `vlmo.eval_normalize`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+from vlmo.errors import InputError
+from vlmo.eval_normalize import clean_whitespace, normalize_words, strip_punctuation
+
+if TYPE_CHECKING:
+    from vlmo.api import VLMo
+
+AccuracyMode = Literal["official", "normalize_all"]
+_MODES: tuple[str, ...] = get_args(AccuracyMode)
+# VQAv2's three answer types, in the order papers report them; any others follow alphabetically.
+ANSWER_TYPES = ("yes/no", "number", "other")
+# A question's answer counts fully once this many humans gave it (the "min(#humans/3, 1)" of the VQA paper).
+_HUMANS_FOR_FULL_CREDIT = 3
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The metric
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str], mode: AccuracyMode = "official") -> float:
+    """The official VQA accuracy of one predicted answer against the human answers, in [0, 1].
+
+    For each human answer left out in turn, the prediction scores `min(#matches among the others / 3, 1)`; the
+    scores are averaged. With the usual 10 answers, k of them matching gives 0, 0.3, 0.6, 0.9 and 1.0 for
+    k = 0, 1, 2, 3 and ≥ 4. Other numbers of answers use the same leave-one-out rule (so with 3 answers the
+    most a prediction can score is 2/3), except a single answer, which leaves nothing to compare with once left
+    out: there the score is exact match (1 or 0) after normalisation.
+
+    Normalisation (rules in `vlmo.eval_normalize`): every answer gets newlines/tabs → spaces and is stripped.
+    mode "official": as the official script does it, punctuation, lower-casing, number words, articles and
+    contractions are processed — for the prediction and the human answers alike — only when the human answers
+    disagree (more than one distinct stripped answer). When all humans wrote the same string, the prediction
+    must equal it exactly: "Yes" scores 0 against ten "yes". VQAv2's own answers are mostly normalised already,
+    which is why this rarely matters there.
+    mode "normalize_all": everything is always normalised ("Yes" matches ten "yes").
+
+    Raises InputError (a ValueError) on no answers, non-string inputs, or an unknown mode.
+    """
+    if mode not in _MODES:
+        raise InputError(f"unknown VQA accuracy mode {mode!r}; use one of {', '.join(_MODES)}")
+    if not isinstance(prediction, str):
+        raise InputError(f"the prediction must be a string, got {type(prediction).__name__}")
+    if isinstance(answers, str):
+        raise InputError("answers must be a list of strings (the human answers), not a single string")
+    humans = list(answers)
+    if not humans:
+        raise InputError("no ground-truth answers to score against; VQA accuracy needs at least one human answer")
+    if not all(isinstance(a, str) for a in humans):
+        raise InputError("every ground-truth answer must be a string")
+
+    pred = clean_whitespace(prediction)
+    humans = [clean_whitespace(a) for a in humans]
+    if mode == "normalize_all" or len(set(humans)) > 1:
+        pred = normalize_words(strip_punctuation(pred))
+        humans = [normalize_words(strip_punctuation(a)) for a in humans]
+
+    if len(humans) == 1:
+        return float(pred == humans[0])
+    matches = sum(a == pred for a in humans)
+    # Leaving out a matching answer leaves matches − 1 others; leaving out any other leaves all of them. Summing
+    # integers and dividing once gives 0.3 exactly where adding ten thirds would not.
+    credit = sum(min(matches - (a == pred), _HUMANS_FOR_FULL_CREDIT) for a in humans)
+    return credit / (_HUMANS_FOR_FULL_CREDIT * len(humans))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The data
+
+
+@dataclass(frozen=True)
+class VQAExample:
+    """One VQAv2 question with its image and the human answers (usually ten, with repeats)."""
+
+    question_id: int
+    image_id: int
+    image: Path
+    question: str
+    answers: tuple[str, ...]
+    answer_type: str
+    question_type: str
+
+
+# data_subtype values whose images live under another name (test-dev questions are about test2015 images).
+_IMAGE_SPLIT = {"test-dev2015": "test2015"}
+_COCO_NAME = re.compile(r"COCO_([A-Za-z0-9-]+)_(\d{12})\.jpg")
+_PLAIN_NAME = re.compile(r"\d{12}\.jpg")
+
+
+def load_vqav2(
+    questions_json: str | os.PathLike[str],
+    annotations_json: str | os.PathLike[str],
+    image_dir: str | os.PathLike[str],
+    split_hint: str | None = None,
+) -> list[VQAExample]:
+    """Read the official VQAv2 files: questions, annotations and a folder of COCO images, in the questions' order.
+
+    questions_json: `{"data_subtype": "val2014", "questions": [{"image_id", "question", "question_id"}, …]}`.
+    annotations_json: `{"annotations": [{"question_id", "image_id", "answers": [{"answer", …}, …],
+    "answer_type", "question_type", …}, …]}`.
+    image_dir: images named `COCO_{split}_{image_id:012d}.jpg`. The split is `split_hint` when given (e.g.
+    "val2014"); otherwise the files' `data_subtype` ("test-dev2015" means the `test2015` images), or the only
+    `COCO_{split}_` prefix in the folder. COCO 2017 names (`{image_id:012d}.jpg`, same ids) work too.
+
+    Raises InputError on missing or malformed files, questions without annotations (or the reverse), image ids
+    that disagree between the two files, and missing images (naming the first few).
+    """
+    questions_doc = _read_json(questions_json, "questions file")
+    annotations_doc = _read_json(annotations_json, "annotations file")
+    questions = _records(questions_doc, "questions", questions_json)
+    annotations = _records(annotations_doc, "annotations", annotations_json)
+
+    by_id: dict[int, dict[str, Any]] = {}
+    for i, ann in enumerate(annotations):
+        where = f"{annotations_json}: annotations[{i}]"
+        qid = _int_field(ann, "question_id", where)
+        if qid in by_id:
+            raise InputError(f"{where}: question_id {qid} is annotated twice; use the official annotations file")
+        by_id[qid] = ann
+
+    rows: list[tuple[int, int, str, dict[str, Any]]] = []
+    seen: set[int] = set()
+    for i, q in enumerate(questions):
+        where = f"{questions_json}: questions[{i}]"
+        qid, image_id = _int_field(q, "question_id", where), _int_field(q, "image_id", where)
+        question = _str_field(q, "question", where)
+        if qid in seen:
+            raise InputError(f"{where}: question_id {qid} appears twice in the questions file")
+        seen.add(qid)
+        ann = by_id.get(qid)
+        if ann is None:
+            raise InputError(
+                f"question {qid} ({where}) has no annotation in {annotations_json}; pass the annotations file of "
+                "the same split and version as the questions file"
+            )
+        ann_image = _int_field(ann, "image_id", f"{annotations_json}: annotation of question {qid}")
+        if ann_image != image_id:
+            raise InputError(
+                f"question {qid} is about image {image_id} in {questions_json} but image {ann_image} in "
+                f"{annotations_json}; the two files do not belong together"
+            )
+        rows.append((qid, image_id, question, ann))
+    extra = sorted(set(by_id) - seen)
+    if extra:
+        raise InputError(
+            f"{len(extra)} annotated question(s) are missing from {questions_json} (e.g. question_id {extra[0]}); "
+            "pass the questions file of the same split and version as the annotations file"
+        )
+
+    subtypes = [doc.get("data_subtype") for doc in (questions_doc, annotations_doc)]
+    subtypes = [s for s in subtypes if isinstance(s, str) and s]
+    name_of = _image_naming(Path(image_dir), {r[1] for r in rows}, split_hint, subtypes)
+    examples = []
+    for qid, image_id, question, ann in rows:
+        where = f"{annotations_json}: annotation of question {qid}"
+        answers = ann.get("answers")
+        if not isinstance(answers, list) or not all(
+            isinstance(a, dict) and isinstance(a.get("answer"), str) for a in answers
+        ):
+            raise InputError(f'{where}: "answers" must be a list of {{"answer": str, …}} objects')
+        examples.append(
+            VQAExample(
+                question_id=qid,
+                image_id=image_id,
+                image=Path(image_dir) / name_of(image_id),
+                question=question,
+                answers=tuple(a["answer"] for a in answers),
+                answer_type=_str_field(ann, "answer_type", where),
+                question_type=_str_field(ann, "question_type", where),
+            )
+        )
+    return examples
+
+
+def _image_naming(
+    image_dir: Path, image_ids: set[int], split_hint: str | None, subtypes: list[str]
+) -> Callable[[int], str]:
+    """The file-name rule under which every image is present in `image_dir`, tried in a fixed order."""
+    if not image_dir.is_dir():
+        raise InputError(f"image folder {image_dir} does not exist; pass the folder holding COCO_*.jpg images")
+    names = set(os.listdir(image_dir))
+    in_folder = sorted({m[1] for n in names if (m := _COCO_NAME.fullmatch(n))})
+
+    def coco(split: str) -> Callable[[int], str]:
+        return lambda image_id: f"COCO_{split}_{image_id:012d}.jpg"
+
+    def plain(image_id: int) -> str:
+        return f"{image_id:012d}.jpg"
+
+    if split_hint is not None:  # explicit: only this split's names
+        hint = split_hint.removeprefix("COCO_").rstrip("_")
+        candidates = [(f"COCO_{_IMAGE_SPLIT.get(hint, hint)}_*.jpg", coco(_IMAGE_SPLIT.get(hint, hint)))]
+    else:  # the files' data_subtype first, then the prefixes present, then COCO 2017 names
+        if not subtypes and len(in_folder) > 1:
+            raise InputError(
+                f"{image_dir} holds images of several splits ({', '.join(in_folder)}) and the questions file names "
+                f"none; pass split_hint, e.g. split_hint={in_folder[0]!r}"
+            )
+        splits = dict.fromkeys([_IMAGE_SPLIT.get(s, s) for s in subtypes] + in_folder)
+        candidates = [(f"COCO_{s}_*.jpg", coco(s)) for s in splits]
+        if not in_folder and any(_PLAIN_NAME.fullmatch(n) for n in names):
+            candidates.append(("{image_id:012d}.jpg", plain))
+        if not candidates:
+            raise InputError(
+                f"cannot tell the image names: {image_dir} has no COCO_<split>_<id>.jpg files and the questions "
+                "file has no data_subtype; pass split_hint, e.g. split_hint='val2014'"
+            )
+    ordered = sorted(image_ids)
+    tried: list[tuple[str, list[str]]] = []
+    for pattern, name_of in candidates:
+        missing = [name_of(i) for i in ordered if name_of(i) not in names]
+        if not missing:
+            return name_of
+        tried.append((pattern, missing))
+    pattern, missing = min(tried, key=lambda t: len(t[1]))
+    shown = ", ".join(missing[:3]) + (", …" if len(missing) > 3 else "")
+    held = f" (it holds {', '.join(f'COCO_{s}_*' for s in in_folder)} images)" if in_folder else ""
+    raise InputError(
+        f"{len(missing)} of {len(ordered)} images ({pattern}) are missing from {image_dir}{held}: {shown}; "
+        "pass the image folder of the questions' split, or split_hint"
+    )
+
+
+def _read_json(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"VQAv2 {what} {file} does not exist; download it from https://visualqa.org/download.html")
+    try:
+        doc = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"VQAv2 {what} {file} is not valid JSON ({err}); download it again") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"VQAv2 {what} {file} must hold a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def _records(doc: dict[str, Any], key: str, path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    records = doc.get(key)
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise InputError(f'{path} has no "{key}" list of objects; is it the VQAv2 {key} file?')
+    if not records:
+        raise InputError(f'{path} has an empty "{key}" list')
+    return records
+
+
+def _int_field(record: dict[str, Any], key: str, where: str) -> int:
+    value = record.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InputError(f'{where}: "{key}" must be an integer, got {value!r}')
+    return value
+
+
+def _str_field(record: dict[str, Any], key: str, where: str) -> str:
+    value = record.get(key)
+    if not isinstance(value, str):
+        raise InputError(f'{where}: "{key}" must be a string, got {value!r}')
+    return value
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The evaluation
+
+
+@dataclass(frozen=True)
+class VQAPrediction:
+    """The model's answer to one question (stripped, as generated) and its VQA accuracy in [0, 1]."""
+
+    question_id: int
+    question: str
+    answer: str
+    accuracy: float
+    answer_type: str
+    question_type: str
+
+
+@dataclass(frozen=True)
+class GroupScore:
+    """Mean accuracy in [0, 1] over `count` questions."""
+
+    accuracy: float
+    count: int
+
+
+@dataclass(frozen=True)
+class VQAReport:
+    """Per-question predictions and the scores over them. Accuracies are fractions in [0, 1]."""
+
+    predictions: tuple[VQAPrediction, ...]
+    mode: AccuracyMode
+
+    @property
+    def count(self) -> int:
+        return len(self.predictions)
+
+    @property
+    def accuracy(self) -> float:
+        """Mean accuracy over all questions (0.0 for an empty report)."""
+        return _mean(p.accuracy for p in self.predictions)
+
+    @property
+    def per_answer_type(self) -> dict[str, GroupScore]:
+        """Scores per answer type: yes/no, number, other first (those present), then any others alphabetically."""
+        groups = _group(self.predictions, lambda p: p.answer_type)
+        order = [t for t in ANSWER_TYPES if t in groups] + sorted(t for t in groups if t not in ANSWER_TYPES)
+        return {t: groups[t] for t in order}
+
+    @property
+    def per_question_type(self) -> dict[str, GroupScore]:
+        """Scores per question type ("what color is the", "how many", …), alphabetically."""
+        groups = _group(self.predictions, lambda p: p.question_type)
+        return {t: groups[t] for t in sorted(groups)}
+
+    def results(self) -> list[dict[str, Any]]:
+        """The official results format: `[{"question_id": int, "answer": str}, …]`, in question order."""
+        return [{"question_id": p.question_id, "answer": p.answer} for p in self.predictions]
+
+    def to_json(self) -> dict[str, Any]:
+        """Scores and per-question predictions as a JSON-ready dict.
+
+        `{"task": "vqav2", "mode", "count", "accuracy", "per_answer_type": {type: {"accuracy", "count"}},
+        "per_question_type": {…}, "predictions": [{"question_id", "question", "answer", "accuracy",
+        "answer_type", "question_type"}]}`.
+        """
+
+        def table(groups: dict[str, GroupScore]) -> dict[str, dict[str, float | int]]:
+            return {name: {"accuracy": g.accuracy, "count": g.count} for name, g in groups.items()}
+
+        return {
+            "task": "vqav2",
+            "mode": self.mode,
+            "count": self.count,
+            "accuracy": self.accuracy,
+            "per_answer_type": table(self.per_answer_type),
+            "per_question_type": table(self.per_question_type),
+            "predictions": [
+                {
+                    "question_id": p.question_id,
+                    "question": p.question,
+                    "answer": p.answer,
+                    "accuracy": p.accuracy,
+                    "answer_type": p.answer_type,
+                    "question_type": p.question_type,
+                }
+                for p in self.predictions
+            ],
+        }
+
+    def write(
+        self, path: str | os.PathLike[str], results_path: str | os.PathLike[str] | None = None
+    ) -> tuple[Path, Path]:
+        """Write `to_json()` to `path` and `results()` to `results_path` (default: `<stem>_results.json` beside
+        `path`), creating folders as needed. Returns both paths."""
+        report_file = Path(path)
+        default = report_file.with_name(f"{report_file.stem}_results.json")
+        results_file = Path(results_path) if results_path is not None else default
+        if results_file.resolve() == report_file.resolve():
+            raise InputError(f"the report and the results file would both be {report_file}; pick another name")
+        for file, doc in ((report_file, self.to_json()), (results_file, self.results())):
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        return report_file, results_file
+
+    def format_table(self) -> str:
+        """A plain-text table for the terminal: questions and accuracy (percent, 2 decimals as the official
+        script prints them) per answer type, then overall."""
+        rows = [(name, g.count, g.accuracy) for name, g in self.per_answer_type.items()]
+        rows.append(("overall", self.count, self.accuracy))
+        width = max(len("answer type"), *(len(r[0]) for r in rows))
+        lines = [f"{'answer type':<{width}}  {'questions':>9}  {'accuracy':>8}"]
+        lines += [f"{name:<{width}}  {count:>9}  {100 * acc:>7.2f}%" for name, count, acc in rows]
+        return "\n".join(lines)
+
+
+def evaluate_vqa(
+    vlm: VLMo,
+    examples: Sequence[VQAExample],
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 10,
+    mode: AccuracyMode = "official",
+    lang: str = "en",
+    progress: bool | None = None,
+) -> VQAReport:
+    """Ask `vlm` every question (`answer {lang} {question}`, greedy, batches of `batch_size`) and score the answers
+    with `vqa_accuracy(…, mode)`.
+
+    progress: a rich progress bar on stderr; None shows it only when stderr is a terminal.
+    Raises InputError on no examples, batch_size < 1 or an unknown mode; image errors come from `vlm`.
+    """
+    if mode not in _MODES:
+        raise InputError(f"unknown VQA accuracy mode {mode!r}; use one of {', '.join(_MODES)}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    items = list(examples)
+    if not items:
+        raise InputError("no VQA examples to evaluate; check the questions file or the selection")
+    predictions: list[VQAPrediction] = []
+    with _progress(len(items), sys.stderr.isatty() if progress is None else progress) as advance:
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            answers = vlm.ask(
+                [e.image for e in batch], [e.question for e in batch], lang=lang, max_new_tokens=max_new_tokens
+            )
+            assert isinstance(answers, list) and len(answers) == len(batch)
+            for example, answer in zip(batch, answers, strict=True):
+                answer = answer.strip()
+                predictions.append(
+                    VQAPrediction(
+                        question_id=example.question_id,
+                        question=example.question,
+                        answer=answer,
+                        accuracy=vqa_accuracy(answer, example.answers, mode),
+                        answer_type=example.answer_type,
+                        question_type=example.question_type,
+                    )
+                )
+            advance(len(batch))
+    return VQAReport(tuple(predictions), mode)
+
+
+@contextmanager
+def _progress(total: int, show: bool) -> Iterator[Callable[[int], None]]:
+    """Yields `advance(n)`: a rich bar on stderr when `show`, else a no-op."""
+    if not show:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("VQAv2"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=Console(stderr=True)
+    ) as bar:
+        task = bar.add_task("evaluate", total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _mean(values: Iterable[float]) -> float:
+    items = list(values)
+    return sum(items) / len(items) if items else 0.0
+
+
+def _group(predictions: Sequence[VQAPrediction], key: Callable[[VQAPrediction], str]) -> dict[str, GroupScore]:
+    buckets: dict[str, list[float]] = {}
+    for p in predictions:
+        buckets.setdefault(key(p), []).append(p.accuracy)
+    return {name: GroupScore(_mean(accs), len(accs)) for name, accs in buckets.items()}
