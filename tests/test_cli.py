@@ -30,7 +30,7 @@ from vlmo.cli import app
 
 SIZE = (96, 64)  # (width, height) of the images the model was taught on
 QUESTION = "what color is it?"
-COMMANDS = ["ask", "caption", "ocr", "generate", "detect", "segment", "download", "info"]
+COMMANDS = ["ask", "caption", "ocr", "generate", "detect", "segment", "finetune", "eval", "download", "info"]
 
 runner = CliRunner()
 
@@ -415,3 +415,21 @@ def test_console_script(images: dict[str, Path], ckpt: str) -> None:
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
     assert "Traceback" not in bad.stderr
+
+
+# -- eval --------------------------------------------------------------------------------------------------------
+
+
+def test_eval_vqav2_prints_a_table_and_writes_scores(ckpt: str, tmp_path: Path) -> None:
+    from test_eval import COLOUR_QA, write_vqav2
+
+    q, a, image_dir = write_vqav2(tmp_path / "vqa", COLOUR_QA)
+    args = ("eval", "vqav2", "--questions", q, "--annotations", a, "--images", image_dir, "--model", ckpt)
+    table = ok(vlmo_cli(*args, "--out", tmp_path / "scores.json", "--batch-size", "2"))
+    assert table.splitlines()[-1].split() == ["overall", "3", "53.33%"]
+    assert json.loads((tmp_path / "scores.json").read_text())["count"] == 3
+    assert (tmp_path / "scores_results.json").is_file()
+    assert_error(vlmo_cli(*args, "--out", tmp_path / "scores.json"), 2, "--force")
+    data = json.loads(ok(vlmo_cli(*args, "--json", "--limit", "1")))
+    assert data["count"] == 1 and data["accuracy"] == 1.0
+    assert_error(vlmo_cli(*args, "--mode", "fuzzy"), 2, "--mode")

@@ -180,3 +180,48 @@ def test_dense_connector_projector_trains_and_reloads(
 
     with pytest.raises(CheckpointError, match="lacks"):
         VLMo.from_pretrained(broken, device="cpu")
+
+
+def test_lora_run_exports_a_peft_adapter_that_reloads(taught_checkpoint: Path, tmp_path: Path) -> None:
+    """LoRA teaches the taught model to swap its colour answers; the exported PEFT adapter reproduces that."""
+    from conftest import BLUE, RED
+
+    lines = []
+    for i, (rgb, answer) in enumerate([(RED, "blue"), (BLUE, "red")] * 4):
+        Image.new("RGB", (96, 64), rgb).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "prefix": "answer en what color is it?", "suffix": answer}))
+    data = tmp_path / "swap.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    result = finetune(config(taught_checkpoint, data, tmp_path / "lora", train=("lora",), lr=1e-2, steps=20))
+    assert result.output is not None and result.losses[-1] < 0.1 * result.losses[0]
+    assert sorted(p.name for p in result.output.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((result.output / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    red, blue = Image.new("RGB", (96, 64), RED), Image.new("RGB", (96, 64), BLUE)
+    base = VLMo.from_pretrained(taught_checkpoint, device="cpu")
+    tuned = VLMo.from_pretrained(taught_checkpoint, device="cpu", adapter=result.output)
+    assert base.ask([red, blue], "what color is it?") == ["red", "blue"]
+    assert tuned.ask([red, blue], "what color is it?") == ["blue", "red"]
+    assert type(tuned.model.text.layers[0].attn.q_proj) is torch.nn.Linear  # merged for inference
+
+
+def test_cli_finetune_then_ask_with_the_adapter(taught_checkpoint: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from conftest import RED
+    from vlmo.cli import app
+
+    Image.new("RGB", (96, 64), RED).save(tmp_path / "red.png")
+    line = {"image": "red.png", "prefix": "answer en what color is it?", "suffix": "blue"}
+    (tmp_path / "d.jsonl").write_text(json.dumps(line) + "\n")
+    runner = CliRunner()
+    args = ["finetune", "--model", str(taught_checkpoint), "--data", str(tmp_path / "d.jsonl")]
+    args += ["--out", str(tmp_path / "run"), "--steps", "20", "--lr", "1e-2", "--batch-size", "2", "--device", "cpu"]
+    done = runner.invoke(app, args)
+    assert done.exit_code == 0, done.output
+    adapter = done.stdout.strip()
+    assert adapter == str(tmp_path / "run" / "final")
+    again = runner.invoke(app, args)  # the run directory is not empty: refused, nothing overwritten
+    assert again.exit_code == 2 and "--resume" in again.stderr
+    ask = ["ask", str(tmp_path / "red.png"), "what color is it?", "--model", str(taught_checkpoint)]
+    assert runner.invoke(app, ask).stdout.strip() == "red"
+    assert runner.invoke(app, [*ask, "--adapter", adapter]).stdout.strip() == "blue"

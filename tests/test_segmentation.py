@@ -538,7 +538,7 @@ def test_load_from_safetensors(tmp_path: Path, arrays: dict[str, np.ndarray]) ->
     decoder_only = {k: torch.from_numpy(arrays[k]) for k in DECODER_SHAPES}
     save_file(decoder_only, tmp_path / "dec.safetensors")
     assert_loaded(load_mask_decoder(tmp_path / "dec.safetensors"), arrays)
-    with pytest.raises(CheckpointError, match=r"no encoder weights \(encoder.0.weight"):
+    with pytest.raises(CheckpointError, match=r"no encoder weights \('encoder.0.weight'"):
         load_mask_encoder(tmp_path / "dec.safetensors")
 
 
@@ -567,15 +567,15 @@ def test_pickled_npz_is_refused_and_never_unpickled(tmp_path: Path, arrays: dict
 def test_bad_checkpoints_name_the_problem(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
     missing = dict(arrays)
     del missing["decoder.12.bias"]
-    with pytest.raises(CheckpointError, match=r"missing decoder.12.bias"):
+    with pytest.raises(CheckpointError, match=r"missing 'decoder.12.bias'"):
         load_mask_decoder(write_npz(tmp_path / "missing.npz", missing))
-    with pytest.raises(CheckpointError, match=r"unexpected extra.weight"):
+    with pytest.raises(CheckpointError, match=r"unexpected 'extra.weight'"):
         load_mask_decoder(write_npz(tmp_path / "extra.npz", arrays, **{"extra.weight": np.zeros(2, np.float32)}))
     wrong = {**arrays, "decoder.6.weight": np.zeros((64, 128, 4, 4), np.float32)}
     with pytest.raises(CheckpointError, match=r"decoder.6.weight \(64, 128, 4, 4\) \(expected \(128, 64, 4, 4\)\)"):
         load_mask_decoder(write_npz(tmp_path / "wrong.npz", wrong))
     partial = {k: v for k, v in arrays.items() if k != "encoder.10.bias"}  # an encoder, but incomplete
-    with pytest.raises(CheckpointError, match=r"missing encoder.10.bias"):
+    with pytest.raises(CheckpointError, match=r"missing 'encoder.10.bias'"):
         load_mask_decoder(write_npz(tmp_path / "partial.npz", partial))
     doubles = {k: v.astype(np.float64) for k, v in arrays.items()}
     with pytest.raises(CheckpointError, match=r"dtype '<f8'"):

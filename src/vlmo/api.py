@@ -78,16 +78,26 @@ class VLMo:
         revision: str | None = None,
         token: str | bool | None = None,
         progress: bool | None = None,
+        adapter: str | os.PathLike[str] | None = None,
+        adapter_revision: str | None = None,
     ) -> VLMo:
         """Load a checkpoint: a local directory (`config.json`, safetensors weights, `tokenizer.json`) or a hub id
         such as "google/paligemma-3b-mix-224" (downloaded once into the Hugging Face cache, then used offline).
 
         `device`: "auto" | "cpu" | "cuda[:N]" | "mps"; `dtype`: "auto" | "float32" | "bfloat16" | "float16".
         `revision`/`token` are passed to the hub; `progress` shows download bars on stderr (None: on a terminal).
+        `adapter`: a LoRA adapter in PEFT's format (directory or hub id) trained on this base model; it is merged
+        into the weights, so inference runs at the base model's speed; `adapter_revision` picks its hub revision.
         """
         dev = resolve_device(device)
         path = resolve_model(model, revision=revision, token=token, progress=progress)
         net = load_model(path, dtype=resolve_dtype(dtype, dev), device=dev)
+        if adapter is not None:
+            from vlmo.nn.lora import remove_lora
+            from vlmo.weights.adapters import load_adapter
+
+            load_adapter(net, adapter, revision=adapter_revision, token=token)
+            remove_lora(net, merge=True)
         pre = path / "preprocessor_config.json"
         image_config = ImageProcessorConfig.from_hf(
             read_json(pre) if pre.is_file() else None, net.cfg.vision.image_size

@@ -48,6 +48,9 @@ Model = Annotated[
     typer.Option("--model", "-m", envvar="VLMO_MODEL", help="Hub id or local checkpoint directory.", show_envvar=True),
 ]
 Revision = Annotated[str | None, typer.Option(help="Hub branch, tag or commit.")]
+Adapter = Annotated[
+    str | None, typer.Option(help="A LoRA adapter (PEFT format): local directory or hub id, applied to --model.")
+]
 Device = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
 Dtype = Annotated[
     str, typer.Option(help="auto (float32 on CPU, bfloat16 on CUDA, float16 on MPS), float32, bfloat16 or float16.")
@@ -85,8 +88,9 @@ class Run:
         top_p: float,
         top_k: int,
         seed: int | None,
+        adapter: str | None = None,
     ) -> None:
-        self.model_name = model
+        self.model_name, self.adapter = model, adapter
         self.revision, self.device, self.dtype = revision, device, dtype
         self.options: dict[str, Any] = dict(
             do_sample=sample, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
@@ -102,7 +106,9 @@ class Run:
         from vlmo.api import VLMo
 
         with _status(f"Loading {self.model_name}"):
-            return VLMo.from_pretrained(self.model_name, device=self.device, dtype=self.dtype, revision=self.revision)
+            return VLMo.from_pretrained(
+                self.model_name, device=self.device, dtype=self.dtype, revision=self.revision, adapter=self.adapter
+            )
 
 
 @contextmanager
@@ -169,6 +175,7 @@ def ask(
     lang: Lang = "en",
     model: Model = DEFAULT_MODEL,
     revision: Revision = None,
+    adapter: Adapter = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     max_tokens: MaxTokens = None,
@@ -187,7 +194,7 @@ def ask(
         *images, question = images
     if not question.strip():
         raise CliUsageError("the question is empty; pass some text")
-    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
+    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed, adapter)
     prompt = f"answer {lang} {' '.join(question.split())}"
     _texts(
         run,
@@ -207,6 +214,7 @@ def caption(
     detail: Annotated[str, typer.Option(help="short (caption), long (describe) or raw (cap).")] = "short",
     model: Model = DEFAULT_MODEL,
     revision: Revision = None,
+    adapter: Adapter = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     max_tokens: MaxTokens = None,
@@ -223,7 +231,7 @@ def caption(
 
     if detail not in CAPTION_TASKS:
         raise CliUsageError(f"unknown --detail {detail!r}; use short, long or raw")
-    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
+    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed, adapter)
     prompt = f"{CAPTION_TASKS[detail]} {lang}"
     _texts(
         run,
@@ -241,6 +249,7 @@ def ocr(
     images: Images,
     model: Model = DEFAULT_MODEL,
     revision: Revision = None,
+    adapter: Adapter = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     max_tokens: MaxTokens = None,
@@ -253,7 +262,7 @@ def ocr(
     stream: Stream = None,
 ) -> None:
     """Read the text in one or more images."""
-    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
+    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed, adapter)
     _texts(
         run, images, ["ocr"] * len(images), "ocr", json_out, stream, lambda v: v.generate(images, "ocr", **run.options)
     )
@@ -267,6 +276,7 @@ def generate(
     ],
     model: Model = DEFAULT_MODEL,
     revision: Revision = None,
+    adapter: Adapter = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     max_tokens: MaxTokens = None,
@@ -279,7 +289,7 @@ def generate(
     stream: Stream = None,
 ) -> None:
     """Complete a raw prompt for an image (special tokens such as <loc0123> are kept)."""
-    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
+    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed, adapter)
     _texts(run, [image], [prompt], "generate", json_out, stream, lambda v: v.generate(image, prompt, **run.options))
 
 
@@ -293,6 +303,7 @@ def detect(
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite --out if it exists.")] = False,
     model: Model = DEFAULT_MODEL,
     revision: Revision = None,
+    adapter: Adapter = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     max_tokens: MaxTokens = None,
@@ -304,7 +315,7 @@ def detect(
     json_out: JsonOut = False,
 ) -> None:
     """Find objects and print their boxes (x_min y_min x_max y_max, in pixels)."""
-    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
+    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed, adapter)
     _locate("detect", image, labels, out, force, run, json_out)
 
 
@@ -322,6 +333,7 @@ def segment(
     ] = None,
     model: Model = DEFAULT_MODEL,
     revision: Revision = None,
+    adapter: Adapter = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     max_tokens: MaxTokens = None,
@@ -333,7 +345,7 @@ def segment(
     json_out: JsonOut = False,
 ) -> None:
     """Segment objects: print boxes and mask areas; --json gives COCO RLE masks."""
-    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed)
+    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed, adapter)
     _locate("segment", image, labels, out, force, run, json_out, mask_decoder)
 
 
@@ -476,6 +488,68 @@ def finetune(
     result = run_finetune(cfg)
     if result.output is not None:
         typer.echo(str(result.output))
+
+
+eval_app = typer.Typer(
+    help="Evaluate a model on a benchmark.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command(
+    "vqav2",
+    epilog=(
+        "Example:\n\n  vlmo eval vqav2 --questions v2_OpenEnded_mscoco_val2014_questions.json "
+        "--annotations v2_mscoco_val2014_annotations.json --images val2014 --out scores.json"
+    ),
+)
+def eval_vqav2(
+    questions: Annotated[Path, typer.Option(help="VQAv2 questions JSON.")],
+    annotations: Annotated[Path, typer.Option(help="VQAv2 annotations JSON.")],
+    images: Annotated[Path, typer.Option(help="Folder of the COCO images the questions refer to.")],
+    out: Annotated[Path | None, typer.Option(help="Write scores (and FILE_results.json predictions) here.")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite --out if it exists.")] = False,
+    mode: Annotated[
+        str, typer.Option(help="official (the VQA script's normalisation rules) or normalize_all.")
+    ] = "official",
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N questions.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Questions per batch.")] = 8,
+    model: Model = DEFAULT_MODEL,
+    revision: Revision = None,
+    adapter: Adapter = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    max_tokens: MaxTokens = None,
+    json_out: JsonOut = False,
+) -> None:
+    """VQA accuracy (official metric) with a table per answer type."""
+    from vlmo.eval import evaluate_vqa, load_vqav2
+
+    if mode not in ("official", "normalize_all"):
+        raise CliUsageError(f"unknown --mode {mode!r}; use official or normalize_all")
+    if out is not None and out.exists() and not force:
+        raise CliUsageError(f"{out} already exists; pass --force to overwrite it or choose another --out")
+    if batch_size < 1 or (limit is not None and limit < 1):
+        raise CliUsageError("--batch-size and --limit must be at least 1")
+    examples = load_vqav2(questions, annotations, images)[:limit]
+    run = Run(model, revision, device, dtype, max_tokens, False, 1.0, 1.0, 0, None, adapter)
+    vlm = run.load()
+    report = evaluate_vqa(
+        vlm,
+        examples,
+        batch_size=batch_size,
+        max_new_tokens=max_tokens or 10,
+        mode=mode,  # type: ignore[arg-type]
+    )
+    if out is not None:
+        written = report.write(out)
+        stderr.print("saved " + " and ".join(str(p) for p in written))
+    if json_out:
+        _emit_json(report.to_json())
+    else:
+        typer.echo(report.format_table())
 
 
 @app.command(epilog="Example:\n\n  vlmo download google/paligemma-3b-mix-224")

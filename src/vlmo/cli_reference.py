@@ -21,18 +21,26 @@ def render() -> str:
 
     from vlmo.cli import app
 
-    group = typer.main.get_command(app)
     out: list[str] = []
-    for name, cmd in group.commands.items():  # type: ignore[attr-defined]
+    for name, cmd in _commands(typer.main.get_command(app), "vlmo"):
         summary = (cmd.help or "").split("Example")[0].strip()
         args = [p for p in cmd.params if p.param_type_name == "argument"]
-        usage = " ".join(["vlmo", name, "[OPTIONS]"] + [_arg_usage(p) for p in args])
-        out += [f"### `vlmo {name}`", "", summary, "", f"    {usage}", ""]
+        usage = " ".join([name, "[OPTIONS]"] + [_arg_usage(p) for p in args])
+        out += [f"### `{name}`", "", summary, "", f"    {usage}", ""]
         out += ["| argument / option | description | default |", "|---|---|---|"]
         for p in cmd.params:
             out.append(f"| {_names(p)} | {_cell(p.help or '')} | {_default(p)} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
+
+
+def _commands(group: Any, prefix: str) -> list[tuple[str, Any]]:
+    """Every runnable command under `group`, sub-groups (such as `vlmo eval`) flattened: [("vlmo eval vqav2", cmd)]."""
+    out = []
+    for name, cmd in group.commands.items():
+        sub = getattr(cmd, "commands", None)
+        out += _commands(cmd, f"{prefix} {name}") if sub else [(f"{prefix} {name}", cmd)]
+    return out
 
 
 def _arg_usage(p: Any) -> str:

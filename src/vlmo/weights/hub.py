@@ -120,17 +120,17 @@ def resolve_model(
         ModelNotFoundError, GatedModelError, OfflineError, DiskFullError, DownloadError, CheckpointError.
     """
     name = os.fspath(name_or_path)
-    is_path = isinstance(name_or_path, os.PathLike) or _looks_like_path(name)
+    is_path = isinstance(name_or_path, os.PathLike) or looks_like_path(name)
     if is_path or (name and Path(name).is_dir()):
         return _local_checkpoint(Path(name).expanduser())
-    repo_id = _check_repo_id(name)
-    with _hub_errors(repo_id, revision, cache_dir):
+    repo_id = check_repo_id(name)
+    with hub_errors(repo_id, revision, cache_dir):
         cached = _cached_snapshot(repo_id, revision, cache_dir)
         if cached is not None:
             return cached
         if constants.is_offline_mode():
             raise OfflineError(_offline_message(repo_id, revision, cache_dir))
-        return _download(repo_id, revision, token, cache_dir, _want_progress(progress))
+        return _download(repo_id, revision, token, cache_dir, want_progress(progress))
 
 
 def cache_location() -> Path:
@@ -150,7 +150,7 @@ def cached_models(cache_dir: PathArg | None = None) -> list[tuple[str, int]]:
 # Names.
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     """`./x`, `../x`, `/x`, `~/x`, `C:\\x` and `a/b/c` are paths; `owner/name` may be a hub id."""
     return (
         name.startswith((".", "~", "/", os.sep))
@@ -160,7 +160,7 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
-def _check_repo_id(name: str) -> str:
+def check_repo_id(name: str) -> str:
     not_found = ModelNotFoundError(
         f"{name!r} is neither an existing directory nor a hub id of the form owner/name "
         "(e.g. google/paligemma2-3b-pt-224): check the spelling"
@@ -249,12 +249,12 @@ def _download(
     # One listing call picks the files, so a .bin-only repo fails before anything is downloaded. Each file
     # then goes through hf_hub_download: resumed after a dropped connection, moved into the cache only when
     # complete, and found offline next time.
-    where = _where(repo_id, revision)
+    where = repo_label(repo_id, revision)
     info = HfApi().model_info(repo_id, revision=revision, token=token)
     repo_files = {s.rfilename for s in info.siblings or []}
     names = _files_to_fetch(where, repo_files)
     logger.info("downloading %s to %s", where, _cache_path(cache_dir))
-    with _progress_bars(show) as bar_class:
+    with progress_bars(show) as bar_class:
 
         def fetch(name: str) -> Path:
             bar = bar_class(name)
@@ -275,7 +275,7 @@ def _download(
     return snapshot
 
 
-def _where(repo_id: str, revision: str | None) -> str:
+def repo_label(repo_id: str, revision: str | None) -> str:
     return f"{repo_id} (revision {revision!r})" if revision else repo_id
 
 
@@ -287,9 +287,9 @@ def _cache_path(cache_dir: PathArg | None) -> Path:
 
 
 @contextmanager
-def _hub_errors(repo_id: str, revision: str | None, cache_dir: PathArg | None) -> Iterator[None]:
+def hub_errors(repo_id: str, revision: str | None, cache_dir: PathArg | None) -> Iterator[None]:
     """Turn huggingface_hub, httpx2 and disk errors into vlmo errors. Subclasses must come first."""
-    where = _where(repo_id, revision)
+    where = repo_label(repo_id, revision)
     page = f"{constants.ENDPOINT}/{repo_id}"
     try:
         yield
@@ -336,7 +336,7 @@ def _hub_errors(repo_id: str, revision: str | None, cache_dir: PathArg | None) -
 
 def _offline_message(repo_id: str, revision: str | None, cache_dir: PathArg | None) -> str:
     return (
-        f"{_where(repo_id, revision)} is not (completely) in the cache {_cache_path(cache_dir)} and "
+        f"{repo_label(repo_id, revision)} is not (completely) in the cache {_cache_path(cache_dir)} and "
         f"HF_HUB_OFFLINE is set: run `vlmo download {repo_id}` while online, or unset HF_HUB_OFFLINE"
     )
 
@@ -366,7 +366,7 @@ def _refused(repo_id: str, page: str, status: int | None, *, gated: bool) -> str
 # Progress.
 
 
-def _want_progress(progress: bool | None) -> bool:
+def want_progress(progress: bool | None) -> bool:
     if progress is not None:
         return progress
     if are_progress_bars_disabled():  # HF_HUB_DISABLE_PROGRESS_BARS
@@ -423,7 +423,7 @@ class _RichBar(tqdm):
 
 
 @contextmanager
-def _progress_bars(enabled: bool) -> Iterator[Callable[[str], type[tqdm]]]:
+def progress_bars(enabled: bool) -> Iterator[Callable[[str], type[tqdm]]]:
     """Yields `bar_class(file name)`: a rich bar per file (bytes, speed, ETA) on stderr, or silent bars."""
     if not enabled:
         yield lambda name: _bar_class(None, name)

@@ -9,6 +9,7 @@ differs), and anything missing, unexpected or of the wrong shape is an error tha
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,7 @@ def read_state_dict(
                 sources[name] = key
     if unexpected:
         raise CheckpointError(
-            f"{model_dir} has {len(unexpected)} tensor(s) that are not part of PaliGemma, e.g. {_few(unexpected)}"
+            f"{model_dir} has {len(unexpected)} tensor(s) that are not part of PaliGemma, e.g. {few_names(unexpected)}"
         )
     return out, sources
 
@@ -115,12 +116,12 @@ def load_model(
     if missing:
         raise CheckpointError(
             f"{model_dir} lacks {len(missing)} tensor(s) the config needs, e.g. "
-            f"{_few([keymap.to_hf(k) for k in missing])}; is config.json from the same model?"
+            f"{few_names([keymap.to_hf(k) for k in missing])}; is config.json from the same model?"
         )
     extra = [sources[k] for k in state if k not in expected]
     if extra:
         raise CheckpointError(
-            f"{model_dir} has {len(extra)} tensor(s) that config.json does not describe, e.g. {_few(extra)}; "
+            f"{model_dir} has {len(extra)} tensor(s) that config.json does not describe, e.g. {few_names(extra)}; "
             "is config.json from the same model?"
         )
     for name, ref in expected.items():
@@ -153,7 +154,8 @@ def _resolve_lm_head(model: PaliGemma, state: dict[str, torch.Tensor]) -> None:
         model.text.lm_head = nn.Linear(model.cfg.text.hidden_size, model.cfg.text.vocab_size, bias=False)
 
 
-def _few(keys: list[str], n: int = 3) -> str:
+def few_names(keys: Sequence[str], n: int = 3) -> str:
+    """The first `n` names, quoted, and how many more: for error messages that must stay on one line."""
     shown = ", ".join(repr(k) for k in keys[:n])
     return shown + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 

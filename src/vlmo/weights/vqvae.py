@@ -17,7 +17,6 @@ import os
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -39,6 +38,7 @@ from torch import nn
 from vlmo.errors import CheckpointError
 from vlmo.nn.vqvae import VQVAEDecoder, VQVAEEncoder
 from vlmo.weights.hub import DiskFullError, DownloadError, GatedModelError, ModelNotFoundError, OfflineError
+from vlmo.weights.loader import few_names
 from vlmo.weights.safetensors_io import open_tensors
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,9 @@ def _build(cls: type[M], tensors: dict[str, torch.Tensor], source: str, device: 
     missing = [n for n in names if n not in tensors]
     if missing:
         part = "encoder" if cls is VQVAEEncoder else "decoder"
-        raise CheckpointError(f"{source} has no {part} weights ({_few(missing)} missing): use the full vae-oid.npz")
+        raise CheckpointError(
+            f"{source} has no {part} weights ({few_names(missing)} missing): use the full vae-oid.npz"
+        )
     model.load_state_dict({n: tensors[n] for n in names}, strict=True, assign=True)
     return model.to(device).requires_grad_(False).eval()
 
@@ -162,22 +164,19 @@ def _validated(tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch
     ]
     problems = []
     if missing:
-        problems.append(f"missing {_few(missing)}")
+        problems.append(f"missing {few_names(missing)}")
     if unexpected:
-        problems.append(f"unexpected {_few(unexpected)}")
+        problems.append(f"unexpected {few_names(unexpected)}")
     if wrong:
-        problems.append(f"wrong shape {_few(wrong)}")
+        problems.append(f"wrong shape {few_names(wrong)}")
     if problems:
         raise CheckpointError(f"{source} is not the vae-oid mask VQ-VAE: {'; '.join(problems)}")
     not_float = sorted(k for k in tensors if k in _KNOWN and not tensors[k].is_floating_point())
     if not_float:
-        raise CheckpointError(f"{source}: {_few(not_float)} must be floating point, got {tensors[not_float[0]].dtype}")
+        raise CheckpointError(
+            f"{source}: {few_names(not_float)} must be floating point, got {tensors[not_float[0]].dtype}"
+        )
     return {k: tensors[k].to(torch.float32).contiguous() for k in _KNOWN if k in tensors}
-
-
-def _few(names: Sequence[str], n: int = 3) -> str:
-    more = f" and {len(names) - n} more" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
 
 
 # The .npz reader: a zip of `<name>.npy` members; each .npy is the magic b"\x93NUMPY", a version (major,

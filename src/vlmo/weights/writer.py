@@ -9,6 +9,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from vlmo.config import projector_to_hf
+from vlmo.errors import InputError
 from vlmo.nn.paligemma import PaliGemma
 from vlmo.weights.keys import KeyMap
 from vlmo.weights.loader import CONFIG_FILE, SINGLE_FILE, read_json
@@ -20,6 +21,8 @@ def save_weights(model: PaliGemma, out_dir: str | Path) -> Path:
     The tied head is not written, as transformers does not write it. `config.json` and `tokenizer.json` are the
     caller's to copy or write (`save_checkpoint` does both).
     """
+    if any(".lora_" in name for name in model.state_dict()):
+        raise InputError("the model has LoRA layers; merge them first with vlmo.nn.lora.remove_lora(model, merge=True)")
     keymap = KeyMap(model.cfg.text.arch)
     tensors = {keymap.to_hf(name): t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     path = Path(out_dir) / SINGLE_FILE
