@@ -225,3 +225,27 @@ def test_cli_finetune_then_ask_with_the_adapter(taught_checkpoint: Path, tmp_pat
     ask = ["ask", str(tmp_path / "red.png"), "what color is it?", "--model", str(taught_checkpoint)]
     assert runner.invoke(app, ask).stdout.strip() == "red"
     assert runner.invoke(app, [*ask, "--adapter", adapter]).stdout.strip() == "blue"
+
+
+@pytest.mark.parametrize("projector", ["linear", "dci"])
+def test_lora_with_the_projector_saves_it_with_the_adapter(
+    taught_checkpoint: Path, tmp_path: Path, projector: str
+) -> None:
+    from conftest import RED
+
+    Image.new("RGB", (96, 64), RED).save(tmp_path / "red.png")
+    line = {"image": "red.png", "prefix": "answer en what color is it?", "suffix": "blue"}
+    (tmp_path / "d.jsonl").write_text(json.dumps(line) + "\n")
+    kw = dict(train=("lora", "projector"), projector=projector, lr=1e-2, steps=15, batch_size=2)
+    result = finetune(config(taught_checkpoint, tmp_path / "d.jsonl", tmp_path / "run", **kw))
+    assert result.output is not None
+    files = sorted(p.name for p in result.output.iterdir())
+    settings = json.loads((result.output / "adapter_config.json").read_text())
+    if projector == "linear":  # PEFT's own mechanism: a full copy of the projector in the adapter file
+        assert settings["modules_to_save"] == ["multi_modal_projector"]
+        assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    else:
+        assert "vlmo_projector.json" in files and "vlmo_projector.safetensors" in files
+    tuned = VLMo.from_pretrained(taught_checkpoint, device="cpu", adapter=result.output)
+    assert tuned.model.cfg.projector.kind == projector
+    assert tuned.ask(Image.new("RGB", (96, 64), RED), "what color is it?") == "blue"

@@ -138,9 +138,9 @@ class ProjectorConfig:
     24-layer CLIP-L (hidden states 7 and 15) to (8, 17) at 27 layers; seed takes 1/3 and 2/3 depth, (9, 18)."""
     pool_stride: int = 8
     """sti: tokens per average-pooling window over the row-major patch sequence (the paper's α = 8)."""
-    groups: int = 2
+    groups: int | None = None
     """dci: hidden states 0..vision_layers - 2 are split into this many contiguous groups of adjacent layers, each
-    averaged (the paper uses 2; at 27 layers: 0-12 and 13-25, the paper's own SigLIP grouping)."""
+    averaged. None: the paper's 2 (at 27 layers: 0-12 and 13-25, its own SigLIP grouping), 1 for a 2-layer tower."""
     mlp_width: int | None = None
     """sti, sci, dci: hidden width of the branch MLP (Linear, GELU, Linear). None: `out_features`, as in the paper's
     two-layer MLP, whose hidden width is the LLM width."""
@@ -167,7 +167,8 @@ class ProjectorConfig:
         The paper's SigLIP tower drops So400m's last block, takes hidden state 26 as its final features and averages
         every state before it (0-12, 13-25). We average those same states: all but the last two, which are the
         paper's final layer (L - 1) and ours (L, normed into the final features)."""
-        n, g = self.vision_layers - 1, self.groups
+        n = self.vision_layers - 1
+        g = self.groups if self.groups is not None else min(2, n)  # the paper's 2, unless the tower is too shallow
         sizes = [n // g + (1 if i < n % g else 0) for i in range(g)]
         starts = [sum(sizes[:i]) for i in range(g)]
         return tuple((s, s + size) for s, size in zip(starts, sizes, strict=True))
@@ -206,7 +207,11 @@ class ProjectorConfig:
                 )
         if self.kind == "sti" and (not isinstance(self.pool_stride, int) or self.pool_stride < 1):
             raise ConfigError(f"projector pool_stride must be a positive number of tokens, not {self.pool_stride!r}")
-        if self.kind == "dci" and (not isinstance(self.groups, int) or not 1 <= self.groups <= depth - 1):
+        if (
+            self.kind == "dci"
+            and self.groups is not None
+            and (not isinstance(self.groups, int) or not 1 <= self.groups <= depth - 1)
+        ):
             raise ConfigError(
                 f"projector groups must be in 1..{depth - 1} (hidden states 0..{depth - 2} of the {depth}-layer "
                 f"vision tower are split into groups), not {self.groups!r}"

@@ -159,19 +159,6 @@ def select_trainable(model: nn.Module, cfg: FinetuneConfig) -> list[tuple[str, n
     return trainable
 
 
-def switch_projector(model: nn.Module, kind: str) -> None:
-    """Replace the model's projector by a `kind` one that starts equal to it (zero-initialised branch)."""
-    from dataclasses import replace
-
-    from vlmo.nn.projector import init_from_linear
-
-    if model.cfg.projector.kind != "linear":  # type: ignore[union-attr]
-        raise InputError(f"this model already has a {model.cfg.projector.kind!r} projector; keep --projector as is")
-    new = replace(model.cfg.projector, kind=kind, vision_layers=model.cfg.vision.num_layers)  # type: ignore[union-attr]
-    model.projector = init_from_linear(new, model.projector)  # type: ignore[arg-type]
-    model.cfg = model.cfg.with_overrides(projector=new)  # type: ignore[union-attr, operator]
-
-
 def lora_config(cfg: FinetuneConfig):  # noqa: ANN201 - LoRAConfig, imported lazily
     from vlmo.nn.lora import LoRAConfig
 
@@ -253,7 +240,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     model = vlm.model.train()
     model.text.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.projector != model.cfg.projector.kind:
-        switch_projector(model, cfg.projector)
+        model.use_projector(cfg.projector)
     trainable = select_trainable(model, cfg)
     params = [p for _, p in trainable]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -390,16 +377,20 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 
 def export(model: nn.Module, vlm: Any, cfg: FinetuneConfig, path: Path) -> Path:
-    """The trained model in a loadable form: a PEFT-format adapter when only LoRA trained, else a full checkpoint
-    (LoRA merged) that `VLMo.from_pretrained` and transformers both load."""
+    """The trained model in a loadable form. LoRA (with or without the projector) gives a PEFT-format adapter; a
+    linear projector travels in it as PEFT's `modules_to_save`, a Dense Connector one in vlmo's files beside it.
+    Anything else gives a full checkpoint (LoRA merged) that `VLMo.from_pretrained` loads."""
+    from dataclasses import replace
+
     from vlmo.weights.writer import save_checkpoint
 
-    if cfg.train == ("lora",) and model.cfg.projector.kind == "linear":  # type: ignore[union-attr]
+    if "lora" in cfg.train and set(cfg.train) <= {"lora", "projector"}:
         from vlmo.weights.adapters import save_adapter
 
-        path.mkdir(parents=True, exist_ok=True)
-        save_adapter(model, path, lora_config(cfg), base_model=cfg.model)  # type: ignore[arg-type]
-        return path
+        lora = lora_config(cfg)
+        if "projector" in cfg.train and model.cfg.projector.kind == "linear":  # type: ignore[union-attr]
+            lora = replace(lora, modules_to_save=("multi_modal_projector",))
+        return save_adapter(model, path, lora, base_model=cfg.model)  # type: ignore[arg-type]
     if "lora" in cfg.train:
         from vlmo.nn.lora import remove_lora
 

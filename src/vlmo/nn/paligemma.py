@@ -72,6 +72,19 @@ class PaliGemma(nn.Module):
         self.projector = build_projector(cfg.projector)
         self.text = Gemma(cfg.text)
 
+    def use_projector(self, kind: str, **fields: object) -> None:
+        """Swap the linear projector for one of another `kind` (a Dense Connector, nn/projector.py) that starts out
+        equal to it: same linear weights, zero-initialised branch. `fields` override other ProjectorConfig fields."""
+        from dataclasses import replace
+
+        from vlmo.nn.projector import init_from_linear
+
+        if self.cfg.projector.kind != "linear":
+            raise InputError(f"the model already has a {self.cfg.projector.kind!r} projector")
+        new = replace(self.cfg.projector, kind=kind, vision_layers=self.cfg.vision.num_layers, **fields)
+        self.projector = init_from_linear(new, self.projector)
+        self.cfg = self.cfg.with_overrides(projector=new)
+
     @property
     def dtype(self) -> torch.dtype:
         return self.text.embed.weight.dtype

@@ -40,6 +40,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors.torch import save_file
 from torch import nn
 
+from vlmo.config import projector_to_hf
 from vlmo.errors import CheckpointError, ConfigError, InputError
 from vlmo.nn.lora import (
     LoRAConfig,
@@ -71,6 +72,9 @@ logger = logging.getLogger(__name__)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = "adapter_model.bin"
+# vlmo-only files beside a PEFT adapter, for a Dense Connector projector (PEFT ignores them)
+PROJECTOR_CONFIG = "vlmo_projector.json"
+PROJECTOR_WEIGHTS = "vlmo_projector.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel → LoraModel → the transformers model
 # The PEFT release whose format we write (its `peft_version` field; PEFT only reads it for information).
 PEFT_FORMAT_VERSION = "0.21.2"
@@ -168,7 +172,38 @@ def save_adapter(
     out.mkdir(parents=True, exist_ok=True)
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
     save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    extra = projector_to_hf(model.cfg.projector)
+    if extra is not None:  # a Dense Connector projector: PEFT has no place for it, so it sits beside the adapter
+        (out / PROJECTOR_CONFIG).write_text(json.dumps(extra, indent=2) + "\n", encoding="utf-8")
+        state = {k: v.detach().contiguous().cpu() for k, v in model.projector.state_dict().items()}
+        save_file(state, str(out / PROJECTOR_WEIGHTS), metadata={"format": "pt"})
     return out
+
+
+def _load_projector(model: PaliGemma, directory: Path) -> None:
+    """Switch to and load the Dense Connector projector saved beside an adapter (all its tensors, strictly)."""
+    if not (directory / PROJECTOR_CONFIG).is_file():
+        return
+    fields = read_json(directory / PROJECTOR_CONFIG)
+    weights = directory / PROJECTOR_WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{directory} has {PROJECTOR_CONFIG} but no {PROJECTOR_WEIGHTS}; copy the whole adapter")
+    kind = fields.pop("kind", None)
+    fields.pop("vision_layers", None)
+    model.use_projector(str(kind), **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    tensors = open_tensors(weights)
+    expected = model.projector.state_dict()
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise CheckpointError(
+            f"{weights} does not fit a {kind!r} projector: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{weights}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}"
+            )
+    model.projector.load_state_dict(tensors)
 
 
 def _distinct(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -379,6 +414,7 @@ def load_adapter(
     weights = directory / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise CheckpointError(_no_safetensors(directory, (directory / PICKLE_WEIGHTS).is_file()))
+    _load_projector(model, directory)
     factors, full = _match_tensors(model, open_tensors(weights), settings, weights)
 
     for name, (a, b, r, alpha) in factors.items():
