@@ -249,3 +249,75 @@ def test_lora_with_the_projector_saves_it_with_the_adapter(
     tuned = VLMo.from_pretrained(taught_checkpoint, device="cpu", adapter=result.output)
     assert tuned.model.cfg.projector.kind == projector
     assert tuned.ask(Image.new("RGB", (96, 64), RED), "what color is it?") == "blue"
+
+
+def test_vqav2_layout_samples_one_human_answer_per_epoch_reproducibly(tmp_path: Path) -> None:
+    from test_eval import write_vqav2
+    from vlmo.data.examples import VQAv2Dataset
+    from vlmo.eval import load_vqav2
+
+    qa = [(1, 1, "what color is it?", ["red"] * 5 + ["dark red"] * 5, "other")]
+    data = VQAv2Dataset(load_vqav2(*write_vqav2(tmp_path, qa)), seed=3)
+    drawn = [data.get(0, epoch).suffix for epoch in range(40)]
+    assert set(drawn) == {"red", "dark red"}  # both answers appear over the epochs
+    assert drawn == [VQAv2Dataset(data.examples, seed=3).get(0, e).suffix for e in range(40)]
+    assert data.get(0, 0).prefix == "answer en what color is it?"
+
+
+def test_finetune_reads_the_vqav2_layout(taught_checkpoint: Path, tmp_path: Path) -> None:
+    from test_eval import COLOUR_QA, write_vqav2
+
+    q, a, images = write_vqav2(tmp_path / "vqa", COLOUR_QA)
+    cfg = FinetuneConfig(
+        model=str(taught_checkpoint),
+        out=str(tmp_path / "run"),
+        vqa_questions=str(q),
+        vqa_annotations=str(a),
+        vqa_images=str(images),
+        train=("attention",),
+        steps=2,
+        batch_size=2,
+    )
+    assert finetune(cfg).steps == 2
+
+
+def test_gradient_checkpointing_gives_the_same_step(
+    tiny_checkpoint: Path, vqa: tuple[Path, Path], tmp_path: Path
+) -> None:
+    train, _ = vqa
+    runs = [
+        finetune(config(tiny_checkpoint, train, tmp_path / str(gc), steps=2, gradient_checkpointing=gc))
+        for gc in (False, True)
+    ]
+    assert runs[0].losses == pytest.approx(runs[1].losses, rel=1e-5)
+
+
+def test_progress_shows_loss_learning_rate_and_speed(
+    tiny_checkpoint: Path, vqa: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train, _ = vqa
+    finetune(config(tiny_checkpoint, train, tmp_path / "p", steps=2, progress=True))
+    err = capsys.readouterr().err
+    assert "loss" in err and "lr" in err and "samples/s" in err
+
+
+def test_two_process_fsdp_equals_one_process(tiny_checkpoint: Path, vqa: tuple[Path, Path], tmp_path: Path) -> None:
+    from safetensors.torch import load_file as load
+
+    train, _ = vqa
+    args = ["--model", str(tiny_checkpoint), "--data", str(train), "--train", "full", "--steps", "2"]
+    args += ["--lr", "1e-3", "--device", "cpu", "--batch-size", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
+    run += ["--master-port", str(_free_port()), "-m", "vlmo.finetune"]
+    done = subprocess.run(
+        [*run, *args, "--fsdp", "--out", str(tmp_path / "fsdp")], env=env, capture_output=True, timeout=300
+    )
+    assert (tmp_path / "fsdp/final/model.safetensors").is_file(), done.stderr.decode()[-3000:]
+    single = config(tiny_checkpoint, train, tmp_path / "one", steps=2, lr=1e-3, batch_size=3)
+    single.grad_accum = 2
+    finetune(single)
+    a, b = load(str(tmp_path / "fsdp/final/model.safetensors")), load(str(tmp_path / "one/final/model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)

@@ -447,6 +447,9 @@ def finetune(
     seed: Annotated[int, typer.Option(help="Seed for data order, initialisation and dropout.")] = 0,
     save_every: Annotated[int, typer.Option(help="Save a resumable checkpoint every N steps (0: at the end).")] = 0,
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations to save memory.")] = False,
+    fsdp: Annotated[
+        bool, typer.Option(help="Shard the model over torchrun's processes (FSDP) instead of DDP.")
+    ] = False,
     bf16: Annotated[bool, typer.Option(help="bf16 autocast on CUDA (ignored on CPU).")] = True,
     device: Device = "auto",
     resume: Annotated[Path | None, typer.Option(help="A checkpoint-N directory to continue from.")] = None,
@@ -481,6 +484,7 @@ def finetune(
         seed=seed,
         save_every=save_every,
         gradient_checkpointing=gradient_checkpointing,
+        fsdp=fsdp,
         bf16=bf16,
         device=device,
         resume=None if resume is None else str(resume),

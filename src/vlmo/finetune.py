@@ -66,6 +66,7 @@ class FinetuneConfig:
     seed: int = 0
     save_every: int = 0  # 0: only at the end
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard weights, gradients and optimizer state over the processes (FSDP2), instead of DDP
     bf16: bool = True  # autocast on CUDA only; CPUs without native bf16 would be slower
     device: str = "auto"
     resume: str | None = None
@@ -79,6 +80,8 @@ class FinetuneConfig:
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.fsdp and (self.resume is not None or self.save_every):
+            raise InputError("--fsdp runs save the final model only: drop --resume and --save-every, or use DDP")
         if self.lr <= 0 or self.warmup_steps < 0 or self.save_every < 0 or self.max_grad_norm <= 0:
             raise InputError("lr and max_grad_norm must be > 0; warmup_steps and save_every must be ≥ 0")
         vqa = (self.vqa_questions, self.vqa_annotations, self.vqa_images)
@@ -125,6 +128,29 @@ def init_distributed(device: str) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def shard(net: SuffixLoss, d: Dist) -> None:
+    """FSDP2: shard each vision block and decoder layer, then the rest, over the processes. The root is the loss
+    module, whose forward is what runs. Gradients are reduce-scattered as averages, like DDP's, so the loss scaling
+    in `finetune` holds for both."""
+    if d.world == 1:
+        raise InputError("--fsdp shards over several processes: start the run with torchrun --nproc-per-node N")
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in [*net.model.vision.layers, *net.model.text.layers]:  # type: ignore[union-attr]
+        fully_shard(layer)
+    fully_shard(net)
+
+
+def gather_full_weights(model: nn.Module) -> None:
+    """After FSDP training: replace every sharded parameter by a plain one holding the whole tensor."""
+    from torch.distributed.tensor import DTensor
+
+    for module in model.modules():
+        for leaf, p in list(module._parameters.items()):
+            if isinstance(p, DTensor):
+                module._parameters[leaf] = nn.Parameter(p.full_tensor().detach(), requires_grad=False)
 
 
 def _all_sum(value: torch.Tensor, d: Dist) -> torch.Tensor:
@@ -242,6 +268,13 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     if cfg.projector != model.cfg.projector.kind:
         model.use_projector(cfg.projector)
     trainable = select_trainable(model, cfg)
+    net: nn.Module = SuffixLoss(model)
+    if cfg.fsdp:
+        with torch.no_grad():  # FSDP frees and re-allocates parameter storage: it cannot own a file mapping
+            for p in model.parameters():
+                p.data = p.data.clone()
+        shard(net, d)  # parameters become sharded DTensors: collect them again for the optimizer
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in trainable]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
@@ -250,8 +283,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     step = 0
     if cfg.resume is not None:
         step = load_checkpoint(Path(cfg.resume), model, optimizer, scheduler)
-    net: nn.Module = SuffixLoss(model)
-    if d.world > 1:
+    if d.world > 1 and not cfg.fsdp:
         net = nn.parallel.DistributedDataParallel(net, find_unused_parameters=False)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and d.device.type == "cuda" else nullcontext()
     result = FinetuneResult(steps=step)
@@ -284,8 +316,11 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
                 save_checkpoint(out / f"checkpoint-{step}", model, trainable, optimizer, scheduler, step, cfg)
     bar.close()
     result.steps = step
+    if cfg.fsdp:
+        gather_full_weights(model)  # a collective: every process takes part, then rank 0 writes
     if d.main:
-        save_checkpoint(out / f"checkpoint-{step}", model, trainable, optimizer, scheduler, step, cfg)
+        if not cfg.fsdp:
+            save_checkpoint(out / f"checkpoint-{step}", model, trainable, optimizer, scheduler, step, cfg)
         result.output = export(model, vlm, cfg, out / "final")
     if d.world > 1:
         dist.barrier()
@@ -305,6 +340,7 @@ class _Progress:
         show = sys.stderr.isatty() if cfg.progress is None else cfg.progress
         self.bar = None
         if show and d.main:
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(
@@ -313,6 +349,7 @@ class _Progress:
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[info]}"),
                 TimeRemainingColumn(),
+                console=Console(stderr=True),
                 transient=False,
             )
             self.bar.start()
