@@ -433,3 +433,10 @@ def test_eval_vqav2_prints_a_table_and_writes_scores(ckpt: str, tmp_path: Path) 
     data = json.loads(ok(vlmo_cli(*args, "--json", "--limit", "1")))
     assert data["count"] == 1 and data["accuracy"] == 1.0
     assert_error(vlmo_cli(*args, "--mode", "fuzzy"), 2, "--mode")
+
+
+def test_help_does_not_import_torch() -> None:
+    """`vlmo -h` must be instant: the CLI module and `import vlmo` leave torch for when a model loads."""
+    code = "import sys, vlmo, vlmo.cli; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "False", done.stderr

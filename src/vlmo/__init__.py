@@ -1,18 +1,49 @@
-"""vlmo: run, fine-tune and serve PaliGemma vision-language models in plain PyTorch."""
+"""vlmo: run, fine-tune and serve PaliGemma vision-language models in plain PyTorch.
 
-from vlmo.api import VLMo
-from vlmo.config import PaliGemmaConfig, ProjectorConfig, TextConfig, VisionConfig
-from vlmo.detection import Detection
-from vlmo.errors import VlmoError
-from vlmo.generation import SamplingConfig
+The names below are imported on first use, so `import vlmo` (and `vlmo --help`) stays fast: torch loads only when a
+model does.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0.dev0"
+
+_EXPORTS = {
+    "VLMo": "vlmo.api",
+    "Detection": "vlmo.detection",
+    "Segmentation": "vlmo.segmentation",
+    "PaliGemmaConfig": "vlmo.config",
+    "ProjectorConfig": "vlmo.config",
+    "TextConfig": "vlmo.config",
+    "VisionConfig": "vlmo.config",
+    "SamplingConfig": "vlmo.generation",
+    "VlmoError": "vlmo.errors",
+}
+
+if TYPE_CHECKING:
+    from vlmo.api import VLMo
+    from vlmo.config import PaliGemmaConfig, ProjectorConfig, TextConfig, VisionConfig
+    from vlmo.detection import Detection
+    from vlmo.errors import VlmoError
+    from vlmo.generation import SamplingConfig
+    from vlmo.segmentation import Segmentation
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'vlmo' has no attribute {name!r}")
+
 
 __all__ = [
     "Detection",
     "PaliGemmaConfig",
     "ProjectorConfig",
     "SamplingConfig",
+    "Segmentation",
     "TextConfig",
     "VLMo",
     "VisionConfig",

@@ -19,8 +19,6 @@ from rich.console import Console
 
 from vlmo import __version__
 from vlmo.cli_errors import CliUsageError, ErrorHandlingGroup
-from vlmo.detection import draw_detections
-from vlmo.processing import load_image
 
 DEFAULT_MODEL = "google/paligemma-3b-mix-224"
 
@@ -126,6 +124,8 @@ def _emit_json(obj: dict[str, Any]) -> None:
 
 def _check_images(images: list[str]) -> list[str]:
     """Open every image before the model loads, so a typo costs no waiting."""
+    from vlmo.processing import load_image
+
     for image in images:
         load_image(image)
     return images
@@ -360,7 +360,8 @@ def _locate(
     mask_decoder: Path | None = None,
 ) -> None:
     """Shared body of detect/segment. Everything the user typed is checked before the model loads."""
-    from vlmo.detection import detect_prompt
+    from vlmo.detection import detect_prompt, draw_detections
+    from vlmo.processing import load_image
 
     label_list = labels.split(";")
     detect_prompt(label_list, task)  # no empty labels, no '<' '>'
