@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
+from vlmo.data.files import read_json_object
 from vlmo.errors import InputError
 from vlmo.eval_normalize import clean_whitespace, normalize_words, strip_punctuation
 
@@ -246,16 +247,7 @@ def _image_naming(
 
 
 def _read_json(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
-    file = Path(path)
-    if not file.is_file():
-        raise InputError(f"VQAv2 {what} {file} does not exist; download it from https://visualqa.org/download.html")
-    try:
-        doc = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"VQAv2 {what} {file} is not valid JSON ({err}); download it again") from None
-    if not isinstance(doc, dict):
-        raise InputError(f"VQAv2 {what} {file} must hold a JSON object, got {type(doc).__name__}")
-    return doc
+    return read_json_object(path, f"VQAv2 {what}", "download it from https://visualqa.org/download.html")
 
 
 def _records(doc: dict[str, Any], key: str, path: str | os.PathLike[str]) -> list[dict[str, Any]]:

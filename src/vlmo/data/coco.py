@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlmo.data.files import read_json_object
 from vlmo.detection import detect_prompt, encode_boxes
 from vlmo.errors import InputError
 
@@ -135,14 +136,7 @@ def write_jsonl(examples: Iterable[Mapping[str, Any]], path: str | os.PathLike[s
 
 def _read_instances(path: str | os.PathLike[str]) -> dict[str, Any]:
     file = Path(path)
-    if not file.is_file():
-        raise InputError(f"COCO annotations file {file} does not exist; pass an instances_*.json file")
-    try:
-        doc = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"COCO annotations file {file} is not valid JSON ({err})") from None
-    if not isinstance(doc, dict):
-        raise InputError(f"COCO annotations file {file} must hold a JSON object, got {type(doc).__name__}")
+    doc = read_json_object(file, "COCO annotations file", "pass an instances_*.json file")
     for key in ("images", "annotations", "categories"):
         if not isinstance(doc.get(key), list) or not all(isinstance(r, dict) for r in doc[key]):
             raise InputError(f'{file} has no "{key}" list of objects; is it a COCO instances_*.json file?')
