@@ -285,16 +285,19 @@ class VLMo:
         top_p: float = 1.0,
         top_k: int = 0,
         seed: int | None = None,
+        image_features: torch.Tensor | None = None,
     ) -> Iterator[str]:
         """Like `generate` for one image and prompt, but yields pieces of text as tokens arrive.
 
         The pieces concatenate to exactly what `generate` returns. A piece is held back while it ends inside a
         multi-byte character (byte-fallback tokens).
+        `image_features`: dt[1, N, D], this image's `encode_images([image])` result, kept by a caller that asks
+        several things about one image; the vision tower is then skipped (and `image` is not read again).
         """
         cfg = SamplingConfig(max_new_tokens, do_sample, temperature, top_k, top_p)
         ids: list[int] = []
         shown = ""
-        for step in self._token_steps([image], [prompt], cfg, seed):
+        for step in self._token_steps([image], [prompt], cfg, seed, image_features):
             if step[0] is not None and step[0] >= 0:
                 ids.append(step[0])
             text = self.text.decode(ids)
@@ -308,11 +311,22 @@ class VLMo:
             yield text[len(shown) :]
 
     def _token_steps(
-        self, images: Sequence[ImageInput], prompts: Sequence[str], cfg: SamplingConfig, seed: int | None
+        self,
+        images: Sequence[ImageInput],
+        prompts: Sequence[str],
+        cfg: SamplingConfig,
+        seed: int | None,
+        features: torch.Tensor | None = None,
     ) -> Iterator[list[int | None]]:
-        """Per step and row: the new token id; None at the row's end-of-sequence; -1 after that."""
+        """Per step and row: the new token id; None at the row's end-of-sequence; -1 after that.
+
+        `features`: precomputed `encode_images(images)` (dt[B or 1, N, D]); None encodes the images here.
+        """
         batch = self.text.encode(prompts)
-        features = self.encode_images(images)
+        if features is None:
+            features = self.encode_images(images)
+        else:
+            features = self._check_features(features, len(prompts))
         if features.shape[0] == 1 and len(prompts) > 1:
             features = features.expand(len(prompts), -1, -1)
         eos = set(self.model.cfg.eos_token_ids) | {self.text.eos_id}
@@ -343,6 +357,19 @@ class VLMo:
         """Images → projected soft tokens dt[B, N, D] (what the decoder sees in place of `<image>`)."""
         pixels = preprocess_images([load_image(im) for im in images], self.image_config)
         return self.model.encode_images(pixels.to(self.device))
+
+    def _check_features(self, features: torch.Tensor, rows: int) -> torch.Tensor:
+        """Given image features, on this model's device and dtype; InputError if they cannot be this model's."""
+        want = (self.model.cfg.num_image_tokens, self.model.cfg.text.hidden_size)
+        if not isinstance(features, torch.Tensor) or features.ndim != 3 or tuple(features.shape[1:]) != want:
+            got = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise InputError(
+                f"image_features must have shape (1, {want[0]}, {want[1]}) for this model, got {got}; "
+                "pass this model's encode_images([image])"
+            )
+        if features.shape[0] not in (1, rows):
+            raise InputError(f"image_features hold {features.shape[0]} images for {rows} prompts; pass one per prompt")
+        return features.to(self.device, self.dtype)
 
 
 def _sampling(options: GenerateOptions) -> SamplingConfig:

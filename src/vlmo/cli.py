@@ -557,6 +557,47 @@ def eval_vqav2(
         typer.echo(report.format_table())
 
 
+@app.command(
+    "app",
+    epilog=(
+        'Examples (needs pip install "vlmo[app]"):\n\n  vlmo app\n\n'
+        "  vlmo app --model google/paligemma-3b-mix-448 --port 8080 --mask-decoder vae-oid.npz"
+    ),
+)
+def app_command(
+    model: Model = DEFAULT_MODEL,
+    revision: Revision = None,
+    adapter: Adapter = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; 127.0.0.1 keeps the app on this machine, 0.0.0.0 opens it.")
+    ] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="Port to listen on (default: 7860, or the next free one).")] = None,
+    share: Annotated[bool, typer.Option(help="Also publish a public link through Gradio's relay.")] = False,
+    max_upload_mb: Annotated[int, typer.Option("--max-upload-mb", help="Largest upload accepted, in MB.")] = 20,
+    mask_decoder: Annotated[
+        Path | None,
+        typer.Option(help="Local vae-oid.npz (or converted .safetensors) for segment; default: downloaded once."),
+    ] = None,
+) -> None:
+    """Open a local web UI (Gradio) to ask, caption, read, detect and segment."""
+    from vlmo.app import serve
+
+    serve(
+        model,
+        revision=revision,
+        adapter=adapter,
+        device=device,
+        dtype=dtype,
+        host=host,
+        port=port,
+        share=share,
+        max_upload_mb=max_upload_mb,
+        mask_decoder=mask_decoder,
+    )
+
+
 @app.command(epilog="Example:\n\n  vlmo download google/paligemma-3b-mix-224")
 def download(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="Hub id, e.g. google/paligemma-3b-mix-224.")],
