@@ -26,7 +26,6 @@ from vlmo import VLMo
 from vlmo.app import (
     AppDependencyError,
     AppExample,
-    FeatureCache,
     VlmoApp,
     default_examples,
     import_gradio,
@@ -35,6 +34,7 @@ from vlmo.app import (
 )
 from vlmo.cli import app as cli_app
 from vlmo.errors import GenerationConfigError, ImageError, InputError
+from vlmo.features import FeatureCache
 
 CHROMIUM = Path("/usr/bin/chromium")
 DOCS_IMG = Path(__file__).resolve().parents[1] / "docs" / "img"
@@ -60,6 +60,7 @@ def vlm(taught_checkpoint: Path) -> VLMo:
 
 @pytest.fixture
 def app(vlm: VLMo, filled_mask_decoder: Path) -> Iterator[VlmoApp]:
+    vlm.image_cache.clear()
     state = VlmoApp(vlm, model_name="taught", mask_decoder=filled_mask_decoder, examples=TEST_EXAMPLES)
     yield state
     state.close()
@@ -296,7 +297,7 @@ def test_serve_loads_once_reports_on_stderr_and_always_stops(
     assert result.exit_code == 0, result.output
     assert len(started) == 1 and started[0]["host"] == "0.0.0.0" and started[0]["port"] == port
     assert started[0]["max_upload_mb"] == 3 and started[0]["share"] is False
-    assert f"Loaded {taught_checkpoint} on cpu (float32)" in result.output
+    assert f"Loaded {taught_checkpoint} on cpu (float32 + int8 weights)" in result.output
     assert "anyone who can reach this machine" in result.output
     assert f"running at http://0.0.0.0:{port}/" in result.output
     assert not started[0]["app"].work_dir.exists()  # closed: example and result files removed

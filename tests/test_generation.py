@@ -37,6 +37,7 @@ def test_batched_generation_equals_one_by_one(vlm: VLMo) -> None:
 
 
 def test_one_image_many_prompts_is_encoded_once(vlm: VLMo) -> None:
+    vlm.image_cache.clear()
     calls = []
     handle = vlm.model.vision.register_forward_hook(lambda *a: calls.append(a[1][0].shape[0]))
     try:

@@ -144,8 +144,8 @@ def test_other_key_layouts_give_the_same_logits(tiny_checkpoint: Path, tmp_path:
         tensors = {k: v.clone() for k, v in names.items()}
         tensors["lm_head.weight"] = tensors["model.language_model.embed_tokens.weight"].clone()
         save_file(tensors, str(other / "model.safetensors"))
-    a = VLMo.from_pretrained(tiny_checkpoint, device="cpu")
-    b = VLMo.from_pretrained(other, device="cpu")
+    a = VLMo.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32")
+    b = VLMo.from_pretrained(other, device="cpu", dtype="float32")
     assert b.model.text.lm_head is None  # an identical lm_head stays tied
     ids = a.text.encode(PROMPTS)
     with torch.no_grad():
@@ -162,7 +162,7 @@ def test_differing_lm_head_is_kept_untied_like_transformers(tiny_checkpoint: Pat
     head[-8:] += 1.0  # e.g. padding rows sampled separately by a converter (spec §1.3)
     tensors["language_model.lm_head.weight"] = head
     save_file(tensors, str(other / "model.safetensors"), metadata={"format": "pt"})
-    vlm = VLMo.from_pretrained(other, device="cpu")
+    vlm = VLMo.from_pretrained(other, device="cpu", dtype="float32")
     assert vlm.model.text.lm_head is not None
     ref, proc = reference(other)
     inputs = hf_inputs(proc, PROMPTS[:1], images()[:1])

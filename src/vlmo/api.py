@@ -23,10 +23,12 @@ else:  # pragma: no cover - typing_extensions comes with torch
     from typing_extensions import Unpack
 
 import torch
+from PIL import Image
 
 from vlmo.detection import Detection, detect_prompt, parse_detections
 from vlmo.devices import DTypeName, resolve_device, resolve_dtype
 from vlmo.errors import InputError
+from vlmo.features import FeatureCache
 from vlmo.generation import SamplingConfig, generate_ids, make_generator
 from vlmo.nn.paligemma import PaliGemma
 from vlmo.nn.vqvae import VQVAEDecoder
@@ -65,6 +67,8 @@ class VLMo:
         self.model = model
         self.text = text
         self.image_config = image_config
+        # Encoded images by content: asking several things about one image runs the vision tower once.
+        self.image_cache = FeatureCache(self._encode_pils, capacity=8)
         self.source = source
         self._mask_decoders: dict[str | None, VQVAEDecoder] = {}  # loaded on first `segment`, by source
 
@@ -80,6 +84,7 @@ class VLMo:
         progress: bool | None = None,
         adapter: str | os.PathLike[str] | None = None,
         adapter_revision: str | None = None,
+        quantize: str | None = "auto",
     ) -> VLMo:
         """Load a checkpoint: a local directory (`config.json`, safetensors weights, `tokenizer.json`) or a hub id
         such as "google/paligemma-3b-mix-224" (downloaded once into the Hugging Face cache, then used offline).
@@ -88,16 +93,28 @@ class VLMo:
         `revision`/`token` are passed to the hub; `progress` shows download bars on stderr (None: on a terminal).
         `adapter`: a LoRA adapter in PEFT's format (directory or hub id) trained on this base model; it is merged
         into the weights, so inference runs at the base model's speed; `adapter_revision` picks its hub revision.
+        `quantize`: "int8" (CPU) holds the vision tower's and decoder's linear layers and the head as int8,
+        quantized while loading so the float weights are never all in memory (`vlmo.nn.quant`); "none" keeps the
+        weights in `dtype`; "auto" (default) is int8 on a CPU when `dtype` is "auto" too, the mode that answers
+        fastest in a quarter of float32's memory (docs/benchmarks.md), and none otherwise. For bit-level agreement
+        with transformers, ask for `dtype="float32"`.
         """
         dev = resolve_device(device)
+        mode = _quant_mode(quantize, dtype, dev)
         path = resolve_model(model, revision=revision, token=token, progress=progress)
-        net = load_model(path, dtype=resolve_dtype(dtype, dev), device=dev)
+        # Quantizing starts from the stored (mmapped) weights: casting first would put a float copy in memory.
+        net = load_model(path, dtype=None if mode else resolve_dtype(dtype, dev), device=dev)
         if adapter is not None:
             from vlmo.nn.lora import remove_lora
             from vlmo.weights.adapters import load_adapter
 
             load_adapter(net, adapter, revision=adapter_revision, token=token)
             remove_lora(net, merge=True)
+        if mode == "int8":
+            from vlmo.nn.quant import quantize_int8
+            from vlmo.weights.safetensors_io import release_pages
+
+            quantize_int8(net, release=release_pages)
         pre = path / "preprocessor_config.json"
         image_config = ImageProcessorConfig.from_hf(
             read_json(pre) if pre.is_file() else None, net.cfg.vision.image_size
@@ -116,7 +133,15 @@ class VLMo:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The activation dtype (float32 for an int8 model)."""
         return self.model.dtype
+
+    @property
+    def quantized(self) -> bool:
+        """True when the weights are held as int8 (`quantize="int8"`)."""
+        from vlmo.nn.quant import is_quantized
+
+        return is_quantized(self.model)
 
     # -- generation ------------------------------------------------------------------------------------------
 
@@ -352,10 +377,16 @@ class VLMo:
                     step.append(tok)
             yield step
 
-    @torch.inference_mode()
     def encode_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        """Images → projected soft tokens dt[B, N, D] (what the decoder sees in place of `<image>`)."""
-        pixels = preprocess_images([load_image(im) for im in images], self.image_config)
+        """Images → projected soft tokens dt[B, N, D] (what the decoder sees in place of `<image>`).
+
+        Results are kept in `image_cache` (the last 8 images by content), so every task about an image seen
+        recently skips preprocessing and the vision tower."""
+        return self.image_cache.get_many([load_image(im) for im in images])
+
+    @torch.inference_mode()
+    def _encode_pils(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        pixels = preprocess_images(list(images), self.image_config)
         return self.model.encode_images(pixels.to(self.device))
 
     def _check_features(self, features: torch.Tensor, rows: int) -> torch.Tensor:
@@ -370,6 +401,22 @@ class VLMo:
         if features.shape[0] not in (1, rows):
             raise InputError(f"image_features hold {features.shape[0]} images for {rows} prompts; pass one per prompt")
         return features.to(self.device, self.dtype)
+
+
+def _quant_mode(quantize: str | None, dtype: DTypeName | torch.dtype, device: torch.device) -> str | None:
+    """None (no quantization) or "int8", after checking that it fits the device and dtype."""
+    if quantize in (None, "none"):
+        return None
+    if quantize == "auto":
+        cpu_int8 = device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
+        return "int8" if cpu_int8 and dtype == "auto" else None
+    if quantize != "int8":
+        raise InputError(f"unknown quantize mode {quantize!r}; use auto, int8 or none")
+    if device.type != "cpu":
+        raise InputError(f"--quantize int8 runs on the CPU only, not {device.type}; use 16-bit weights there")
+    if dtype not in ("auto", "float32", torch.float32):
+        raise InputError(f"--quantize int8 computes in float32; drop --dtype {str(dtype).removeprefix('torch.')}")
+    return quantize
 
 
 def _sampling(options: GenerateOptions) -> SamplingConfig:

@@ -13,13 +13,12 @@ itself and would answer a text file with a traceback-like message, so the handle
 open it with `vlmo.processing.load_image`, whose errors say what to do. Gradio still checks that the file came
 from its upload folder before any handler sees it.
 
-Several questions about one image reuse its encoded features: `FeatureCache` keeps `encode_images` results by
-image content (a small LRU), and ask/caption/ocr pass them to `VLMo.stream(image_features=...)`.
+Several questions about one image, in any tab, reuse its encoded features: the model's `vlm.image_cache`
+(`vlmo.features.FeatureCache`, an LRU keyed by image content) sits under every task.
 """
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 import os
@@ -29,7 +28,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -109,52 +107,6 @@ def default_examples() -> list[AppExample]:
     ]
 
 
-# -- the feature cache -------------------------------------------------------------------------------------------
-
-
-class FeatureCache:
-    """An LRU of image features, keyed by the image's pixels, so asking again about an image skips the vision tower.
-
-    `encode`: images → dt[B, N, D] (`VLMo.encode_images`). `capacity`: images kept (0 turns caching off). Entries
-    live on the model's device (one 224 px PaliGemma image: 256 × 2048 values, 1 MiB in bfloat16).
-    """
-
-    def __init__(self, encode: Callable[[Sequence[Image.Image]], torch.Tensor], capacity: int = 8) -> None:
-        if capacity < 0:
-            raise InputError(f"the feature cache capacity must be ≥ 0, got {capacity}")
-        self.encode, self.capacity = encode, capacity
-        self.hits = self.misses = 0
-        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def key(image: Image.Image) -> str:
-        """A content hash of the decoded pixels: the same picture uploaded twice (or under two names) matches."""
-        digest = hashlib.sha256(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
-        digest.update(image.tobytes())
-        return digest.hexdigest()
-
-    def get(self, image: Image.Image) -> torch.Tensor:
-        """dt[1, N, D]: this image's features, from the cache or freshly encoded (and then cached)."""
-        key = self.key(image)
-        with self._lock:
-            if key in self._entries:
-                self.hits += 1
-                self._entries.move_to_end(key)
-                return self._entries[key]
-            self.misses += 1
-        features = self.encode([image])
-        if self.capacity:
-            with self._lock:
-                self._entries[key] = features
-                while len(self._entries) > self.capacity:
-                    self._entries.popitem(last=False)
-        return features
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
 # -- the handlers -------------------------------------------------------------------------------------------------
 
 
@@ -223,7 +175,8 @@ class VlmoApp:
         self.vlm = vlm
         self.model_name = model_name or vlm.source.name
         self.mask_decoder = mask_decoder
-        self.cache = FeatureCache(vlm.encode_images, cache_size)
+        self.cache = vlm.image_cache  # several questions about one image (any task) encode it once
+        self.cache.capacity = cache_size
         self._work = tempfile.TemporaryDirectory(prefix="vlmo-app-")
         self.work_dir = Path(self._work.name)
         self._written = 0
@@ -569,6 +522,7 @@ def serve(
     adapter: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    quantize: str = "auto",
     host: str = "127.0.0.1",
     port: int | None = None,
     share: bool = False,
@@ -584,8 +538,15 @@ def serve(
     say = _stderr_line
     say(f"Loading {model} …")
     began = time.perf_counter()
-    vlm = VLMo.from_pretrained(model, device=device, dtype=dtype, revision=revision, adapter=adapter)  # type: ignore[arg-type]
-    dtype_name = str(vlm.dtype).removeprefix("torch.")
+    vlm = VLMo.from_pretrained(
+        model,
+        device=device,
+        dtype=dtype,  # type: ignore[arg-type]
+        revision=revision,
+        adapter=adapter,
+        quantize=quantize,
+    )
+    dtype_name = str(vlm.dtype).removeprefix("torch.") + (" + int8 weights" if vlm.quantized else "")
     say(f"Loaded {model} on {vlm.device} ({dtype_name}) in {time.perf_counter() - began:.1f} s")
     app = VlmoApp(vlm, model_name=model, mask_decoder=mask_decoder)
     with _sigterm_as_interrupt():
@@ -660,7 +621,6 @@ def _stderr_line(message: str) -> None:
 __all__ = [
     "AppDependencyError",
     "AppExample",
-    "FeatureCache",
     "Located",
     "RunningApp",
     "VlmoApp",

@@ -53,6 +53,13 @@ Device = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu,
 Dtype = Annotated[
     str, typer.Option(help="auto (float32 on CPU, bfloat16 on CUDA, float16 on MPS), float32, bfloat16 or float16.")
 ]
+Quantize = Annotated[
+    str,
+    typer.Option(
+        help="auto (int8 on CPU with --dtype auto, else none), int8 (CPU: int8 weights, a quarter of the memory) "
+        "or none."
+    ),
+]
 MaxTokens = Annotated[
     int | None, typer.Option("--max-tokens", help="Most tokens to generate (default 64; 128 for detect).")
 ]
@@ -87,8 +94,9 @@ class Run:
         top_k: int,
         seed: int | None,
         adapter: str | None = None,
+        quantize: str = "auto",
     ) -> None:
-        self.model_name, self.adapter = model, adapter
+        self.model_name, self.adapter, self.quantize = model, adapter, quantize
         self.revision, self.device, self.dtype = revision, device, dtype
         self.options: dict[str, Any] = dict(
             do_sample=sample, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
@@ -105,7 +113,12 @@ class Run:
 
         with _status(f"Loading {self.model_name}"):
             return VLMo.from_pretrained(
-                self.model_name, device=self.device, dtype=self.dtype, revision=self.revision, adapter=self.adapter
+                self.model_name,
+                device=self.device,
+                dtype=self.dtype,
+                revision=self.revision,
+                adapter=self.adapter,
+                quantize=self.quantize,
             )
 
 
@@ -178,6 +191,7 @@ def ask(
     adapter: Adapter = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    quantize: Quantize = "auto",
     max_tokens: MaxTokens = None,
     sample: Sample = False,
     temperature: Temperature = 1.0,
@@ -194,7 +208,7 @@ def ask(
         *images, question = images
     if not question.strip():
         raise CliUsageError("the question is empty; pass some text")
-    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed, adapter)
+    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed, adapter, quantize)
     prompt = f"answer {lang} {' '.join(question.split())}"
     _texts(
         run,
@@ -217,6 +231,7 @@ def caption(
     adapter: Adapter = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    quantize: Quantize = "auto",
     max_tokens: MaxTokens = None,
     sample: Sample = False,
     temperature: Temperature = 1.0,
@@ -231,7 +246,7 @@ def caption(
 
     if detail not in CAPTION_TASKS:
         raise CliUsageError(f"unknown --detail {detail!r}; use short, long or raw")
-    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed, adapter)
+    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed, adapter, quantize)
     prompt = f"{CAPTION_TASKS[detail]} {lang}"
     _texts(
         run,
@@ -252,6 +267,7 @@ def ocr(
     adapter: Adapter = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    quantize: Quantize = "auto",
     max_tokens: MaxTokens = None,
     sample: Sample = False,
     temperature: Temperature = 1.0,
@@ -262,7 +278,7 @@ def ocr(
     stream: Stream = None,
 ) -> None:
     """Read the text in one or more images."""
-    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed, adapter)
+    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed, adapter, quantize)
     _texts(
         run, images, ["ocr"] * len(images), "ocr", json_out, stream, lambda v: v.generate(images, "ocr", **run.options)
     )
@@ -279,6 +295,7 @@ def generate(
     adapter: Adapter = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    quantize: Quantize = "auto",
     max_tokens: MaxTokens = None,
     sample: Sample = False,
     temperature: Temperature = 1.0,
@@ -289,7 +306,7 @@ def generate(
     stream: Stream = None,
 ) -> None:
     """Complete a raw prompt for an image (special tokens such as <loc0123> are kept)."""
-    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed, adapter)
+    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed, adapter, quantize)
     _texts(run, [image], [prompt], "generate", json_out, stream, lambda v: v.generate(image, prompt, **run.options))
 
 
@@ -306,6 +323,7 @@ def detect(
     adapter: Adapter = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    quantize: Quantize = "auto",
     max_tokens: MaxTokens = None,
     sample: Sample = False,
     temperature: Temperature = 1.0,
@@ -315,7 +333,7 @@ def detect(
     json_out: JsonOut = False,
 ) -> None:
     """Find objects and print their boxes (x_min y_min x_max y_max, in pixels)."""
-    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed, adapter)
+    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed, adapter, quantize)
     _locate("detect", image, labels, out, force, run, json_out)
 
 
@@ -336,6 +354,7 @@ def segment(
     adapter: Adapter = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    quantize: Quantize = "auto",
     max_tokens: MaxTokens = None,
     sample: Sample = False,
     temperature: Temperature = 1.0,
@@ -345,7 +364,7 @@ def segment(
     json_out: JsonOut = False,
 ) -> None:
     """Segment objects: print boxes and mask areas; --json gives COCO RLE masks."""
-    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed, adapter)
+    run = Run(model, revision, device, dtype, max_tokens, sample, temperature, top_p, top_k, seed, adapter, quantize)
     _locate("segment", image, labels, out, force, run, json_out, mask_decoder)
 
 
@@ -526,6 +545,7 @@ def eval_vqav2(
     adapter: Adapter = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    quantize: Quantize = "auto",
     max_tokens: MaxTokens = None,
     json_out: JsonOut = False,
 ) -> None:
@@ -539,7 +559,7 @@ def eval_vqav2(
     if batch_size < 1 or (limit is not None and limit < 1):
         raise CliUsageError("--batch-size and --limit must be at least 1")
     examples = load_vqav2(questions, annotations, images)[:limit]
-    run = Run(model, revision, device, dtype, max_tokens, False, 1.0, 1.0, 0, None, adapter)
+    run = Run(model, revision, device, dtype, max_tokens, False, 1.0, 1.0, 0, None, adapter, quantize)
     vlm = run.load()
     report = evaluate_vqa(
         vlm,
@@ -570,6 +590,7 @@ def app_command(
     adapter: Adapter = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    quantize: Quantize = "auto",
     host: Annotated[
         str, typer.Option(help="Address to listen on; 127.0.0.1 keeps the app on this machine, 0.0.0.0 opens it.")
     ] = "127.0.0.1",
@@ -590,6 +611,7 @@ def app_command(
         adapter=adapter,
         device=device,
         dtype=dtype,
+        quantize=quantize,
         host=host,
         port=port,
         share=share,
@@ -615,14 +637,16 @@ def info(json_out: JsonOut = False) -> None:
     """Show versions, devices, and the models in the Hugging Face cache."""
     import torch
 
-    from vlmo.devices import resolve_dtype
+    from vlmo.devices import resolve_device, resolve_dtype
     from vlmo.weights.hub import cache_location, cached_models
 
     devices = ["cpu"]
     devices += [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
     if torch.backends.mps.is_available():
         devices.append("mps")
-    auto = str(resolve_dtype("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))).split(".")[-1]
+    auto_device = resolve_device("auto")
+    auto = str(resolve_dtype("auto", auto_device)).split(".")[-1]
+    cpu_int8 = auto_device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
     models = cached_models()
     data = {
         "vlmo": __version__,
@@ -630,6 +654,7 @@ def info(json_out: JsonOut = False) -> None:
         "python": sys.version.split()[0],
         "devices": devices,
         "auto_dtype": auto,
+        "auto_quantize": "int8" if cpu_int8 else "none",
         "cache": str(cache_location()),
         "cached_models": [{"id": repo, "bytes": size} for repo, size in models],
         "default_model": os.environ.get("VLMO_MODEL", DEFAULT_MODEL),
@@ -637,7 +662,7 @@ def info(json_out: JsonOut = False) -> None:
     if json_out:
         _emit_json(data)
         return
-    for key in ("vlmo", "torch", "python", "auto_dtype", "default_model", "cache"):
+    for key in ("vlmo", "torch", "python", "auto_dtype", "auto_quantize", "default_model", "cache"):
         typer.echo(f"{key}: {data[key]}")
     typer.echo("devices: " + ", ".join(devices))
     typer.echo("cached models:" + ("" if models else " none"))

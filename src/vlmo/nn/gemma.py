@@ -176,13 +176,22 @@ class Gemma(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         # None while tied to `embed` (all PaliGemma checkpoints); a Linear only for a checkpoint whose own lm_head
-        # differs from the embedding (spec §1.3).
-        self.lm_head: nn.Linear | None = None
+        # differs from the embedding (spec §1.3), or the int8 head of a quantized model (nn/quant.py).
+        self.lm_head: nn.Module | None = None
         self.gradient_checkpointing = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype: the norms' (never quantized, so also right for an int8 model: float32)."""
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
 
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
         """int64[B, T] → dt[B, T, D], scaled by √D cast to the weight dtype first (bf16: 45.25 for D=2048)."""
-        scale = torch.tensor(self.cfg.embed_scale, dtype=self.embed.weight.dtype)
+        scale = torch.tensor(self.cfg.embed_scale, dtype=self.dtype)
         return self.embed(ids) * scale
 
     def forward(
@@ -208,8 +217,7 @@ class Gemma(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """dt[..., D] → dt[..., V] through the (tied) head, with Gemma 2's final soft-cap."""
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        out = F.linear(h, weight)
+        out = F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)
         cap = self.cfg.final_logit_softcapping
         if cap is not None:
             out = torch.tanh(out / cap) * cap

@@ -87,11 +87,11 @@ class PaliGemma(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.text.embed.weight.dtype
+        return self.text.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.text.embed.weight.device
+        return self.text.device
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """float[B, 3, H, W] in [-1, 1] → projected soft tokens dt[B, N, D]. Run once per image, not per token."""

@@ -94,12 +94,13 @@ def read_state_dict(
 
 
 def load_model(
-    model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    model_dir: str | Path, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu"
 ) -> PaliGemma:
     """Build the model described by `model_dir/config.json` and load its weights strictly.
 
     Floating-point tensors are cast to `dtype` (no copy when the stored dtype already matches and the device is
-    the CPU). Raises `CheckpointError` naming the first missing/unexpected keys or the first shape mismatch.
+    the CPU; `dtype=None` keeps the stored dtypes, so a CPU model is entirely mmapped). Raises `CheckpointError`
+    naming the first missing/unexpected keys or the first shape mismatch.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -132,7 +133,7 @@ def load_model(
                 f"{tuple(ref.shape)}"
             )
         if got.is_floating_point():
-            state[name] = got.to(device=device, dtype=dtype)
+            state[name] = got.to(device=device, dtype=dtype or got.dtype)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 

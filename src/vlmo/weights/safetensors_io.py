@@ -9,10 +9,13 @@ truncated or corrupt file is a clear `CheckpointError`, not a crash. Nothing is 
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import math
 import mmap
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -93,3 +96,30 @@ def open_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
                 t = torch.frombuffer(mm, dtype=dtype, count=count, offset=base + begin).view(info["shape"])
             out[name] = t
     return out
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Give the memory pages that lie wholly inside `tensor` back to the OS (Linux `madvise(MADV_DONTNEED)`).
+
+    For a tensor over `open_tensors`' copy-on-write map this drops the pages from the process: its resident size
+    falls, and a later read would fetch the file's bytes again (any in-place change is lost, so call it only on a
+    tensor that is no longer needed, e.g. a weight that has just been quantized). Pages shared with a neighbouring
+    tensor are kept. A no-op elsewhere than on Linux, and for anything not page-aligned enough to matter.
+    """
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu":
+        return
+    page = mmap.PAGESIZE
+    start = -(-tensor.data_ptr() // page) * page
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
+    if end > start:
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+_MADV_DONTNEED = 4
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc

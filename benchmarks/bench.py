@@ -1,0 +1,247 @@
+"""vlmo against transformers on the same random-weight checkpoint, same machine, same run.
+
+    python benchmarks/bench.py --size tiny                          # seconds; checks the harness
+    python benchmarks/bench.py --size paligemma-3b --runs 3         # the numbers in docs/benchmarks.md
+    python benchmarks/bench.py --size paligemma2-3b --modes vlmo-int8,hf-bfloat16
+
+Each measurement is a fresh process (so peak RSS is the whole process's, load included) that loads the model,
+then answers one request: a 640×480 image and a 12-token prompt, greedy, exactly `--new-tokens` tokens (no early
+stop). It reports load time, peak RSS, time to first token (image preprocessing + vision tower + prefill + first
+token), decode tokens/s after the first token, and the end-to-end time of an 8-token answer (from the raw image to
+the 8th token). Modes run alternately (`--runs` rounds), and the table shows medians and ratios against
+transformers' float32 and bfloat16 rows. The checkpoint is written once into `--cache` (`checkpoints.py`).
+
+Modes: vlmo-float32, vlmo-bfloat16, vlmo-int8 (`quantize="int8"`), vlmo-auto (vlmo's defaults), hf-float32,
+hf-bfloat16 (transformers' PaliGemmaForConditionalGeneration + PaliGemmaProcessor, its default sdpa attention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_MODES = "vlmo-auto,vlmo-float32,vlmo-bfloat16,vlmo-int8,hf-float32,hf-bfloat16"
+PROMPT = "answer en what is written on the sign next to the red car in this picture?"
+METRICS = ("load_s", "peak_rss_gb", "ttft_s", "decode_tok_s", "e2e8_s")
+
+
+def test_image():  # noqa: ANN201 - PIL type
+    """A 640×480 noise image (seeded): every request preprocesses a real resize, like a photo would."""
+    import torch
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (480, 640, 3), generator=g, dtype=torch.uint8)
+    return Image.frombytes("RGB", (640, 480), bytes(pixels.flatten().tolist()))
+
+
+def worker(mode: str, model_dir: str, new_tokens: int, threads: int) -> dict[str, Any]:
+    """One measurement in this process (see module docstring); returns the metrics and what the model holds."""
+    import torch
+
+    torch.set_num_threads(threads)
+    engine, _, kind = mode.partition("-")
+    image = test_image()
+    started = time.perf_counter()
+    times: list[float] = []
+    if engine == "vlmo":
+        from vlmo import VLMo
+        from vlmo.generation import SamplingConfig, generate_ids
+
+        options: dict[str, Any] = {"quantize": "int8"} if kind == "int8" else {"dtype": kind}
+        vlm = VLMo.from_pretrained(model_dir, device="cpu", progress=False, **options)
+        load = time.perf_counter() - started
+        weights = _held_bytes(vlm.model)
+        t0 = time.perf_counter()
+        features = vlm.encode_images([image])
+        batch = vlm.text.encode([PROMPT])
+        steps = generate_ids(vlm.model, batch.input_ids, batch.attention_mask, features,
+                             SamplingConfig(max_new_tokens=new_tokens), [], vlm.text.pad_id)  # fmt: skip
+        for _ in steps:
+            times.append(time.perf_counter())
+        described = f"{vlm.dtype}".removeprefix("torch.") + (" + int8" if kind in ("int8", "auto") and
+                                                              _quantized(vlm.model) else "")  # fmt: skip
+    elif engine == "hf":
+        import transformers
+
+        dtype = getattr(torch, kind)
+        model = transformers.PaliGemmaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
+        proc = transformers.PaliGemmaProcessor(
+            image_processor=transformers.models.siglip.SiglipImageProcessorPil.from_pretrained(model_dir),
+            tokenizer=transformers.GemmaTokenizer(tokenizer_file=str(Path(model_dir) / "tokenizer.json")),
+        )
+        load = time.perf_counter() - started
+        weights = sum(t.nbytes for t in model.state_dict().values())
+
+        class Clock(transformers.LogitsProcessor):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+                times.append(time.perf_counter())
+                return scores
+
+        t0 = time.perf_counter()
+        inputs = proc(images=image, text=PROMPT, return_tensors="pt")
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           logits_processor=[Clock()], pad_token_id=0)  # fmt: skip
+        described = kind
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    if len(times) != new_tokens:
+        raise SystemExit(f"{mode}: produced {len(times)} tokens, expected {new_tokens}")
+    return {
+        "mode": mode,
+        "holds": described,
+        "load_s": load,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+        "weights_gb": weights / 1e9,
+        "ttft_s": times[0] - t0,
+        "decode_tok_s": (new_tokens - 1) / (times[-1] - times[0]),
+        "e2e8_s": times[min(7, new_tokens - 1)] - t0,
+    }
+
+
+def _quantized(model: Any) -> bool:
+    from vlmo.nn.quant import is_quantized
+
+    return is_quantized(model)
+
+
+def _held_bytes(model: Any) -> int:
+    """Bytes of weights the model holds: parameters and buffers, plus fbgemm's packed int8 matrices."""
+    from vlmo.nn.quant import Int8Linear
+
+    total = sum(t.nbytes for t in model.state_dict().values())
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            total += m.in_features * m.out_features + 8 * m.out_features
+    return total
+
+
+def run_one(mode: str, model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", mode, "--model-dir", str(model_dir),
+           "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{mode} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def summarize(results: list[dict[str, Any]], modes: list[str]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for mode in modes:
+        rows = [r for r in results if r["mode"] == mode]
+        if rows:
+            out[mode] = {k: statistics.median(r[k] for r in rows) for k in (*METRICS, "weights_gb")}
+            out[mode]["holds"] = rows[0]["holds"]  # type: ignore[assignment]
+    return out
+
+
+def table(summary: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| mode | weights held | load s | peak RSS GB | TTFT s | decode tok/s | 8-token answer s "
+        "| e2e ÷ hf fp32 | TTFT ÷ hf fp32 | decode × hf bf16 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    f32, b16 = summary.get("hf-float32"), summary.get("hf-bfloat16")
+    for mode, m in summary.items():
+        e2e = f"{m['e2e8_s'] / f32['e2e8_s']:.2f}" if f32 else "–"
+        ttft = f"{m['ttft_s'] / f32['ttft_s']:.2f}" if f32 else "–"
+        dec = f"{m['decode_tok_s'] / b16['decode_tok_s']:.2f}" if b16 else "–"
+        lines.append(
+            f"| {mode} | {m['holds']}, {m['weights_gb']:.2f} GB | {m['load_s']:.2f} | {m['peak_rss_gb']:.2f} "
+            f"| {m['ttft_s']:.2f} | {m['decode_tok_s']:.2f} | {m['e2e8_s']:.2f} | {e2e} | {ttft} | {dec} |"
+        )
+    return "\n".join(lines)
+
+
+def environment(threads: int) -> dict[str, Any]:
+    import torch
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": _cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cores": os.cpu_count(),
+        "threads": threads,
+    }
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        env["transformers"] = None
+    import vlmo
+
+    env["vlmo"] = vlmo.__version__
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="tiny", help="tiny | paligemma-3b | paligemma2-3b")
+    parser.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated (default {DEFAULT_MODES})")
+    parser.add_argument("--runs", type=int, default=3, help="rounds over all modes (medians)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens per answer (≥ 8)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "vlmo-bench")
+    parser.add_argument("--out", type=Path, help="JSON results file (default: benchmarks/results/<size>.json)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.model_dir, args.new_tokens, args.threads)))
+        return
+    if args.new_tokens < 8:
+        parser.error("--new-tokens must be at least 8 (the 8-token answer is one of the metrics)")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("transformers is not installed: measuring vlmo only", file=sys.stderr)
+        modes = [m for m in modes if not m.startswith("hf-")]
+    sys.path.insert(0, str(HERE))
+    from checkpoints import write_checkpoint
+
+    print(f"checkpoint {args.size} in {args.cache / args.size} …", file=sys.stderr)
+    model_dir = write_checkpoint(args.size, args.cache / args.size)
+    results = []
+    for run in range(args.runs):
+        for mode in modes:
+            r = run_one(mode, model_dir, args)
+            print(f"run {run + 1}/{args.runs} {mode}: " + ", ".join(f"{k} {r[k]:.3g}" for k in METRICS),
+                  file=sys.stderr, flush=True)  # fmt: skip
+            results.append(r)
+    summary = summarize(results, modes)
+    report = {"size": args.size, "command": " ".join(sys.argv), "new_tokens": args.new_tokens,
+              "environment": environment(args.threads), "summary": summary, "runs": results}  # fmt: skip
+    out = args.out or HERE / "results" / f"{args.size}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(table(summary))
+    print(f"results: {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
