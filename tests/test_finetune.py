@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from vlmo import VLMo
-from vlmo.data.examples import JsonlDataset
+from vlmo.data.examples import Example, JsonlDataset
 from vlmo.errors import InputError
 from vlmo.finetune import FinetuneConfig, finetune, sample_indices, warmup_cosine
 
@@ -134,13 +134,46 @@ def test_warmup_then_cosine() -> None:
     [
         ({"train": ("everything",)}, "--train"),
         ({"steps": 0}, "steps"),
-        ({"data": None}, "--data"),
+        ({"vqa_questions": "q.json"}, "--data"),  # both kinds of data files
+        ({"data": None, "vqa_questions": "q.json"}, "--vqa-annotations"),  # half the VQAv2 layout
         ({"lr": 0.0}, "lr"),
     ],
 )
 def test_config_errors(kw: dict, words: str, tmp_path: Path) -> None:
     with pytest.raises(InputError, match=words):
         config(tmp_path, tmp_path / "x.jsonl", tmp_path / "out", **kw)
+
+
+class SolidColours:
+    """A dataset made on the fly: `get(index, epoch)` paints a fresh picture, nothing is read from disk."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[int, int]] = []
+
+    def __len__(self) -> int:
+        return 8
+
+    def get(self, index: int, epoch: int) -> Example:
+        self.requests.append((epoch, index))
+        name = list(COLOURS)[index % len(COLOURS)]
+        return Example(Image.new("RGB", (40 + epoch, 30), COLOURS[name]), "answer en what color is it?", name)
+
+
+def test_finetune_trains_on_a_dataset_object(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    data = SolidColours()
+    cfg = FinetuneConfig(model=str(tiny_checkpoint), out=str(tmp_path / "run"), train=("full",), steps=3, batch_size=4)
+    result = finetune(cfg, dataset=data)
+    assert result.steps == 3 and result.output is not None and (result.output / "model.safetensors").is_file()
+    assert data.requests == sample_indices(len(data), cfg.seed, 0, 12)  # the usual seeded order, over 2 epochs
+
+
+def test_finetune_needs_data_from_exactly_one_place(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    bare = FinetuneConfig(model=str(tiny_checkpoint), out=str(tmp_path / "run"))  # allowed: a dataset may come
+    with pytest.raises(InputError, match="--data FILE.jsonl"):
+        finetune(bare)
+    with pytest.raises(InputError, match="not both"):
+        finetune(config(tiny_checkpoint, tmp_path / "x.jsonl", tmp_path / "run"), dataset=SolidColours())
+    assert not (tmp_path / "run").exists()
 
 
 def test_jsonl_errors_name_the_line(tmp_path: Path) -> None:
@@ -201,7 +234,9 @@ def test_lora_run_exports_a_peft_adapter_that_reloads(taught_checkpoint: Path, t
     tuned = VLMo.from_pretrained(taught_checkpoint, device="cpu", adapter=result.output)
     assert base.ask([red, blue], "what color is it?") == ["red", "blue"]
     assert tuned.ask([red, blue], "what color is it?") == ["blue", "red"]
-    assert type(tuned.model.text.layers[0].attn.q_proj) is torch.nn.Linear  # merged for inference
+    assert tuned.quantized  # the CPU default (int8) quantizes the merged weights
+    exact = VLMo.from_pretrained(taught_checkpoint, device="cpu", dtype="float32", adapter=result.output)
+    assert type(exact.model.text.layers[0].attn.q_proj) is torch.nn.Linear  # merged for inference
 
 
 def test_cli_finetune_then_ask_with_the_adapter(taught_checkpoint: Path, tmp_path: Path) -> None:

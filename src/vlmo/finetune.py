@@ -85,11 +85,18 @@ class FinetuneConfig:
         if self.lr <= 0 or self.warmup_steps < 0 or self.save_every < 0 or self.max_grad_norm <= 0:
             raise InputError("lr and max_grad_norm must be > 0; warmup_steps and save_every must be ≥ 0")
         vqa = (self.vqa_questions, self.vqa_annotations, self.vqa_images)
-        if (self.data is None) == all(v is None for v in vqa) or (self.data is None and None in vqa):
-            raise InputError(
-                "give training data either as --data FILE.jsonl or as all of --vqa-questions, --vqa-annotations "
-                "and --vqa-images"
-            )
+        if any(v is not None for v in vqa) and (self.data is not None or None in vqa):
+            raise InputError(_DATA_CHOICE)
+        # No data at all is allowed here: `finetune(cfg, dataset=...)` may bring it; `load_dataset` checks.
+
+    @property
+    def has_data_files(self) -> bool:
+        return self.data is not None or self.vqa_questions is not None
+
+
+_DATA_CHOICE = (
+    "give training data either as --data FILE.jsonl or as all of --vqa-questions, --vqa-annotations and --vqa-images"
+)
 
 
 @dataclass
@@ -229,6 +236,8 @@ def micro_batches(data: Dataset, cfg: FinetuneConfig, d: Dist, step: int) -> Ite
 
 
 def load_dataset(cfg: FinetuneConfig) -> Dataset:
+    if not cfg.has_data_files:
+        raise InputError(_DATA_CHOICE)
     if cfg.data is not None:
         return JsonlDataset(cfg.data)
     from vlmo.eval import load_vqav2
@@ -256,10 +265,17 @@ class SuffixLoss(nn.Module):
         return F.cross_entropy(logits, targets[keep], reduction="sum")
 
 
-def finetune(cfg: FinetuneConfig) -> FinetuneResult:
-    """Run the training loop described by `cfg`; see the module docstring for the loss and data order."""
+def finetune(cfg: FinetuneConfig, dataset: Dataset | None = None) -> FinetuneResult:
+    """Run the training loop described by `cfg`; see the module docstring for the loss and data order.
+
+    `dataset`: train on this object (`len()` and `get(index, epoch) -> Example`, e.g. data generated on the fly)
+    instead of the files `cfg` names; `cfg` must then name none. A resumed run needs the same dataset again.
+    """
     from vlmo.api import VLMo
 
+    if dataset is not None and cfg.has_data_files:
+        raise InputError("pass training data either as a dataset object or as files in the config, not both")
+    data = dataset if dataset is not None else load_dataset(cfg)  # data errors come before the model loads
     d = init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
     vlm = VLMo.from_pretrained(cfg.model, device=d.device, dtype="float32")
@@ -278,7 +294,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     params = [p for _, p in trainable]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
-    data, collate = load_dataset(cfg), Collator(vlm.text, vlm.image_config)
+    collate = Collator(vlm.text, vlm.image_config)
     out = Path(cfg.out)
     step = 0
     if cfg.resume is not None:

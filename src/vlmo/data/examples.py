@@ -1,8 +1,9 @@
 """Training examples: one image, a prefix (the prompt) and a suffix (the target), from JSONL or VQAv2 files.
 
 A dataset here is anything with `len()` and `get(index, epoch) -> Example`: the epoch lets a dataset vary what it
-returns per pass (VQAv2 samples one of the ten human answers each time, as big_vision does) while staying
-reproducible, which exact resumption of a training run needs.
+returns per pass (VQAv2 samples one of the ten human answers each time, as big_vision does; a synthetic dataset
+such as `vlmo.demo.shapes.ShapesDataset` draws a fresh scene) while staying reproducible, which exact resumption of
+a training run needs. `vlmo.finetune.finetune(cfg, dataset=...)` trains on any such object.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from pathlib import Path
 from typing import Protocol
 
 from vlmo.errors import InputError
+from vlmo.processing import ImageInput
 
 
 @dataclass(frozen=True)
 class Example:
-    image: Path
+    image: ImageInput  # a path (files), or an image made in memory (generated data)
     prefix: str
     suffix: str
 
