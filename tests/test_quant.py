@@ -18,7 +18,7 @@ from conftest import BLUE, RED, TAUGHT_EXAMPLES
 from vlmo import VLMo
 from vlmo.cli import app as cli_app
 from vlmo.errors import InputError
-from vlmo.nn.quant import Int8Embedding, Int8Linear, _quantize_rows, is_quantized, quantize_int8
+from vlmo.nn.quant import Float16Linear, Int8Embedding, Int8Linear, _quantize_rows, is_quantized, quantize_int8
 from vlmo.processing import preprocess_images
 from vlmo.weights.loader import load_model
 from vlmo.weights.safetensors_io import open_tensors, release_pages
@@ -180,3 +180,33 @@ def test_quantized_linear_handles_any_leading_shape() -> None:
     q, s = _quantize_rows(w)
     x = torch.randn(4, 16)
     assert torch.allclose(Int8Linear(q, s, None)(x), F.linear(x, q.float() * s[:, None]), atol=0.05, rtol=0.05)
+
+
+# -- bfloat16 on the CPU: float16-held linear weights -------------------------------------------------------------
+
+
+def test_float16_linear_paths_and_overflow_guard() -> None:
+    torch.manual_seed(0)
+    w, bias = torch.randn(96, 64) * 0.05, torch.randn(96)
+    layer = Float16Linear(w, bias).to(torch.bfloat16)
+    assert layer.weight16.dtype == torch.float16 and layer.bias.dtype == torch.bfloat16
+    one, many = torch.randn(1, 1, 64).bfloat16(), torch.randn(2, 5, 64).bfloat16()
+    # one row (decode): float16 product, then bf16; many rows: the bf16 GEMM on the weight cast to bf16
+    expect_one = (F.linear(one.half(), w.half()).bfloat16() + bias.bfloat16()).float()
+    assert torch.equal(layer(one).float(), expect_one)
+    expect_many = F.linear(many, w.half().bfloat16()) + bias.bfloat16()
+    assert torch.equal(layer(many), expect_many)
+    ref = F.linear(one.float(), w, bias)
+    assert torch.allclose(layer(one).float(), ref, rtol=2e-2, atol=2e-2)
+    huge = Float16Linear(torch.full((4, 64), 60.0), None).to(torch.bfloat16)  # 64 · 60 · 30 > 65504
+    y = huge(torch.full((1, 64), 30.0).bfloat16())
+    assert torch.isfinite(y).all() and torch.allclose(y.float(), torch.full((1, 4), 115200.0), rtol=1e-2)
+
+
+def test_bfloat16_cpu_model_holds_float16_weights_and_answers_the_same(taught_checkpoint: Path) -> None:
+    vlm = VLMo.from_pretrained(taught_checkpoint, device="cpu", dtype="bfloat16")
+    assert vlm.dtype == torch.bfloat16 and not vlm.quantized
+    assert isinstance(vlm.model.text.layers[0].mlp.up_proj, Float16Linear)
+    assert vlm.model.text.lm_head.weight16 is vlm.model.text.embed.weight16  # tied: one table
+    for color, prompt, target in TAUGHT_EXAMPLES:
+        assert vlm.generate(Image.new("RGB", (96, 64), color), prompt, max_new_tokens=48) == target

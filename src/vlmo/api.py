@@ -102,8 +102,12 @@ class VLMo:
         dev = resolve_device(device)
         mode = _quant_mode(quantize, dtype, dev)
         path = resolve_model(model, revision=revision, token=token, progress=progress)
+        want = resolve_dtype(dtype, dev)
+        # bfloat16 on a CPU holds its linear weights in float16 (nn/quant.py, Float16Linear: faster decode).
+        half_weights = mode is None and dev.type == "cpu" and want == torch.bfloat16
         # Quantizing starts from the stored (mmapped) weights: casting first would put a float copy in memory.
-        net = load_model(path, dtype=None if mode else resolve_dtype(dtype, dev), device=dev)
+        load_dtype = None if mode else torch.float16 if half_weights else want
+        net = load_model(path, dtype=load_dtype, device=dev)
         if adapter is not None:
             from vlmo.nn.lora import remove_lora
             from vlmo.weights.adapters import load_adapter
@@ -112,9 +116,23 @@ class VLMo:
             remove_lora(net, merge=True)
         if mode == "int8":
             from vlmo.nn.quant import quantize_int8
-            from vlmo.weights.safetensors_io import release_pages
+            from vlmo.weights.safetensors_io import release_pages, trim_heap
 
-            quantize_int8(net, release=release_pages)
+            released = [0]
+
+            def release(weight: torch.Tensor) -> None:
+                release_pages(weight)
+                released[0] += weight.nbytes
+                if released[0] > 256 * 2**20:  # now and then, not per chunk: a trim walks the whole heap
+                    trim_heap()
+                    released[0] = 0
+
+            quantize_int8(net, release=release)
+            trim_heap()
+        elif half_weights:
+            from vlmo.nn.quant import hold_float16
+
+            hold_float16(net, torch.bfloat16)
         pre = path / "preprocessor_config.json"
         image_config = ImageProcessorConfig.from_hf(
             read_json(pre) if pre.is_file() else None, net.cfg.vision.image_size

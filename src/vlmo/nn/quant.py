@@ -42,24 +42,28 @@ def _has_vnni() -> bool:
 
 
 REDUCE_RANGE = not _has_vnni()
-_CHUNK_ELEMENTS = 1 << 24  # quantize big matrices 16 M elements (64 MB in fp32) at a time
+_CHUNK_ELEMENTS = 1 << 22  # quantize big matrices 4 M elements (16 MB in fp32) at a time
 
 
-def _quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_rows(
+    weight: torch.Tensor, release: Callable[[torch.Tensor], None] = lambda t: None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """float[N, K] (any float dtype, may be mmapped) → (int8[N, K], float32[N]) with w ≈ q · scale[:, None].
 
     Symmetric per-row absmax: scale = max|w_row| / 127 (rows of zeros get scale 1). Works through the rows in
-    chunks so that converting a bf16 or mmapped table to fp32 never needs a full-size temporary."""
+    chunks so that converting a bf16 or mmapped table to fp32 never needs a full-size temporary, and hands each
+    chunk of `weight` to `release` once it is done (so a 2 GB mmapped embedding is never resident all at once)."""
     n, k = weight.shape
     q = torch.empty(n, k, dtype=torch.int8)
     scale = torch.empty(n, dtype=torch.float32)
     step = max(1, _CHUNK_ELEMENTS // max(k, 1))
     for i in range(0, n, step):
-        w = weight[i : i + step].float()
+        w = weight[i : i + step].float()  # may be the (mmapped) weight itself: never written to
         s = w.abs().amax(dim=1) / 127.0
         s = torch.where(s > 0, s, torch.ones_like(s))
-        q[i : i + step] = torch.round(w / s[:, None]).clamp_(-127, 127).to(torch.int8)
+        q[i : i + step] = (w / s[:, None]).round_().clamp_(-127, 127)
         scale[i : i + step] = s
+        release(weight[i : i + step])
     return q, scale
 
 
@@ -81,8 +85,8 @@ class Int8Linear(nn.Module):
         self._packed = _pack(q, scale, bias)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear) -> Int8Linear:
-        q, scale = _quantize_rows(linear.weight.detach())
+    def from_float(cls, linear: nn.Linear, release: Callable[[torch.Tensor], None] = lambda t: None) -> Int8Linear:
+        q, scale = _quantize_rows(linear.weight.detach(), release)
         return cls(q, scale, None if linear.bias is None else linear.bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,6 +97,20 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row, dynamic inputs"
+
+
+class Int8Head(nn.Module):
+    """The output head as row blocks of `Int8Linear` (logits = their outputs side by side): packing a 257216-row
+    matrix at once needs several temporary copies of it, a block needs a few MB. x: float32[..., D] → [..., V]."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, block: int = 16384) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            Int8Linear(q[i : i + block], scale[i : i + block], None) for i in range(0, q.shape[0], block)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([b(x) for b in self.blocks], dim=-1)
 
 
 class Int8Embedding(nn.Module):
@@ -110,9 +128,9 @@ class Int8Embedding(nn.Module):
 def quantize_int8(model: nn.Module, release: Callable[[torch.Tensor], None] = lambda t: None) -> nn.Module:
     """Quantize a loaded `PaliGemma` in place (see the module docstring for what and why); returns it.
 
-    `release(t)` is called on each float weight once its int8 form exists (the loader passes a function that
-    returns mmapped pages to the OS). Everything left in floating point is cast to float32. CPU only: fbgemm has
-    no GPU kernels, and on a GPU 16-bit weights are the faster choice.
+    `release(t)` is called on each part of a float weight once its int8 form exists (`VLMo.from_pretrained` passes
+    a function that returns mmapped pages to the OS). Everything left in floating point is cast to float32. CPU
+    only: fbgemm has no GPU kernels, and on a GPU 16-bit weights are the faster choice.
     """
     from vlmo.nn.paligemma import PaliGemma
 
@@ -123,24 +141,75 @@ def quantize_int8(model: nn.Module, release: Callable[[torch.Tensor], None] = la
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         raise ValueError("this PyTorch build lacks the fbgemm int8 kernels (x86 only); load without quantization")
     torch.backends.quantized.engine = "fbgemm"
+    # The embedding and head first: their packing has the largest temporaries, best paid while little else is held.
+    text = model.text
+    q, scale = _quantize_rows(text.embed.weight.detach(), release)
+    if text.lm_head is None:  # tied (every PaliGemma checkpoint)
+        head = Int8Head(q, scale)
+    else:  # a head of its own
+        head = Int8Head(*_quantize_rows(text.lm_head.weight.detach(), release))
+    text.embed, text.lm_head = Int8Embedding(q, scale), head
     for stack in (model.vision.layers, model.text.layers):
         for parent in stack.modules():
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(parent, name, Int8Linear.from_float(child))
-                    release(child.weight)
-    text = model.text
-    if text.lm_head is not None:  # an untied head of its own
-        head = Int8Linear.from_float(text.lm_head)
-        release(text.lm_head.weight)
-        q, scale = _quantize_rows(text.embed.weight.detach())
-    else:
-        q, scale = _quantize_rows(text.embed.weight.detach())
-        head = Int8Linear(q, scale, None)
-    release(text.embed.weight)
-    text.embed = Int8Embedding(q, scale)
-    text.lm_head = head
+                    setattr(parent, name, Int8Linear.from_float(child, release))
     return model.float()
+
+
+class Float16Linear(nn.Module):
+    """A linear layer of a CPU bfloat16 model whose weight is held in float16 (same 2 bytes, 3 more mantissa bits).
+
+    Why: on x86 CPUs PyTorch's float16 matrix-vector kernel streams weights about twice as fast as its bfloat16
+    one (docs/benchmarks.md), and decode is one matrix-vector product per layer. Prefill and batches (more than one
+    row) convert the weight to bfloat16 and use the bfloat16 GEMM, which is the fast one for many rows.
+    x: bf16[..., K] → bf16[..., N]. A float16 result that overflows (|y| > 65504) is recomputed in float32.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight16 = weight.to(torch.float16)  # a plain attribute: `model.to(bfloat16)` must not convert it
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[:-1].numel() == 1:
+            y = F.linear(x.to(torch.float16), self.weight16)
+            if not bool(torch.isfinite(y).all()):
+                y = F.linear(x.float(), self.weight16.float())
+            y = y.to(x.dtype)
+        else:
+            y = F.linear(x, self.weight16.to(x.dtype))
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, float16 weight"
+
+
+class Float16Embedding(nn.Module):
+    """Rows of a float16 table, returned in `dtype` (the table is shared with the tied `Float16Linear` head)."""
+
+    def __init__(self, weight16: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight16, self.dtype = weight16, dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight16).to(self.dtype)
+
+
+def hold_float16(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Make a `PaliGemma` loaded in float16 a CPU `dtype` model whose linear weights (and the tied embedding/head)
+    stay float16 (`Float16Linear`); everything else is cast to `dtype`. In place; returns the model."""
+    text = model.text
+    table = text.embed.weight.detach()
+    head = text.lm_head.weight.detach() if text.lm_head is not None else table
+    text.embed, text.lm_head = Float16Embedding(table, dtype), Float16Linear(head, None)
+    for stack in (model.vision.layers, model.text.layers):
+        for parent in stack.modules():
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, Float16Linear(child.weight.detach(), child.bias))
+    return model.to(dtype)
 
 
 def is_quantized(model: nn.Module) -> bool:

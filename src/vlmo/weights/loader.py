@@ -20,7 +20,7 @@ from vlmo.config import PaliGemmaConfig
 from vlmo.errors import CheckpointError, ConfigError
 from vlmo.nn.paligemma import PaliGemma
 from vlmo.weights.keys import KeyMap
-from vlmo.weights.safetensors_io import open_tensors
+from vlmo.weights.safetensors_io import open_tensors, release_pages
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -134,6 +134,8 @@ def load_model(
             )
         if got.is_floating_point():
             state[name] = got.to(device=device, dtype=dtype or got.dtype)
+            if state[name] is not got:
+                release_pages(got)  # a converted copy exists: the file's pages need not stay in memory
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
