@@ -118,14 +118,16 @@ def _quantized(model: Any) -> bool:
 
 
 def _held_bytes(model: Any) -> int:
-    """Bytes of weights the model holds: parameters and buffers, plus fbgemm's packed int8 matrices."""
-    from vlmo.nn.quant import Int8Linear
+    """Bytes of weights the model holds: parameters and buffers, fbgemm's packed int8 matrices, float16 weights."""
+    from vlmo.nn.quant import Float16Linear, Int8Linear
 
     total = sum(t.nbytes for t in model.state_dict().values())
     for m in model.modules():
         if isinstance(m, Int8Linear):
             total += m.in_features * m.out_features + 8 * m.out_features
-    return total
+        elif isinstance(m, Float16Linear) and m is not model.text.lm_head:  # the tied head shares the embedding
+            total += m.weight16.nbytes
+    return total + (model.text.embed.weight16.nbytes if hasattr(model.text.embed, "weight16") else 0)
 
 
 def run_one(mode: str, model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:

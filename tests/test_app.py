@@ -93,6 +93,9 @@ def test_text_tasks_answer_and_reuse_the_encoded_image(app: VlmoApp, tmp_path: P
     assert (app.cache.misses, app.cache.hits) == (1, 2)
     assert last(app.ask(solid(BLUE), "  what color\nis it? ")) == "blue"
     assert (app.cache.misses, len(app.cache)) == (2, 2)
+    # the locating tabs use the same cache
+    assert [row[0] for row in app.detect(solid(RED), "cat ; dog").rows] == ["cat", "dog"]
+    assert app.cache.misses == 2
 
 
 def test_answers_stream_as_growing_text(app: VlmoApp) -> None:

@@ -169,3 +169,16 @@ def test_bytes_that_are_not_an_image_fail_clearly(vlm: VLMo) -> None:
     picture(0).save(buf, format="PNG")
     with pytest.raises(ImageError):
         vlm.generate(buf.getvalue()[:40], "caption en")
+
+
+def test_prefill_of_the_last_position_only_fills_the_same_cache(vlm: VLMo) -> None:
+    """The last layer skips every position but the last, except for the keys and values the cache needs."""
+    model = vlm.model
+    batch = vlm.text.encode(["caption en", "answer en what is it?"])
+    feats = torch.randn(2, model.cfg.num_image_tokens, model.cfg.text.hidden_size)
+    caches = [model.new_cache(2, batch.input_ids.shape[1] + 2) for _ in range(2)]
+    with torch.no_grad():
+        last, _ = model.prefill(batch.input_ids, feats, batch.attention_mask, caches[0])
+        every, _ = model.prefill(batch.input_ids, feats, batch.attention_mask, caches[1], all_logits=True)
+    torch.testing.assert_close(last, every[:, -1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)

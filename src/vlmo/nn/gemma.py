@@ -83,29 +83,34 @@ class Attention(nn.Module):
         cache: KVCache | None,
         layer: int,
         start: int,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """x: dt[B, T, D]; mask: bool[B, 1, T, K] (True = may attend) over the K = start + T keys seen so far.
 
         With a cache, this call's keys/values are written into slots [start, start + T) and attention reads slots
-        [0, start + T); without one (training, full-sequence checks), start must be 0.
+        [0, start + T); without one (training, full-sequence checks), start must be 0. `last_only`: keys and values
+        for all T positions, but queries and the output for the last one only: dt[B, 1, D].
         """
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        xq = x[:, -1:] if last_only else x
+        tq = xq.shape[1]
+        q = self.q_proj(xq).view(b, tq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # keys are cached after RoPE
+        q, k = apply_rope(q, cos[:, :, -tq:], sin[:, :, -tq:]), apply_rope(k, cos, sin)  # keys cached after RoPE
+        mask = mask[:, :, -tq:]
         if cache is not None:
             k, v = cache.update(layer, start, k, v)
         else:
             assert start == 0, "a non-zero start needs a KV cache"
-        if t == 1 and not q.requires_grad:
+        if tq == 1 and not q.requires_grad:
             out = _one_query_attention(q, k, v, mask, self.scale, self.softcap)
         elif self.softcap is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
         else:
             out = _softcapped_attention(q, k, v, mask, self.scale, self.softcap)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(b, tq, -1))
 
 
 def _one_query_attention(
@@ -172,11 +177,13 @@ class DecoderLayer(nn.Module):
         cache: KVCache | None,
         layer: int,
         start: int,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        h = self.attn(self.attn_norm(x), rope, mask, cache, layer, start)
+        """x: dt[B, T, D] → dt[B, T, D], or dt[B, 1, D] for the last position only (`Attention`'s `last_only`)."""
+        h = self.attn(self.attn_norm(x), rope, mask, cache, layer, start, last_only)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
-        x = x + h
+        x = (x[:, -1:] if last_only else x) + h
         h = self.mlp(self.mlp_norm(x))
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
@@ -221,18 +228,23 @@ class Gemma(nn.Module):
         masks: dict[bool, torch.Tensor],
         cache: KVCache | None = None,
         start: int = 0,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """x: dt[B, T, D] embeddings; positions: int64[B, T]; masks[sliding]: bool[B, 1, T, start+T].
 
-        Returns the final-normed hidden states dt[B, T, D].
+        Returns the final-normed hidden states dt[B, T, D], or dt[B, 1, D] of the last position with `last_only`:
+        the last layer then still writes every position's key and value to the cache, but skips the query,
+        attention, output projection and MLP of the others, whose outputs only ever feed logits (about 1/L of a
+        prefill, which the caller does not want anyway).
         """
         rope = self.rope(positions, x.dtype)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and cache is None:
                 # Recompute each layer's activations in the backward pass: memory O(layers) → O(1) layer.
                 x = checkpoint(layer, x, rope, masks[layer.sliding], None, i, 0, use_reentrant=False)
             else:
-                x = layer(x, rope, masks[layer.sliding], cache, i, start)
+                x = layer(x, rope, masks[layer.sliding], cache, i, start, last_only and i == last)
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -178,7 +178,8 @@ class PaliGemma(nn.Module):
         token_type[:, :t] = 0 if token_type_ids is None else token_type_ids
         positions = positions_from_mask(valid[:, :t])
         x = self.embed(input_ids, image_features)
-        h = self.text(x, positions, self._masks(valid[:, :t], token_type[:, :t], 0), cache, 0)
+        masks = self._masks(valid[:, :t], token_type[:, :t], 0)
+        h = self.text(x, positions, masks, cache, 0, last_only=not all_logits)
         logits = self.text.logits(h if all_logits else h[:, -1])
         state = DecodeState(cache, valid, token_type, t, positions[:, -1] + 1)
         return logits, state

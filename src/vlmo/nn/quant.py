@@ -198,13 +198,15 @@ class Float16Embedding(nn.Module):
 
 
 def hold_float16(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Make a `PaliGemma` loaded in float16 a CPU `dtype` model whose linear weights (and the tied embedding/head)
-    stay float16 (`Float16Linear`); everything else is cast to `dtype`. In place; returns the model."""
+    """Make a `PaliGemma` loaded in float16 a CPU `dtype` model whose decoder linear weights (and the tied
+    embedding/head) stay float16 (`Float16Linear`); everything else, the vision tower included, is cast to `dtype`.
+    In place; returns the model."""
     text = model.text
     table = text.embed.weight.detach()
     head = text.lm_head.weight.detach() if text.lm_head is not None else table
     text.embed, text.lm_head = Float16Embedding(table, dtype), Float16Linear(head, None)
-    for stack in (model.vision.layers, model.text.layers):
+    # Only the decoder: the vision tower always multiplies many rows (its patches), where bf16 weights are best.
+    for stack in (model.text.layers,):
         for parent in stack.modules():
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
