@@ -92,14 +92,17 @@ def test_quantizing_a_bfloat16_checkpoint_reads_it_as_stored(tiny_checkpoint: Pa
     tensors = {k: v.bfloat16() for k, v in load_file(str(half / "model.safetensors")).items()}
     save_file(tensors, str(half / "model.safetensors"), metadata={"format": "pt"})
     got = VLMo.from_pretrained(half, device="cpu", quantize="int8")
-    manual = quantize_int8(load_model(half, dtype=torch.float32))
-    assert {p.dtype for p in got.model.parameters()} == {torch.float32}
+    as_float = load_model(half, dtype=torch.float32)
     ids = torch.tensor([[2, 40, 41, 42]])
-    features = torch.randn(1, got.model.cfg.num_image_tokens, got.model.cfg.text.hidden_size)
     with torch.no_grad():
-        x, y = got.model.embed(ids, features[:, :0]), manual.embed(ids, features[:, :0])
-        assert torch.equal(x, y)
-        assert torch.equal(got.model.text.logits(x), manual.text.logits(y))
+        lookups = as_float.text.embed(ids)
+        manual = quantize_int8(as_float)
+        assert {p.dtype for p in got.model.parameters()} == {torch.float32}
+        assert torch.equal(got.model.text.embed(ids), lookups)  # the stored bf16 rows, read in place
+        x = got.model.text.embed_text(ids)
+        assert torch.equal(got.model.text.logits(x), manual.text.logits(x))
+        layer = got.model.text.layers[0].mlp.up_proj
+        assert torch.equal(layer(x), manual.text.layers[0].mlp.up_proj(x))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_DONTNEED) is Linux behaviour")
@@ -210,3 +213,16 @@ def test_bfloat16_cpu_model_holds_float16_weights_and_answers_the_same(taught_ch
     assert vlm.model.text.lm_head.weight16 is vlm.model.text.embed.weight16  # tied: one table
     for color, prompt, target in TAUGHT_EXAMPLES:
         assert vlm.generate(Image.new("RGB", (96, 64), color), prompt, max_new_tokens=48) == target
+
+
+def test_int8_lookups_read_the_mapped_table_unless_an_adapter_changed_it(tiny_checkpoint: Path) -> None:
+    from vlmo.nn.quant import MappedEmbedding
+
+    vlm = VLMo.from_pretrained(tiny_checkpoint, device="cpu", quantize="int8")
+    assert isinstance(vlm.model.text.embed, MappedEmbedding)
+    stored = load_file(str(tiny_checkpoint / "model.safetensors"))
+    table = next(v for k, v in stored.items() if k.endswith("embed_tokens.weight"))
+    ids = torch.tensor([[2, 7, 100]])
+    assert torch.equal(vlm.model.text.embed(ids), table[ids].float())  # exact rows, pages released or not
+    manual = quantize_int8(load_model(tiny_checkpoint))  # the general path: an int8 copy of the table
+    assert isinstance(manual.text.embed, Int8Embedding)

@@ -127,7 +127,8 @@ class VLMo:
                     trim_heap()
                     released[0] = 0
 
-            quantize_int8(net, release=release)
+            # Without an adapter the embedding is the checkpoint's own mapped table: read it in place.
+            quantize_int8(net, release=release, mapped_embedding=adapter is None)
             trim_heap()
         elif half_weights:
             from vlmo.nn.quant import hold_float16
@@ -434,6 +435,8 @@ def _quant_mode(quantize: str | None, dtype: DTypeName | torch.dtype, device: to
         raise InputError(f"--quantize int8 runs on the CPU only, not {device.type}; use 16-bit weights there")
     if dtype not in ("auto", "float32", torch.float32):
         raise InputError(f"--quantize int8 computes in float32; drop --dtype {str(dtype).removeprefix('torch.')}")
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        raise InputError("--quantize int8 needs PyTorch's fbgemm kernels (x86 CPUs); use --dtype bfloat16 here")
     return quantize
 
 

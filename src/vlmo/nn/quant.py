@@ -125,12 +125,30 @@ class Int8Embedding(nn.Module):
         return F.embedding(ids, self.q).float() * F.embedding(ids, self.scale[:, None])
 
 
-def quantize_int8(model: nn.Module, release: Callable[[torch.Tensor], None] = lambda t: None) -> nn.Module:
+class MappedEmbedding(nn.Module):
+    """Lookups straight from the checkpoint's mapped embedding table: ids int64[...] → float32[..., D].
+
+    Only the rows a prompt or answer uses are ever read from the file (a few pages each), so the 2 GB float32
+    table of PaliGemma-3B costs almost no memory. The table is a plain attribute, out of the reach of `.float()`."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.table).float()
+
+
+def quantize_int8(
+    model: nn.Module, release: Callable[[torch.Tensor], None] = lambda t: None, mapped_embedding: bool = False
+) -> nn.Module:
     """Quantize a loaded `PaliGemma` in place (see the module docstring for what and why); returns it.
 
     `release(t)` is called on each part of a float weight once its int8 form exists (`VLMo.from_pretrained` passes
-    a function that returns mmapped pages to the OS). Everything left in floating point is cast to float32. CPU
-    only: fbgemm has no GPU kernels, and on a GPU 16-bit weights are the faster choice.
+    a function that returns mmapped pages to the OS). `mapped_embedding`: the embedding is an unmodified mapped
+    checkpoint tensor, so lookups read it in place (`MappedEmbedding`) instead of an int8 copy (half a GB for
+    PaliGemma); its pages are released too and come back a row at a time. Everything left in floating point is
+    cast to float32. CPU only: fbgemm has no GPU kernels, and on a GPU 16-bit weights are the faster choice.
     """
     from vlmo.nn.paligemma import PaliGemma
 
@@ -143,12 +161,16 @@ def quantize_int8(model: nn.Module, release: Callable[[torch.Tensor], None] = la
     torch.backends.quantized.engine = "fbgemm"
     # The embedding and head first: their packing has the largest temporaries, best paid while little else is held.
     text = model.text
-    q, scale = _quantize_rows(text.embed.weight.detach(), release)
-    if text.lm_head is None:  # tied (every PaliGemma checkpoint)
-        head = Int8Head(q, scale)
-    else:  # a head of its own
-        head = Int8Head(*_quantize_rows(text.lm_head.weight.detach(), release))
-    text.embed, text.lm_head = Int8Embedding(q, scale), head
+    table = text.embed.weight.detach()
+    tied = text.lm_head is None  # every PaliGemma checkpoint
+    q, scale = _quantize_rows(table if tied else text.lm_head.weight.detach(), release)  # type: ignore[union-attr]
+    head = Int8Head(q, scale)
+    if mapped_embedding:
+        embed: nn.Module = MappedEmbedding(table)
+    else:
+        embed = Int8Embedding(q, scale) if tied else Int8Embedding(*_quantize_rows(table, release))
+    text.embed, text.lm_head = embed, head
+    del q, scale, table  # not held past here unless the int8 embedding keeps them (500 MB for PaliGemma)
     for stack in (model.vision.layers, model.text.layers):
         for parent in stack.modules():
             for name, child in list(parent.named_children()):
