@@ -175,6 +175,7 @@ def test_every_task_reuses_an_encoded_image(taught_checkpoint: Path) -> None:
 
 
 def test_quantized_linear_handles_any_leading_shape() -> None:
+    torch.manual_seed(0)
     layer = Int8Linear.from_float(torch.nn.Linear(16, 8, bias=False))
     for shape in [(16,), (3, 16), (2, 3, 16), (0, 16)]:
         x = torch.randn(shape)
@@ -182,7 +183,8 @@ def test_quantized_linear_handles_any_leading_shape() -> None:
     w = torch.randn(8, 16)
     q, s = _quantize_rows(w)
     x = torch.randn(4, 16)
-    assert torch.allclose(Int8Linear(q, s, None)(x), F.linear(x, q.float() * s[:, None]), atol=0.05, rtol=0.05)
+    got, ref = Int8Linear(q, s, None)(x), F.linear(x, q.float() * s[:, None])
+    assert ((got - ref).norm() / ref.norm()).item() < 0.03  # only the inputs' rounding differs
 
 
 # -- bfloat16 on the CPU: float16-held linear weights -------------------------------------------------------------
