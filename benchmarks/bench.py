@@ -81,7 +81,7 @@ def worker(mode: str, model_dir: str, new_tokens: int, threads: int) -> dict[str
             tokenizer=transformers.GemmaTokenizer(tokenizer_file=str(Path(model_dir) / "tokenizer.json")),
         )
         load = time.perf_counter() - started
-        weights = sum(t.nbytes for t in model.state_dict().values())
+        weights = sum({t.data_ptr(): t.nbytes for t in model.state_dict().values()}.values())  # tied head once
 
         class Clock(transformers.LogitsProcessor):
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -103,12 +103,25 @@ def worker(mode: str, model_dir: str, new_tokens: int, threads: int) -> dict[str
         "mode": mode,
         "holds": described,
         "load_s": load,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+        "peak_rss_gb": peak_rss() / 1e9,
         "weights_gb": weights / 1e9,
         "ttft_s": times[0] - t0,
         "decode_tok_s": (new_tokens - 1) / (times[-1] - times[0]),
         "e2e8_s": times[min(7, new_tokens - 1)] - t0,
     }
+
+
+def peak_rss() -> int:
+    """This process's peak resident set in bytes. Linux: VmHWM, which starts afresh at exec; `ru_maxrss` would
+    carry over the parent's peak (e.g. the parent that just wrote the checkpoint)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def _quantized(model: Any) -> bool:
