@@ -228,3 +228,13 @@ def test_int8_lookups_read_the_mapped_table_unless_an_adapter_changed_it(tiny_ch
     assert torch.equal(vlm.model.text.embed(ids), table[ids].float())  # exact rows, pages released or not
     manual = quantize_int8(load_model(tiny_checkpoint))  # the general path: an int8 copy of the table
     assert isinstance(manual.text.embed, Int8Embedding)
+
+
+def test_packed_models_refuse_to_be_saved(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from vlmo.weights.writer import save_weights
+
+    for options in ({"quantize": "int8"}, {"dtype": "bfloat16"}):
+        vlm = VLMo.from_pretrained(tiny_checkpoint, device="cpu", **options)
+        with pytest.raises(InputError, match="not a checkpoint"):
+            save_weights(vlm.model, tmp_path)
+    assert not (tmp_path / "model.safetensors").exists()

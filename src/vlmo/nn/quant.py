@@ -20,13 +20,13 @@ stays near the int8 model's size even for a float32 checkpoint: the float model 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-QUANT_MODES = ("int8",)
 
 
 def _has_vnni() -> bool:
@@ -105,12 +105,27 @@ class Int8Head(nn.Module):
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, block: int = 16384) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(
-            Int8Linear(q[i : i + block], scale[i : i + block], None) for i in range(0, q.shape[0], block)
-        )
+        starts = range(0, q.shape[0], block)
+        self.blocks = nn.ModuleList(_packed((q[i : i + block], scale[i : i + block], None) for i in starts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([b(x) for b in self.blocks], dim=-1)
+
+
+def _packed(jobs: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> list[Int8Linear]:
+    """`Int8Linear(q, scale, bias)` for each job, in order, packing on one thread per core: fbgemm's packing is
+    single-threaded and most of a 3B model's load time (≈ 5 s per billion weights), and it releases the GIL. Jobs
+    are drawn lazily, at most one per thread ahead, so only a few int8 matrices wait in memory at a time."""
+    workers = max(1, torch.get_num_threads())
+    out: list[Int8Linear] = []
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque[Future[Int8Linear]] = deque()
+        for job in jobs:
+            pending.append(pool.submit(Int8Linear, *job))
+            while len(pending) > workers:
+                out.append(pending.popleft().result())
+        out.extend(f.result() for f in pending)
+    return out
 
 
 class Int8Embedding(nn.Module):
@@ -171,11 +186,19 @@ def quantize_int8(
         embed = Int8Embedding(q, scale) if tied else Int8Embedding(*_quantize_rows(table, release))
     text.embed, text.lm_head = embed, head
     del q, scale, table  # not held past here unless the int8 embedding keeps them (500 MB for PaliGemma)
-    for stack in (model.vision.layers, model.text.layers):
-        for parent in stack.modules():
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, Int8Linear.from_float(child, release))
+    linears = [
+        (parent, name, child)
+        for stack in (model.vision.layers, model.text.layers)
+        for parent in stack.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear)
+    ]
+    jobs = (
+        (*_quantize_rows(child.weight.detach(), release), None if child.bias is None else child.bias.detach())
+        for _, _, child in linears
+    )
+    for (parent, name, _), layer in zip(linears, _packed(jobs), strict=True):
+        setattr(parent, name, layer)
     return model.float()
 
 
@@ -234,6 +257,12 @@ def hold_float16(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mo
                 if isinstance(child, nn.Linear):
                     setattr(parent, name, Float16Linear(child.weight.detach(), child.bias))
     return model.to(dtype)
+
+
+def holds_packed_weights(model: nn.Module) -> bool:
+    """True when some weights live outside the state dict (int8 packed, float16-held, mapped embedding), so the
+    model cannot be saved or trained as it is."""
+    return any(isinstance(m, (Int8Linear, Float16Linear, Float16Embedding, MappedEmbedding)) for m in model.modules())
 
 
 def is_quantized(model: nn.Module) -> bool:

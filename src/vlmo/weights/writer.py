@@ -21,6 +21,13 @@ def save_weights(model: PaliGemma, out_dir: str | Path) -> Path:
     The tied head is not written, as transformers does not write it. `config.json` and `tokenizer.json` are the
     caller's to copy or write (`save_checkpoint` does both).
     """
+    from vlmo.nn.quant import holds_packed_weights
+
+    if holds_packed_weights(model):
+        raise InputError(
+            "this model holds int8 or float16-packed weights, which are not a checkpoint; load it with "
+            'dtype="float32" (or quantize="none") to save it'
+        )
     if any(".lora_" in name for name in model.state_dict()):
         raise InputError("the model has LoRA layers; merge them first with vlmo.nn.lora.remove_lora(model, merge=True)")
     keymap = KeyMap(model.cfg.text.arch)
