@@ -78,7 +78,7 @@ def write_checkpoint(size: str, out: Path, seed: int = 0) -> Path:
         return out
     from vlmo.config import PaliGemmaConfig
     from vlmo.nn.paligemma import PaliGemma
-    from vlmo.testing import build_tokenizer
+    from vlmo.testing import build_tokenizer, preprocessor_config
     from vlmo.weights.keys import KeyMap
 
     out.mkdir(parents=True, exist_ok=True)
@@ -118,20 +118,7 @@ def write_checkpoint(size: str, out: Path, seed: int = 0) -> Path:
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tok.save(str(out / "tokenizer.json"))
-    vision = config["vision_config"]
-    pre = {
-        "image_processor_type": "SiglipImageProcessor",
-        "processor_class": "PaliGemmaProcessor",
-        "do_resize": True,
-        "size": {"height": vision["image_size"], "width": vision["image_size"]},
-        "resample": 3,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5],
-        "image_seq_length": cfg.num_image_tokens,
-    }
+    pre = preprocessor_config(cfg.vision.image_size, cfg.num_image_tokens)
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
     (out / "done").write_text("")
     return out

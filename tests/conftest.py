@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fake_hub import isolate_hf
-from vlmo.testing import build_tokenizer
+from vlmo.testing import build_tokenizer, preprocessor_config
 
 
 @pytest.fixture(autouse=True)
@@ -105,23 +105,7 @@ def write_tiny_checkpoint(path: Path, spec: TinySpec, seed: int = 0) -> Path:
     model.save_pretrained(path)
     tok.save(str(path / "tokenizer.json"))
     grid = spec.image_size // spec.patch_size
-    (path / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "image_processor_type": "SiglipImageProcessor",
-                "processor_class": "PaliGemmaProcessor",
-                "do_resize": True,
-                "size": {"height": spec.image_size, "width": spec.image_size},
-                "resample": 3,
-                "do_rescale": True,
-                "rescale_factor": 1 / 255,
-                "do_normalize": True,
-                "image_mean": [0.5, 0.5, 0.5],
-                "image_std": [0.5, 0.5, 0.5],
-                "image_seq_length": grid * grid,
-            }
-        )
-    )
+    (path / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(spec.image_size, grid * grid)))
     return path
 
 

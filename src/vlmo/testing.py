@@ -75,6 +75,24 @@ def build_tokenizer(words: tuple[str, ...] = DEFAULT_WORDS) -> Tokenizer:
     return tok
 
 
+def preprocessor_config(image_size: int, image_tokens: int) -> dict[str, object]:
+    """`preprocessor_config.json` as the hub's PaliGemma checkpoints have it (SigLIP processor: bicubic resize to a
+    square, rescale 1/255, normalise with mean = std = 0.5), for a checkpoint written on the fly."""
+    return {
+        "image_processor_type": "SiglipImageProcessor",
+        "processor_class": "PaliGemmaProcessor",
+        "do_resize": True,
+        "size": {"height": image_size, "width": image_size},
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "image_seq_length": image_tokens,
+    }
+
+
 def blob_mask_decoder() -> VQVAEDecoder:
     """A hand-set vae-oid decoder that draws its 4×4 code grid as a smooth blob, for tests and the docs' pictures.
 
