@@ -43,7 +43,13 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 Model = Annotated[
     str,
-    typer.Option("--model", "-m", envvar="VLMO_MODEL", help="Hub id or local checkpoint directory.", show_envvar=True),
+    typer.Option(
+        "--model",
+        "-m",
+        envvar="VLMO_MODEL",
+        help="Hub id, local checkpoint directory, or vlmo/shapes (built in).",
+        show_envvar=True,
+    ),
 ]
 Revision = Annotated[str | None, typer.Option(help="Hub branch, tag or commit.")]
 Adapter = Annotated[

@@ -4,6 +4,8 @@
 `config.json`, the safetensors weights (`model.safetensors`, or `model.safetensors.index.json` and its
 shards) and `tokenizer.json`, plus `preprocessor_config.json` and `generation_config.json` when the repo has
 them. Nothing else is fetched, never `*.bin`, `*.pth` or `*.npz` weights. A local directory is used as is.
+Built-in names (`BUILT_IN_MODELS`, e.g. `vlmo/shapes`, the demo model shipped inside the package) resolve to their
+package directory before any hub logic, so they never touch the network or the cache.
 
 Files go to the standard Hugging Face cache, and huggingface_hub reads its own environment (HF_HOME,
 HF_HUB_CACHE, HF_TOKEN, HF_HUB_OFFLINE, HF_ENDPOINT); this module sets none of it. A model that is already
@@ -53,6 +55,7 @@ from tqdm.std import tqdm
 from vlmo.errors import CheckpointError, VlmoError
 
 __all__ = [
+    "BUILT_IN_MODELS",
     "DiskFullError",
     "DownloadError",
     "GatedModelError",
@@ -74,6 +77,17 @@ OPTIONAL = ("preprocessor_config.json", "generation_config.json")
 _OTHER_WEIGHTS = (".bin", ".pth", ".pt", ".npz", ".ckpt", ".msgpack", ".h5", ".gguf")
 
 PathArg = str | os.PathLike[str]
+
+
+def _demo_dir() -> Path:
+    from vlmo.demo import MODEL_DIR
+
+    return MODEL_DIR
+
+
+# Models shipped inside the package: name → function giving its directory. They win over hub ids and over a local
+# directory of the same relative name.
+BUILT_IN_MODELS: dict[str, Callable[[], Path]] = {"vlmo/shapes": _demo_dir}
 
 
 class GatedModelError(VlmoError):
@@ -107,9 +121,9 @@ def resolve_model(
     """The local directory with the checkpoint that `name_or_path` names, downloaded from the hub if needed.
 
     Args:
-        name_or_path: an existing directory (used as is; it must hold `config.json`), or a hub id
-            `owner/name`. A path-like string that does not exist (`./x`, `/x`, `~/x`, `a/b/c`) is an
-            error, never a hub id.
+        name_or_path: a built-in name (`BUILT_IN_MODELS`: `vlmo/shapes`), an existing directory (used as is;
+            it must hold `config.json`), or a hub id `owner/name`. A path-like string that does not exist
+            (`./x`, `/x`, `~/x`, `a/b/c`) is an error, never a hub id.
         revision: branch, tag or commit of the hub repo (default: its default branch); unused for a directory.
         token: hub token; `None` lets huggingface_hub use HF_TOKEN or the `hf auth login` token,
             `False` sends none.
@@ -121,6 +135,8 @@ def resolve_model(
     """
     name = os.fspath(name_or_path)
     is_path = isinstance(name_or_path, os.PathLike) or looks_like_path(name)
+    if not is_path and name in BUILT_IN_MODELS:
+        return _built_in(name, revision)
     if is_path or (name and Path(name).is_dir()):
         return _local_checkpoint(Path(name).expanduser())
     repo_id = check_repo_id(name)
@@ -172,6 +188,15 @@ def check_repo_id(name: str) -> str:
     except HFValidationError:
         raise not_found from None
     return name
+
+
+def _built_in(name: str, revision: str | None) -> Path:
+    if revision is not None:
+        raise ModelNotFoundError(f"{name} is built into vlmo and has no revisions: drop --revision")
+    path = BUILT_IN_MODELS[name]()
+    if not (path / CONFIG).is_file():
+        raise CheckpointError(f"the built-in model {name} is missing from {path}: reinstall vlmo")
+    return path
 
 
 def _local_checkpoint(path: Path) -> Path:

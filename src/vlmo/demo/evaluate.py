@@ -1,0 +1,154 @@
+"""Held-out evaluation of a shapes model: exact match per question type, caption exact match, detection precision
+and recall at IoU ≥ 0.5, and the CPU latency of `ask`.
+
+    python -m vlmo.demo.evaluate [--model vlmo/shapes] [--images 500] [--random-sizes 200]
+
+Scenes come from the seed "heldout" (`make_scene("heldout", i)`), which training never uses (it draws from
+"train:{seed}:{epoch}:{index}"). Every question `task_examples` defines for a scene is asked, in one batch per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmo.demo.shapes import Scene, make_scene, render, task_examples
+from vlmo.detection import parse_detections
+
+HELDOUT_SEED = "heldout"
+IOU_THRESHOLD = 0.5
+
+
+def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """Intersection over union of two (x_min, y_min, x_max, y_max) boxes."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(0.0, w) * max(0.0, h)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def match_detections(answer: str, scene: Scene, kinds: list[str]) -> tuple[int, int, int]:
+    """(true positives, predictions, objects) for a `detect` answer: a prediction is right when its label names the
+    kind of a not-yet-matched object whose box it overlaps with IoU ≥ 0.5 (greedy, best overlap first)."""
+    predicted = parse_detections(answer, (scene.width, scene.height))
+    objects = [s for s in scene.shapes if s.kind in kinds]
+    pairs = sorted(
+        (
+            (iou(p.box, o.box), i, j)
+            for i, p in enumerate(predicted)
+            for j, o in enumerate(objects)
+            if p.label == o.kind
+        ),
+        reverse=True,
+    )
+    used_p: set[int] = set()
+    used_o: set[int] = set()
+    for overlap, i, j in pairs:
+        if overlap >= IOU_THRESHOLD and i not in used_p and j not in used_o:
+            used_p.add(i)
+            used_o.add(j)
+    return len(used_p), len(predicted), len(objects)
+
+
+def evaluate_scenes(vlm: Any, scenes: list[Scene]) -> dict[str, Any]:
+    """Ask every question about each scene; return accuracies and detection counts (see module docstring)."""
+    right: dict[str, int] = defaultdict(int)
+    asked: dict[str, int] = defaultdict(int)
+    det = {"single": [0, 0, 0], "pair": [0, 0, 0]}
+    failures: list[dict[str, str]] = []
+    for scene in scenes:
+        examples = task_examples(scene)
+        answers = vlm.generate(render(scene), [e.prefix for e in examples], max_new_tokens=48)
+        for ex, answer in zip(examples, answers, strict=True):
+            key = f"{ex.kind}_{ex.suffix}" if ex.kind == "exists" else ex.kind
+            asked[key] += 1
+            if answer == ex.suffix:
+                right[key] += 1
+            elif len(failures) < 20 and ex.kind != "detect":
+                failures.append({"prompt": ex.prefix, "expected": ex.suffix, "answer": answer})
+            if ex.kind == "detect":
+                kinds = [k.strip() for k in ex.prefix.removeprefix("detect ").split(";")]
+                counts = match_detections(answer, scene, kinds)
+                totals = det["pair" if len(kinds) > 1 else "single"]
+                for n, c in enumerate(counts):
+                    totals[n] += c
+    for kind in ("exists_yes", "exists_no"):
+        right["exists"] += right[kind]
+        asked["exists"] += asked[kind]
+    exact = {k: right[k] / asked[k] for k in sorted(asked) if asked[k]}
+    detection = {
+        name: {
+            "precision": tp / predicted if predicted else 1.0,
+            "recall": tp / objects if objects else 1.0,
+            "true_positives": tp,
+            "predictions": predicted,
+            "objects": objects,
+        }
+        for name, (tp, predicted, objects) in det.items()
+    }
+    return {
+        "images": len(scenes),
+        "exact_match": exact,
+        "asked": dict(asked),
+        "detection": detection,
+        "failures": failures,
+    }
+
+
+def ask_latency(vlm: Any, repeats: int = 20) -> dict[str, float]:
+    """Seconds per `vlm.ask(image, question)` on one 224×224 PNG file (decode, preprocess, generate)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "scene.png"
+        render(make_scene(HELDOUT_SEED, 0)).save(path)
+        vlm.ask(path, "how many shapes are there?")  # warm-up
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            vlm.ask(path, "what color is the circle?")
+            times.append(time.perf_counter() - started)
+    return {"median_s": statistics.median(times), "max_s": max(times)}
+
+
+def evaluate_model(
+    model: str | Path, images: int = 500, random_sizes: int = 200, threads: int | None = 2
+) -> dict[str, Any]:
+    """The held-out report: `images` scenes at 224×224, `random_sizes` scenes of other sizes, and `ask` latency."""
+    from vlmo import VLMo
+
+    if threads:
+        torch.set_num_threads(threads)
+    started = time.perf_counter()
+    vlm = VLMo.from_pretrained(model, device="cpu")
+    load_seconds = time.perf_counter() - started
+    report: dict[str, Any] = {"seed": HELDOUT_SEED, "load_seconds": round(load_seconds, 3)}
+    report["square_224"] = evaluate_scenes(vlm, [make_scene(HELDOUT_SEED, i) for i in range(images)])
+    if random_sizes:
+        scenes = [make_scene(HELDOUT_SEED, images + i, size=None) for i in range(random_sizes)]
+        report["random_sizes"] = evaluate_scenes(vlm, scenes)
+    report["ask_latency"] = ask_latency(vlm)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m vlmo.demo.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="vlmo/shapes", help="model name or directory")
+    parser.add_argument("--images", type=int, default=500, help="held-out 224×224 scenes")
+    parser.add_argument("--random-sizes", type=int, default=200, help="held-out scenes of other sizes")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    report = evaluate_model(args.model, args.images, args.random_sizes, args.threads)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,482 @@
+"""The recipe that trains the built-in `vlmo/shapes` model from scratch on the CPU, with vlmo's own training loop.
+
+    python -m vlmo.demo.train --out runs/shapes            # ≈ an hour on 2 CPU cores; see docs/demo-model.md
+    python -m vlmo.demo.train --out runs/shapes --install  # … and copy the result into the package
+
+Steps: (1) write a freshly initialised small PaliGemma-architecture checkpoint (`init/`) with a tokenizer from
+`vlmo.testing.build_tokenizer` over the shapes vocabulary; (2) pre-train the vision tower alone on per-patch labels
+(`pretrain_vision`, `vision/`); (3) `vlmo.finetune.finetune` with `train=("full",)` on `ShapesDataset` (scenes
+drawn on the fly; `run/`); (4) store the result in float16 (`model/`: weights, config, tokenizer, preprocessor
+config; loading casts to float32 on the CPU); (5) evaluate on held-out scenes (`vlmo.demo.evaluate`) and write
+`metrics.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmo.config import PaliGemmaConfig
+from vlmo.demo import MODEL_DIR
+from vlmo.demo.shapes import (
+    FOCUS_MIX,
+    PATCH_CLASSES,
+    SHAPES,
+    VOCABULARY,
+    ShapesDataset,
+    draw_scene,
+    patch_targets,
+    random_size,
+    render,
+)
+from vlmo.nn.paligemma import PaliGemma
+from vlmo.testing import LOC_TOKENS, build_tokenizer, preprocessor_config
+from vlmo.weights.writer import save_weights
+
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json")
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """The demo model's shapes: SigLIP-style tower → linear projector → Gemma decoder with multi-query attention."""
+
+    image_size: int = 112
+    patch_size: int = 16
+    vision_width: int = 192
+    vision_layers: int = 4
+    vision_heads: int = 3
+    vision_mlp: int = 768
+    text_width: int = 192
+    text_layers: int = 4
+    text_heads: int = 3
+    text_kv_heads: int = 1
+    head_dim: int = 64
+    text_mlp: int = 512
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Training settings; the defaults are the shipped model's (docs/demo-model.md)."""
+
+    vision_steps: int = 1500  # stage 1: the vision tower alone learns per-patch labels (`pretrain_vision`)
+    vision_batch_size: int = 64
+    vision_lr: float = 1e-3
+    steps: int = 6000  # stage 2: the whole model learns the tasks (`TRAIN_MIX`)
+    batch_size: int = 32
+    lr: float = 3e-4
+    warmup_steps: int = 300
+    weight_decay: float = 0.0
+    focus_steps: int = 3000  # stage 3: `FOCUS_MIX` with hard yes/no negatives, from stage 2's model
+    focus_lr: float = 1e-4
+    focus_hard_negatives: float = 0.75
+    seed: int = 0
+    save_every: int = 1000  # resumable checkpoints in run/ (weights, optimizer, data position)
+    processes: int = 2  # data-parallel CPU processes (gloo), one thread each; batch_size is the global batch
+    device: str = "cpu"  # "cuda" trains in one process on the GPU (bf16 autocast), for longer recipes
+    threads: int = 1  # torch threads per process
+    eval_images: int = 500
+
+
+def hf_config(spec: DemoSpec, vocab_size: int, image_token_id: int) -> dict[str, Any]:
+    """config.json in the layout of the hub's PaliGemma checkpoints (transformers reads it too)."""
+    return {
+        "model_type": "paligemma",
+        "architectures": ["PaliGemmaForConditionalGeneration"],
+        "torch_dtype": "float16",
+        "image_token_index": image_token_id,
+        "projection_dim": spec.text_width,
+        "hidden_size": spec.text_width,
+        "vocab_size": vocab_size,
+        "bos_token_id": 2,
+        "eos_token_id": 1,
+        "pad_token_id": 0,
+        "tie_word_embeddings": True,
+        "vision_config": {
+            "model_type": "siglip_vision_model",
+            "hidden_size": spec.vision_width,
+            "intermediate_size": spec.vision_mlp,
+            "num_hidden_layers": spec.vision_layers,
+            "num_attention_heads": spec.vision_heads,
+            "image_size": spec.image_size,
+            "patch_size": spec.patch_size,
+            "projection_dim": spec.text_width,
+            "hidden_act": "gelu_pytorch_tanh",
+            "vision_use_head": False,
+        },
+        "text_config": {
+            "model_type": "gemma",
+            "vocab_size": vocab_size,
+            "hidden_size": spec.text_width,
+            "intermediate_size": spec.text_mlp,
+            "num_hidden_layers": spec.text_layers,
+            "num_attention_heads": spec.text_heads,
+            "num_key_value_heads": spec.text_kv_heads,
+            "head_dim": spec.head_dim,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "max_position_embeddings": 512,
+        },
+    }
+
+
+def init_weights(model: PaliGemma, loc_ids: list[int], std: float = 0.02) -> None:
+    """Gemma-style initialisation: N(0, 0.02) for linear, convolution and embedding weights, zero biases, LayerNorm
+    scale 1 and RMSNorm weight 0 (Gemma stores the offset: scale 1 + w). Residual output projections are scaled by
+    1/√(2·layers) (GPT-2), so the residual stream's variance does not grow with depth.
+
+    The `<locNNNN>` rows get sinusoidal codes of the bin instead of noise: neighbouring bins start similar, so the
+    tied head scores near-misses close to hits and detection learns coordinates instead of 1024 unrelated classes.
+    The vision tower's position embeddings start as 2-D sinusoidal codes of the patch centre (`grid_codes`).
+    """
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("text.") and name.endswith("norm.weight"):
+                p.zero_()
+            if name.endswith(("o_proj.weight", "down_proj.weight", "fc2.weight")):
+                layers = model.cfg.text.num_layers if name.startswith("text.") else model.cfg.vision.num_layers
+                p.mul_(1 / math.sqrt(2 * layers))
+        model.text.embed.weight[loc_ids] = loc_codes(len(loc_ids), model.cfg.text.hidden_size, std)
+        vision = model.cfg.vision
+        model.vision.pos_embed.weight.copy_(grid_codes(vision.grid, vision.hidden_size, POSITION_STD))
+
+
+# The patch embedding's output has a standard deviation of about 0.9 at initialisation (N(0, 0.02) over 3072 inputs
+# of a light image); positions this strong are visible from the first step instead of having to grow out of 0.02.
+POSITION_STD = 0.5
+
+
+def grid_codes(grid: int, width: int, std: float) -> torch.Tensor:
+    """float32[grid², width], row-major patches: fixed 2-D sin/cos codes (half the width for the row, half for the
+    column; MAE/ViT's "sincos" position embeddings) of each patch centre, scaled to standard deviation `std`. ViTs
+    trained from scratch on little data learn space faster from these than from random positions."""
+    centres = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid
+    quarter = width // 4
+    freqs = 2 * math.pi * torch.logspace(math.log10(0.25), math.log10(grid / 2), quarter, dtype=torch.float64)
+
+    def code(t: torch.Tensor) -> torch.Tensor:  # [grid] → [grid, width / 2]
+        angles = t[:, None] * freqs[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+    rows, cols = code(centres), code(centres)
+    codes = torch.cat([rows[:, None].expand(grid, grid, -1), cols[None].expand(grid, grid, -1)], dim=-1)
+    codes = codes.reshape(grid * grid, -1)
+    codes = torch.cat([codes, codes.new_zeros(grid * grid, width - codes.shape[1])], dim=-1)  # width % 4 ≠ 0
+    return (codes / codes.std() * std).float()
+
+
+def loc_codes(bins: int, width: int, std: float) -> torch.Tensor:
+    """float32[bins, width]: sin/cos of the bin position at `width/2` frequencies spaced geometrically from one
+    period over the whole range to one every 4 bins, scaled to standard deviation `std`."""
+    t = torch.arange(bins, dtype=torch.float64) / (bins - 1)
+    freqs = 2 * math.pi * torch.logspace(0, math.log10((bins - 1) / 4), width // 2, dtype=torch.float64)
+    angles = t[:, None] * freqs[None]
+    codes = torch.cat([angles.sin(), angles.cos()], dim=-1)
+    return (codes / codes.std() * std).float()
+
+
+def write_initial_checkpoint(out: Path, spec: DemoSpec = DemoSpec(), seed: int = 0) -> Path:
+    """A freshly initialised checkpoint directory (config.json, model.safetensors, tokenizer.json,
+    preprocessor_config.json) that `VLMo.from_pretrained` and `finetune` load."""
+    tok = build_tokenizer(VOCABULARY)
+    vocab = (tok.get_vocab_size() + 63) // 64 * 64  # padded like the real 257216-row table
+    config = hf_config(spec, vocab, tok.token_to_id("<image>"))
+    torch.manual_seed(seed)
+    model = PaliGemma(PaliGemmaConfig.from_hf(config))
+    init_weights(model, [tok.token_to_id(t) for t in LOC_TOKENS])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (out / "preprocessor_config.json").write_text(
+        json.dumps(preprocessor_config(spec.image_size, (spec.image_size // spec.patch_size) ** 2), indent=2) + "\n"
+    )
+    tok.save(str(out / "tokenizer.json"))
+    save_weights(model, out)
+    return out
+
+
+def pretrain_vision(src: Path, out: Path, recipe: Recipe = Recipe(), log: bool = True) -> dict[str, float]:
+    """Stage 1: train the vision tower of checkpoint `src` alone, with a throw-away linear head, to tell every
+    patch's class (`patch_targets`: background or one of the 12 colour-kind pairs, as covered fractions; soft
+    cross-entropy), and write the whole checkpoint to `out`.
+
+    Why: from scratch, the vision-language stage learns *which kind* a shape is last and slowest (colours and
+    counts come first; after 7000 steps without this stage 73 % of captions were still wrong, mostly in the
+    kinds), because a handful of answer tokens per image is all the signal the tower gets. Dense labels give it a
+    target at every patch: the kinds, colours and outlines that captions, questions and boxes need, in minutes. AdamW at `vision_lr` with a 100-step
+    warm-up and cosine decay, scenes from the seed `"vision:{seed}"` (never the held-out one). Returns held-out
+    patch accuracy (256 scenes; patches a shape covers at least half of: exact class, and kind alone).
+    """
+    import random
+
+    from vlmo.processing import ImageProcessorConfig, preprocess_images
+    from vlmo.weights.loader import load_model
+
+    model = load_model(src, dtype=torch.float32)
+    tower = model.vision.train().requires_grad_(True)
+    vision = model.cfg.vision
+    head = nn.Linear(vision.hidden_size, len(PATCH_CLASSES))
+    params = [*tower.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=recipe.vision_lr, weight_decay=0.0)
+    processor = ImageProcessorConfig(height=vision.image_size, width=vision.image_size)
+
+    def batch(stream: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, targets = [], []
+        for i in range(n):
+            rng = random.Random(f"{stream}:{i}")
+            scene = draw_scene(rng, *random_size(rng, square=2 / 3))
+            images.append(render(scene))
+            targets.append(patch_targets(scene, vision.image_size, vision.patch_size))
+        return preprocess_images(images, processor), torch.stack(targets)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(recipe.processes * recipe.threads)
+    torch.manual_seed(recipe.seed)
+    started = time.perf_counter()
+    try:
+        for step in range(1, recipe.vision_steps + 1):
+            scale = min(1.0, step / 100) * 0.5 * (1 + math.cos(math.pi * step / recipe.vision_steps))
+            for group in optimizer.param_groups:
+                group["lr"] = recipe.vision_lr * scale
+            pixels, targets = batch(f"vision:{recipe.seed}:{step}", recipe.vision_batch_size)
+            loss = -(targets * head(tower(pixels)[0]).log_softmax(-1)).sum(-1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            if log and (step % 100 == 0 or step == recipe.vision_steps):
+                elapsed = time.perf_counter() - started
+                print(f"vision {step}/{recipe.vision_steps} loss {loss.item():.3f} {elapsed:.0f}s", file=sys.stderr)
+        tower.eval()
+        with torch.no_grad():
+            pixels, targets = batch("heldout-vision", 256)
+            predicted, truth = head(tower(pixels)[0]).argmax(-1), targets.argmax(-1)
+            shape = targets[..., 0] < 0.5
+            kinds = len(SHAPES)  # classes are 1 + 3·colour + kind
+            metrics = {
+                "patch_class_accuracy": (predicted == truth)[shape].float().mean().item(),
+                "patch_kind_accuracy": ((predicted - 1) % kinds == (truth - 1) % kinds)[shape].float().mean().item(),
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+    finally:
+        torch.set_num_threads(threads)
+    if log:
+        print(f"vision held-out: {json.dumps(metrics)}", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in MODEL_FILES[:1] + MODEL_FILES[2:]:
+        shutil.copy(src / name, out / name)
+    save_weights(model.requires_grad_(False), out)
+    return metrics
+
+
+def store_half(src: Path, dst: Path) -> Path:
+    """Copy a float32 checkpoint as float16 (half the bytes; `load_model` casts back to the requested dtype)."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in MODEL_FILES[:1] + MODEL_FILES[2:]:
+        shutil.copy(src / name, dst / name)
+    tensors = {
+        k: (v.half() if v.is_floating_point() else v) for k, v in load_file(str(src / "model.safetensors")).items()
+    }
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def train(
+    out: Path,
+    recipe: Recipe = Recipe(),
+    spec: DemoSpec = DemoSpec(),
+    progress: bool | None = None,
+    resume: bool = False,
+) -> Path:
+    """Run the whole recipe into `out` (init/, vision/, run/, focus/, model/, metrics.json); returns `out/model`.
+
+    `resume`: reuse the stages an interrupted run of the same recipe finished (their outputs are in `out`)."""
+    if recipe.device != "cpu" and recipe.processes != 1:
+        raise ValueError(f"--device {recipe.device} trains in one process: add --processes 1")
+    if recipe.batch_size % recipe.processes:
+        raise ValueError(f"batch size {recipe.batch_size} does not split over {recipe.processes} processes")
+    done = _finished(out) if resume else set()
+    started = time.perf_counter()
+    init = out / "init" if "init" in done else write_initial_checkpoint(out / "init", spec, recipe.seed)
+    start, vision_report = init, None
+    if recipe.vision_steps:
+        start = out / "vision"
+        if "vision" in done:
+            vision_report = json.loads((start / "pretraining.json").read_text(encoding="utf-8"))
+        else:
+            vision_report = pretrain_vision(init, start, recipe)
+            (start / "pretraining.json").write_text(json.dumps(vision_report) + "\n", encoding="utf-8")
+    stages = [("run", recipe.steps, recipe.lr, recipe.warmup_steps, {})]
+    if recipe.focus_steps:
+        focus = {"mix": FOCUS_MIX, "hard_negatives": recipe.focus_hard_negatives, "stream": "focus"}
+        stages.append(("focus", recipe.focus_steps, recipe.focus_lr, min(100, recipe.focus_steps // 10), focus))
+    losses: list[float] = []
+    for name, steps, lr, warmup, data in stages:
+        if name not in done:
+            _finetune_stage(start, out / name, steps, lr, warmup, data, recipe, progress)
+        start = out / name / "final"
+        losses = [json.loads(line)["loss"] for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+    train_seconds = time.perf_counter() - started
+    model_dir = store_half(start, out / "model")
+    report: dict[str, Any] = {
+        "recipe": asdict(recipe),
+        "spec": asdict(spec),
+        "train_seconds": round(train_seconds, 1),
+        "resumed_stages": sorted(done),
+        "vision_pretraining": vision_report,
+        "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+        "weights_bytes": (model_dir / "model.safetensors").stat().st_size,
+    }
+    if recipe.eval_images:
+        from vlmo.demo.evaluate import evaluate_model
+
+        report["heldout"] = evaluate_model(model_dir, recipe.eval_images, threads=recipe.threads)
+    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return model_dir
+
+
+def _finished(out: Path) -> set[str]:
+    """The stages whose complete output is in `out`."""
+    done = {"init"} if (out / "init" / "model.safetensors").is_file() else set()
+    if (out / "vision" / "pretraining.json").is_file():
+        done.add("vision")
+    return done | {name for name in ("run", "focus") if (out / name / "final" / "model.safetensors").is_file()}
+
+
+def _finetune_stage(
+    start: Path,
+    run_dir: Path,
+    steps: int,
+    lr: float,
+    warmup: int,
+    data: dict[str, Any],
+    recipe: Recipe,
+    progress: bool | None,
+) -> None:
+    """Train the whole model of checkpoint `start` with `finetune` on `ShapesDataset(**data)` into `run_dir`."""
+    from vlmo.finetune import FinetuneConfig
+
+    cfg = FinetuneConfig(
+        model=str(start),
+        out=str(run_dir),
+        train=("full",),
+        lr=lr,
+        weight_decay=recipe.weight_decay,
+        warmup_steps=warmup,
+        steps=steps,
+        batch_size=recipe.batch_size // recipe.processes,
+        seed=recipe.seed,
+        save_every=recipe.save_every,
+        device=recipe.device,
+        progress=progress,
+    )
+    if recipe.processes == 1:
+        _worker(0, 1, "", cfg, recipe, data)
+    else:
+        import torch.multiprocessing as mp
+
+        port = _free_port()
+        mp.spawn(_worker, args=(recipe.processes, port, cfg, recipe, data), nprocs=recipe.processes, join=True)
+
+
+def _worker(rank: int, world: int, port: str | int, cfg: Any, recipe: Recipe, data: dict[str, Any]) -> None:
+    """One training process: `finetune` joins the others through the torchrun-style environment (gloo on CPU).
+
+    Several single-threaded processes beat one multi-threaded one on a small shared CPU: a process that loses its
+    core for a moment delays the others once per step (the gradient all-reduce), not once per operator."""
+    import os
+
+    from vlmo.finetune import finetune
+
+    if world > 1:
+        env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        os.environ.update({k: str(v) for k, v in env.items()})
+    torch.set_num_threads(recipe.threads)
+    finetune(cfg, dataset=ShapesDataset(recipe.seed, length=cfg.steps * recipe.batch_size, **data))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def install(model_dir: Path, target: Path = MODEL_DIR) -> Path:
+    """Copy a trained model's files into the package (what `vlmo/shapes` loads)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in MODEL_FILES:
+        shutil.copyfile(model_dir / name, target / name)  # the umask's mode, not the run's 0600
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    defaults = Recipe()
+    parser = argparse.ArgumentParser(prog="python -m vlmo.demo.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--out", type=Path, required=True, help="run directory (init/ vision/ run/ model/ metrics.json)"
+    )
+    parser.add_argument("--vision-steps", type=int, default=defaults.vision_steps, help="stage 1 (0: skip it)")
+    parser.add_argument("--vision-lr", type=float, default=defaults.vision_lr)
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="stage 2")
+    parser.add_argument("--focus-steps", type=int, default=defaults.focus_steps, help="stage 3 (0: skip it)")
+    parser.add_argument("--focus-lr", type=float, default=defaults.focus_lr)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--processes", type=int, default=defaults.processes, help="data-parallel CPU processes")
+    parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads per process")
+    parser.add_argument("--device", default=defaults.device, help="cpu (default) or cuda (with --processes 1)")
+    parser.add_argument("--eval-images", type=int, default=defaults.eval_images, help="held-out scenes (0: none)")
+    parser.add_argument("--install", action="store_true", help=f"copy the trained model into {MODEL_DIR}")
+    parser.add_argument("--resume", action="store_true", help="reuse the stages an interrupted run in --out finished")
+    args = parser.parse_args(argv)
+    if not args.resume and args.out.exists() and any(args.out.iterdir()):
+        parser.error(f"{args.out} is not empty; pick a new --out, or add --resume to finish that run")
+    recipe = Recipe(
+        vision_steps=args.vision_steps,
+        vision_lr=args.vision_lr,
+        steps=args.steps,
+        focus_steps=args.focus_steps,
+        focus_lr=args.focus_lr,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        seed=args.seed,
+        processes=args.processes,
+        threads=args.threads,
+        device=args.device,
+        eval_images=args.eval_images,
+    )
+    model_dir = train(args.out, recipe, resume=args.resume)
+    if args.install:
+        install(model_dir)
+    print((args.out / "metrics.json").read_text(encoding="utf-8"), end="")
+    print(f"model: {model_dir}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,354 @@
+"""The shapes demo: the generator keeps its rules, the built-in name never touches the hub, and the shipped model
+loads offline and answers generated images (a handful, fixed seed; the full held-out evaluation is
+docs/demo-model.md's, run by `python -m vlmo.demo.evaluate`)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from vlmo.demo import MODEL_DIR, MODEL_NAME
+from vlmo.demo.evaluate import iou, match_detections
+from vlmo.demo.shapes import (
+    BOX_GAP,
+    CENTRE_GAP,
+    COLORS,
+    PATCH_CLASSES,
+    SHADE_DRIFT,
+    SHAPES,
+    Scene,
+    Shape,
+    ShapesDataset,
+    caption,
+    detect_target,
+    example_scene,
+    label_map,
+    make_scene,
+    patch_targets,
+    render,
+    sample_task,
+    task_examples,
+)
+from vlmo.detection import encode_boxes, parse_detections
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
+
+
+def scenes(n: int = 150) -> list[Scene]:
+    return [make_scene("rules", i, size=None if i % 2 else (224, 224)) for i in range(n)]
+
+
+# -- generator rules ---------------------------------------------------------------------------------------------
+
+
+def test_scenes_keep_the_rules() -> None:
+    counts = set()
+    for scene in scenes():
+        counts.add(len(scene.shapes))
+        assert 1 <= len(scene.shapes) <= 3
+        assert all(200 <= c <= 255 for c in scene.background)
+        short = min(scene.width, scene.height)
+        for s in scene.shapes:
+            x0, y0, x1, y1 = s.box
+            assert 0 <= x0 < x1 <= scene.width and 0 <= y0 < y1 <= scene.height  # inside the image
+            assert x1 - x0 == y1 - y0
+            assert round(0.20 * short) <= x1 - x0 <= round(0.45 * short)
+            assert s.kind in SHAPES and s.color in COLORS
+            assert all(abs(a - b) <= SHADE_DRIFT for a, b in zip(s.rgb, COLORS[s.color], strict=True))
+        for i, a in enumerate(scene.shapes):
+            for b in scene.shapes[i + 1 :]:
+                apart = (
+                    a.box[2] + BOX_GAP <= b.box[0]
+                    or b.box[2] + BOX_GAP <= a.box[0]
+                    or a.box[3] + BOX_GAP <= b.box[1]
+                    or b.box[3] + BOX_GAP <= a.box[1]
+                )
+                assert apart, (a.box, b.box)
+                assert b.centre_x - a.centre_x >= CENTRE_GAP * scene.width  # left to right, well apart
+    assert counts == {1, 2, 3}
+
+
+def test_rendering_puts_each_shape_in_its_box() -> None:
+    for scene in scenes(30):
+        image = render(scene)
+        assert image.size == (scene.width, scene.height) and image.mode == "RGB"
+        for s in scene.shapes:
+            x0, y0, x1, y1 = s.box
+            inside = image.getpixel(((x0 + x1) // 2, (y0 + 2 * y1) // 3))  # below the centre: inside all three
+            assert all(abs(a - b) <= 20 for a, b in zip(inside, s.rgb, strict=True)), (s, inside)
+        if all(s.box[0] > 2 or s.box[1] > 2 for s in scene.shapes):  # no shape at the top-left corner
+            corner = image.getpixel((0, 0))
+            assert all(abs(a - b) <= 20 for a, b in zip(corner, scene.background, strict=True))
+
+
+def test_patch_targets_are_the_covered_fractions_of_each_class() -> None:
+    shape = Shape("square", "blue", COLORS["blue"], (32, 64, 96, 128))  # patches (2..5, 1..2) of a 224 image at 32
+    scene = Scene(224, 224, (250, 250, 250), (shape,), 0.0, 0)
+    targets = patch_targets(scene, image_size=112, patch_size=16)  # squash 2×: the square covers patches 1–2 × 2–3
+    assert targets.shape == (49, len(PATCH_CLASSES)) and torch.allclose(targets.sum(-1), torch.ones(49))
+    blue_square = PATCH_CLASSES.index("blue square")
+    covered = {(r, c) for r in (2, 3) for c in (1, 2)}
+    for index in range(49):
+        row, col = divmod(index, 7)
+        expected = blue_square if (row, col) in covered else 0
+        assert targets[index, expected] == 1.0, (row, col, targets[index])
+    for scene in scenes(20):  # same geometry as render: every label pixel is the shape's colour there
+        labels, image = label_map(scene), render(scene)
+        for s in scene.shapes:
+            x0, y0, x1, y1 = s.box
+            centre = ((x0 + x1) // 2, (y0 + 2 * y1) // 3)
+            assert PATCH_CLASSES[labels.getpixel(centre)] == f"{s.color} {s.kind}"
+            assert all(abs(a - b) <= 20 for a, b in zip(image.getpixel(centre), s.rgb, strict=True))
+        assert 0 < patch_targets(scene, 112, 16)[:, 0].sum().item() < 49  # some background, some shape
+
+
+def test_vision_pretraining_trains_the_tower_only(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from vlmo import VLMo
+    from vlmo.demo.train import DemoSpec, Recipe, pretrain_vision, write_initial_checkpoint
+
+    spec = DemoSpec(image_size=64, patch_size=16, vision_width=32, vision_heads=2, vision_mlp=64, vision_layers=2,
+                    text_width=32, text_heads=2, head_dim=16, text_mlp=64, text_layers=2)  # fmt: skip
+    init = write_initial_checkpoint(tmp_path / "init", spec)
+    recipe = Recipe(vision_steps=3, vision_batch_size=2, vision_lr=1e-2, processes=1)
+    metrics = pretrain_vision(init, tmp_path / "vision", recipe, log=False)
+    assert 0.0 <= metrics["patch_class_accuracy"] <= metrics["patch_kind_accuracy"] <= 1.0
+    before = load_file(str(init / "model.safetensors"))
+    after = load_file(str(tmp_path / "vision" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("vision_tower" in k for k in changed), sorted(changed)[:5]
+    assert any("patch_embedding" in k for k in changed) and any("layers.1." in k for k in changed)
+    VLMo.from_pretrained(tmp_path / "vision", device="cpu", quantize="none")  # a complete checkpoint
+
+
+def test_recipe_runs_every_stage_and_resumes_without_redoing_them(tmp_path: Path) -> None:
+    from vlmo import VLMo
+    from vlmo.demo.train import DemoSpec, Recipe, train
+
+    spec = DemoSpec(image_size=32, patch_size=16, vision_width=16, vision_heads=1, vision_mlp=32, vision_layers=1,
+                    text_width=16, text_heads=1, head_dim=16, text_mlp=32, text_layers=1)  # fmt: skip
+    recipe = Recipe(vision_steps=2, vision_batch_size=2, steps=2, focus_steps=2, batch_size=2, warmup_steps=1,
+                    save_every=0, processes=1, eval_images=0)  # fmt: skip
+    model = train(tmp_path, recipe, spec, progress=False)
+    for stage in ("init", "vision", "run/final", "focus/final", "model"):
+        assert (tmp_path / stage / "model.safetensors").is_file(), stage
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(report["vision_pretraining"]) >= {"patch_class_accuracy", "patch_kind_accuracy"}
+    assert report["resumed_stages"] == []
+    stages = [tmp_path / stage / "model.safetensors" for stage in ("init", "vision", "run/final", "focus/final")]
+    stamps = {p: p.stat().st_mtime_ns for p in stages}
+    again = train(tmp_path, recipe, spec, progress=False, resume=True)
+    assert json.loads((tmp_path / "metrics.json").read_text())["resumed_stages"] == ["focus", "init", "run", "vision"]
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}  # nothing retrained
+    assert again == model
+    assert VLMo.from_pretrained(model, device="cpu").generate(
+        render(make_scene("t", 0)), "caption en", max_new_tokens=2
+    )
+
+
+def test_captions_list_shapes_left_to_right() -> None:
+    def shape(kind: str, color: str, x: int) -> Shape:
+        return Shape(kind, color, COLORS[color], (x, 10, x + 50, 60))  # type: ignore[arg-type]
+
+    one = Scene(224, 224, (250, 250, 250), (shape("circle", "red", 0),), 0.0, 0)
+    two = Scene(224, 224, (250, 250, 250), (shape("circle", "red", 0), shape("square", "blue", 80)), 0.0, 0)
+    three = Scene(224, 224, (250, 250, 250), (*two.shapes, shape("triangle", "green", 160)), 0.0, 0)
+    assert caption(one) == "a red circle"
+    assert caption(two) == "a red circle and a blue square"
+    assert caption(three) == "a red circle, a blue square and a green triangle"
+    for scene in scenes(40):
+        words = caption(scene).replace(",", "").replace(" and ", " ").split()
+        assert words == [w for s in scene.shapes for w in ("a", s.color, s.kind)]
+
+
+def test_targets_have_the_documented_format() -> None:
+    for scene in scenes(60):
+        examples = task_examples(scene)
+        by_prompt = {e.prefix: e.suffix for e in examples}
+        assert len(by_prompt) == len(examples)
+        assert by_prompt["answer en how many shapes are there?"] == str(len(scene.shapes))
+        kinds = [s.kind for s in scene.shapes]
+        for kind in SHAPES:
+            question = f"answer en what color is the {kind}?"
+            assert (question in by_prompt) == (kinds.count(kind) == 1)
+            if question in by_prompt:
+                assert by_prompt[question] == next(s.color for s in scene.shapes if s.kind == kind)
+            for color in COLORS:
+                wanted = any(s.kind == kind and s.color == color for s in scene.shapes)
+                assert by_prompt[f"answer en is there a {color} {kind}?"] == ("yes" if wanted else "no")
+            target = by_prompt[f"detect {kind}"]
+            found = parse_detections(target, (scene.width, scene.height))
+            assert [d.label for d in found] == [k for k in kinds if k == kind]
+            assert target == "" or target.startswith("<loc")
+            mine = [s for s in scene.shapes if s.kind == kind]
+            half_bin = max(scene.width, scene.height) / 2046 + 1e-9
+            for d, s in zip(found, mine, strict=True):  # within half a bin of the true box
+                assert all(abs(a - b) <= half_bin for a, b in zip(d.box, s.box, strict=True))
+        pair = by_prompt["detect circle ; square"]
+        assert pair == detect_target(scene, ["circle", "square"])
+        assert [d.label for d in parse_detections(pair, (scene.width, scene.height))] == [
+            k for k in kinds if k in ("circle", "square")
+        ]
+
+
+def test_generation_is_a_function_of_the_seed() -> None:
+    a, b = make_scene(3, 11, size=None), make_scene(3, 11, size=None)
+    assert a == b and render(a).tobytes() == render(b).tobytes()
+    assert make_scene(4, 11) != make_scene(3, 11)
+    data = ShapesDataset(seed=5, length=100)
+    first, again = data.get(7, 2), data.get(7, 2)
+    assert (first.prefix, first.suffix) == (again.prefix, again.suffix)
+    assert first.image.tobytes() == again.image.tobytes()  # type: ignore[union-attr]
+    others = [data.get(7, epoch) for epoch in range(3, 8)]
+    assert any(o.image.tobytes() != first.image.tobytes() for o in others)  # type: ignore[union-attr]
+
+
+def test_training_mix_draws_every_task_and_balances_yes_no() -> None:
+    rng = random.Random(0)
+    drawn = [sample_task(scene, rng) for scene in scenes(150) for _ in range(4)]
+    assert {t.kind for t in drawn} == {"caption", "count", "color", "exists", "detect"}
+    yes = sum(t.suffix == "yes" for t in drawn if t.kind == "exists")
+    no = sum(t.suffix == "no" for t in drawn if t.kind == "exists")
+    assert 0.6 < yes / no < 1.6
+    assert any(t.kind == "detect" and t.suffix == "" for t in drawn)  # "nothing there" is taught too
+
+
+def test_hard_negatives_name_a_colour_or_kind_that_is_there() -> None:
+    rng = random.Random(1)
+    only_exists = {"exists": 1.0}
+    for scene in scenes(60):
+        present = {s.color for s in scene.shapes} | {s.kind for s in scene.shapes}
+        for _ in range(4):
+            task = sample_task(scene, rng, only_exists, hard_negatives=1.0)  # type: ignore[arg-type]
+            color, kind = task.prefix.removesuffix("?").split()[-2:]
+            if task.suffix == "no":
+                assert {color, kind} & present, (task, scene.shapes)
+    neither = 0  # without hard negatives, most "no" questions name neither a colour nor a kind that is there
+    for scene in scenes(60):
+        present = {s.color for s in scene.shapes} | {s.kind for s in scene.shapes}
+        task = sample_task(scene, rng, only_exists)  # type: ignore[arg-type]
+        neither += task.suffix == "no" and not set(task.prefix.removesuffix("?").split()[-2:]) & present
+    assert neither > 5
+
+
+def test_detection_matching_counts_hits_at_iou_one_half() -> None:
+    scene = make_scene("match", 0, num_shapes=2)
+    kinds = [s.kind for s in scene.shapes]
+    exact = detect_target(scene, kinds)
+    assert match_detections(exact, scene, kinds) == (2, 2, 2)
+    assert match_detections("", scene, kinds) == (0, 0, 2)
+    assert iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(1 / 3)
+
+
+# -- the built-in name -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HF_HUB_OFFLINE=1 with an empty cache (conftest), and any hub call an error."""
+    from huggingface_hub import constants
+
+    import vlmo.weights.hub as hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    def no_hub(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the built-in model must not touch the hub")
+
+    monkeypatch.setattr(hub, "hf_hub_download", no_hub)
+    monkeypatch.setattr(hub, "HfApi", no_hub)
+
+
+def test_built_in_name_resolves_to_the_package_without_the_hub(offline: None) -> None:
+    from vlmo.errors import VlmoError
+    from vlmo.weights.hub import resolve_model
+
+    assert resolve_model(MODEL_NAME) == MODEL_DIR
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
+        assert (MODEL_DIR / name).is_file(), name
+    assert (MODEL_DIR / "model.safetensors").stat().st_size <= 20 * 2**20
+    with pytest.raises(VlmoError, match="no revisions"):
+        resolve_model(MODEL_NAME, revision="main")
+
+
+# -- the shipped model -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shapes_model():  # noqa: ANN201 - a VLMo
+    from vlmo import VLMo
+
+    torch.set_num_threads(2)
+    return VLMo.from_pretrained(MODEL_DIR, device="cpu")
+
+
+def test_shipped_model_loads_offline_in_float32(offline: None) -> None:
+    from vlmo import VLMo
+
+    vlm = VLMo.from_pretrained(MODEL_NAME, device="cpu")
+    assert vlm.source == MODEL_DIR and vlm.dtype == torch.float32
+
+
+def test_shipped_model_answers_generated_images(shapes_model) -> None:  # noqa: ANN001
+    """Every question type on 8 fixed scenes (count, colour, caption, yes/no; about 130 questions), in vlmo's CPU
+    default mode (int8). Held out, the shipped model gets 96–100 % of each type right (docs/demo-model.md); the
+    floors here leave room for a stray miss, and chance is far below them."""
+    right: dict[str, int] = {}
+    asked: dict[str, int] = {}
+    for i in range(8):
+        scene = make_scene("test", i, size=(224, 224) if i % 2 else (300, 180))
+        examples = [e for e in task_examples(scene) if e.kind != "detect"]
+        answers = shapes_model.generate(render(scene), [e.prefix for e in examples], max_new_tokens=24)
+        for example, answer in zip(examples, answers, strict=True):
+            right[example.kind] = right.get(example.kind, 0) + (answer == example.suffix)
+            asked[example.kind] = asked.get(example.kind, 0) + 1
+    assert asked["count"] == asked["caption"] == 8 and asked["exists"] == 96
+    assert right["count"] >= 7 and right["caption"] >= 6, (right, asked)
+    assert right["color"] >= asked["color"] - 1 and right["exists"] >= 88, (right, asked)
+
+
+def test_shipped_model_detects_shapes(shapes_model) -> None:  # noqa: ANN001
+    """Boxes in pixels of the original image at IoU ≥ 0.5, square and not, for the prompts the model was taught:
+    one kind (`detect circle`), and two (`detect circle ; square`)."""
+    hits = objects = predicted = 0
+    for i, size in enumerate([(224, 224), (320, 200), (224, 224), (200, 360)]):
+        scene = make_scene("test-detect", i, size=size, num_shapes=2 + i % 2)
+        prompts = [[kind] for kind in SHAPES] + [list(SHAPES[:2]), list(SHAPES[1:])]
+        for kinds in prompts:
+            found = shapes_model.detect(render(scene), kinds)
+            assert {d.label for d in found} <= set(kinds)
+            as_text = encode_boxes([d.box for d in found], [d.label for d in found], (scene.width, scene.height))
+            tp, n_predicted, n_objects = match_detections(as_text, scene, kinds)
+            hits, predicted, objects = hits + tp, predicted + n_predicted, objects + n_objects
+    # 19 of 24 at the time of writing (held out: 80–93 % by prompt and size, docs/demo-model.md); guessing gets ~0
+    assert objects == 24 and hits >= 17 and predicted <= 27, (hits, predicted, objects)
+
+
+def test_example_image_is_the_example_scene() -> None:
+    from PIL import Image
+
+    with Image.open(EXAMPLE) as image:
+        assert image.convert("RGB").tobytes() == render(example_scene()).tobytes()
+
+
+def test_cli_answers_the_readme_question_about_the_example_image(offline: None) -> None:
+    from vlmo.cli import app
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    command = 'vlmo ask examples/shapes.png "what color is the circle?" --model vlmo/shapes'
+    assert command in readme and "# yellow" in readme.split(command, 1)[1].splitlines()[0]
+    runner = CliRunner()
+    result = runner.invoke(app, ["ask", str(EXAMPLE), "what color is the circle?", "--model", MODEL_NAME])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "yellow"
+    result = runner.invoke(app, ["caption", str(EXAMPLE), "--model", MODEL_NAME])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "a yellow circle, a red square and a blue triangle"
