@@ -218,9 +218,11 @@ def pretrain_vision(src: Path, out: Path, recipe: Recipe = Recipe(), log: bool =
     Why: from scratch, the vision-language stage learns *which kind* a shape is last and slowest (colours and
     counts come first; after 7000 steps without this stage 73 % of captions were still wrong, mostly in the
     kinds), because a handful of answer tokens per image is all the signal the tower gets. Dense labels give it a
-    target at every patch: the kinds, colours and outlines that captions, questions and boxes need, in minutes. AdamW at `vision_lr` with a 100-step
-    warm-up and cosine decay, scenes from the seed `"vision:{seed}"` (never the held-out one). Returns held-out
-    patch accuracy (256 scenes; patches a shape covers at least half of: exact class, and kind alone).
+    target at every patch: the kinds, colours and outlines that captions, questions and boxes need, in minutes.
+
+    AdamW at `vision_lr` with a 100-step warm-up and cosine decay, scenes from the seed `"vision:{seed}"` (never
+    the held-out one). Returns held-out patch accuracy (256 scenes from `"heldout-vision"`; patches a shape covers
+    at least half of: exact class, and kind alone) and the stage's seconds.
     """
     import random
 
