@@ -213,7 +213,7 @@ def write_initial_checkpoint(out: Path, spec: DemoSpec = DemoSpec(), seed: int =
 def pretrain_vision(src: Path, out: Path, recipe: Recipe = Recipe(), log: bool = True) -> dict[str, float]:
     """Stage 1: train the vision tower of checkpoint `src` alone, with a throw-away linear head, to tell every
     patch's class (`patch_targets`: background or one of the 12 colour-kind pairs, as covered fractions; soft
-    cross-entropy), and write the whole checkpoint to `out`.
+    cross-entropy), and write the whole checkpoint to `out`, then the returned metrics (`pretraining.json`).
 
     Why: from scratch, the vision-language stage learns *which kind* a shape is last and slowest (colours and
     counts come first; after 7000 steps without this stage 73 % of captions were still wrong, mostly in the
@@ -279,20 +279,25 @@ def pretrain_vision(src: Path, out: Path, recipe: Recipe = Recipe(), log: bool =
         torch.set_num_threads(threads)
     if log:
         print(f"vision held-out: {json.dumps(metrics)}", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in MODEL_FILES[:1] + MODEL_FILES[2:]:
-        shutil.copy(src / name, out / name)
+    _copy_side_files(src, out)
     save_weights(model.requires_grad_(False), out)
+    (out / "pretraining.json").write_text(json.dumps(metrics) + "\n", encoding="utf-8")  # written last: "done"
     return metrics
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    """Every checkpoint file but the weights (config, tokenizer, preprocessor config), from `src` into `dst`."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in MODEL_FILES:
+        if name != "model.safetensors":
+            shutil.copy(src / name, dst / name)
 
 
 def store_half(src: Path, dst: Path) -> Path:
     """Copy a float32 checkpoint as float16 (half the bytes; `load_model` casts back to the requested dtype)."""
     from safetensors.torch import load_file, save_file
 
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in MODEL_FILES[:1] + MODEL_FILES[2:]:
-        shutil.copy(src / name, dst / name)
+    _copy_side_files(src, dst)
     tensors = {
         k: (v.half() if v.is_floating_point() else v) for k, v in load_file(str(src / "model.safetensors")).items()
     }
@@ -324,7 +329,6 @@ def train(
             vision_report = json.loads((start / "pretraining.json").read_text(encoding="utf-8"))
         else:
             vision_report = pretrain_vision(init, start, recipe)
-            (start / "pretraining.json").write_text(json.dumps(vision_report) + "\n", encoding="utf-8")
     stages = [("run", recipe.steps, recipe.lr, recipe.warmup_steps, {})]
     if recipe.focus_steps:
         focus = {"mix": FOCUS_MIX, "hard_negatives": recipe.focus_hard_negatives, "stream": "focus"}
