@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import BLUE, RED
+from vlmo.data.vqav2 import VQAExample, load_vqav2
 from vlmo.errors import InputError
-from vlmo.eval import VQAExample, VQAReport, evaluate_vqa, load_vqav2, vqa_accuracy
+from vlmo.eval import VQAReport, evaluate_vqa, vqa_accuracy
 from vlmo.eval_normalize import normalize_answer
 
 # ------------------------------------------------------------------------------------------------------------

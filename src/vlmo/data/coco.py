@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmo.data.files import read_json_object
 from vlmo.detection import detect_prompt, encode_boxes
 from vlmo.errors import InputError
+from vlmo.jsonfile import read_json
 
 _log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def write_jsonl(examples: Iterable[Mapping[str, Any]], path: str | os.PathLike[s
 
 def _read_instances(path: str | os.PathLike[str]) -> dict[str, Any]:
     file = Path(path)
-    doc = read_json_object(file, "COCO annotations file", "pass an instances_*.json file")
+    doc = read_json(file, what="COCO annotations file", hint="pass an instances_*.json file", error=InputError)
     for key in ("images", "annotations", "categories"):
         if not isinstance(doc.get(key), list) or not all(isinstance(r, dict) for r in doc[key]):
             raise InputError(f'{file} has no "{key}" list of objects; is it a COCO instances_*.json file?')

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from vlmo.data.vqav2 import VQAExample
 from vlmo.errors import InputError
 from vlmo.processing import ImageInput
 
@@ -79,7 +80,7 @@ class VQAv2Dataset:
     Which answer an (epoch, index) pair gets depends only on the seed, so a resumed run sees the same data.
     """
 
-    def __init__(self, examples: Sequence, seed: int = 0, lang: str = "en") -> None:  # Sequence[VQAExample]
+    def __init__(self, examples: Sequence[VQAExample], seed: int = 0, lang: str = "en") -> None:
         self.examples = [e for e in examples if e.answers]
         if not self.examples:
             raise InputError("no VQAv2 questions with answers to train on")

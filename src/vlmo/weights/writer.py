@@ -10,9 +10,11 @@ from safetensors.torch import save_file
 
 from vlmo.config import projector_to_hf
 from vlmo.errors import InputError
+from vlmo.jsonfile import read_json
 from vlmo.nn.paligemma import PaliGemma
+from vlmo.weights.files import CONFIG_FILE, OPTIONAL_FILES, SINGLE_FILE, TOKENIZER_FILE
 from vlmo.weights.keys import KeyMap
-from vlmo.weights.loader import CONFIG_FILE, SINGLE_FILE, read_json
+from vlmo.weights.loader import NOT_A_CHECKPOINT
 
 
 def save_weights(model: PaliGemma, out_dir: str | Path) -> Path:
@@ -46,13 +48,13 @@ def save_checkpoint(model: PaliGemma, out_dir: str | Path, source: str | Path) -
     """
     out, source = Path(out_dir), Path(source)
     out.mkdir(parents=True, exist_ok=True)
-    config = read_json(source / CONFIG_FILE)
+    config = read_json(source / CONFIG_FILE, missing=NOT_A_CHECKPOINT)
     config.pop("vlmo_projector", None)
     extra = projector_to_hf(model.cfg.projector)
     if extra is not None:
         config["vlmo_projector"] = extra
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    for name in ("tokenizer.json", "preprocessor_config.json", "generation_config.json"):
+    for name in (TOKENIZER_FILE, *OPTIONAL_FILES):
         if (source / name).is_file():
             shutil.copy(source / name, out / name)
     save_weights(model, out)
