@@ -1,4 +1,4 @@
-"""config.json dicts of real PaliGemma checkpoints (transformers-4 layout, as on the hub), from the spec's §1.2 copies.
+"""config.json dicts of real PaliGemma checkpoints (transformers-4 layout, as on the hub), per model-notes §1.2.
 
 Functions, not constants: each call returns a fresh dict that a test may edit.
 """

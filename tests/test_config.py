@@ -1,6 +1,6 @@
-"""`PaliGemmaConfig.from_hf` against what transformers 5.24 resolves from the same `config.json` (spec §1.2).
+"""`PaliGemmaConfig.from_hf` against what transformers 5.24 resolves from the same `config.json` (model-notes §1.2).
 
-The hub dicts below are written from the field lists of the hub copies in the spec (transformers-4 layout); the
+The hub dicts below are written from the field lists of the hub copies in model-notes §1.2 (transformers-4 layout); the
 transformers-5 layout is produced by transformers itself. Every test compares our dataclasses with transformers'
 resolved sub-configs, so a default that drifts on either side shows up here.
 """
@@ -132,7 +132,7 @@ def test_pg2_values() -> None:
     assert (t.hidden_size, t.intermediate_size, t.num_layers, t.num_heads, t.num_kv_heads) == (2304, 9216, 26, 8, 4)
     assert (t.query_pre_attn_scalar, t.attn_logit_softcapping, t.final_logit_softcapping) == (256, 50.0, 30.0)
     assert t.sliding_window == 4096
-    # layer i is sliding when i is even (spec §1.2)
+    # layer i is sliding when i is even (model-notes §1.2)
     assert t.layer_types[:3] == ("sliding_attention", "full_attention", "sliding_attention")
     assert len(t.layer_types) == 26
     assert t.attn_scale == pytest.approx(256**-0.5)

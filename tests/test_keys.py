@@ -23,7 +23,7 @@ def _meta_models(d: dict[str, Any]) -> tuple[PaliGemma, torch.nn.Module]:
 
 
 def _legacy_name(v5_key: str) -> str:
-    """transformers 5 in-memory name → the hub's legacy on-disk name (spec §1.3 (a))."""
+    """transformers 5 in-memory name → the hub's legacy on-disk name (model-notes §1.3 (a))."""
     key = v5_key.replace("model.vision_tower.", "vision_tower.vision_model.", 1)
     key = key.replace("model.language_model.", "language_model.model.", 1)
     return key.replace("model.multi_modal_projector.", "multi_modal_projector.", 1)
@@ -47,7 +47,7 @@ def test_every_reference_tensor_maps_to_ours_with_the_same_shape(d: dict[str, An
         mapped[keymap.from_hf(key)] = key
         assert keymap.to_hf(name) == _legacy_name(key)  # and back to the hub's names
     assert set(mapped) == set(our_shapes), "every vlmo parameter comes from exactly one checkpoint tensor"
-    assert sum(p.numel() for p in ours.parameters()) == n_params  # spec §1.1, 64 padding rows included
+    assert sum(p.numel() for p in ours.parameters()) == n_params  # model-notes §1.1, 64 padding rows included
 
 
 def test_gemma_norm_names_differ_between_gemma_1_and_2() -> None:

@@ -1,4 +1,4 @@
-"""One test per PaliGemma detail that earlier re-implementations got wrong (spec §2–§6, §10)."""
+"""One test per PaliGemma detail that earlier re-implementations got wrong (model-notes §2–§6, §10)."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def test_bf16_embedding_scale_is_rounded_like_transformers() -> None:
     )
     g = g.to(torch.bfloat16)
     torch.nn.init.ones_(g.embed.weight)
-    assert g.embed_text(torch.tensor([[1]]))[0, 0, 0].item() == 45.25  # bf16(√2048), spec §4.2
+    assert g.embed_text(torch.tensor([[1]]))[0, 0, 0].item() == 45.25  # bf16(√2048), model-notes §4.2
 
 
 def test_rmsnorm_uses_one_plus_w_in_float32() -> None:
@@ -126,7 +126,7 @@ def test_output_head_is_the_tied_embedding(vlm: VLMo) -> None:
     assert text.lm_head is None
     h = torch.randn(2, text.cfg.hidden_size)
     torch.testing.assert_close(text.logits(h), h @ text.embed.weight.T)
-    assert text.logits(h).shape[-1] == text.cfg.vocab_size  # padding rows keep their logits (spec §10.10)
+    assert text.logits(h).shape[-1] == text.cfg.vocab_size  # padding rows keep their logits (model-notes §10.10)
 
 
 def test_loc_tokens_are_y_first() -> None:

@@ -1,6 +1,6 @@
 """Numerical parity with transformers' PaliGemmaForConditionalGeneration on the same tiny checkpoints.
 
-Reference: transformers with eager attention in fp32 (the spec's ground truth, §10.1); vlmo uses SDPA, so agreement
+Reference: transformers with eager attention in fp32 (the ground truth, model-notes §10.1); vlmo uses SDPA, so agreement
 is to ~1e-6, well inside the 1e-4 tolerance.
 """
 
@@ -159,7 +159,7 @@ def test_differing_lm_head_is_kept_untied_like_transformers(tiny_checkpoint: Pat
     other = _rewrite(tiny_checkpoint, tmp_path / "untied", lambda k: k)
     tensors = {k: v.clone() for k, v in open_tensors(other / "model.safetensors").items()}
     head = tensors["language_model.model.embed_tokens.weight"].clone()
-    head[-8:] += 1.0  # e.g. padding rows sampled separately by a converter (spec §1.3)
+    head[-8:] += 1.0  # e.g. padding rows sampled separately by a converter (model-notes §1.3)
     tensors["language_model.lm_head.weight"] = head
     save_file(tensors, str(other / "model.safetensors"), metadata={"format": "pt"})
     vlm = VLMo.from_pretrained(other, device="cpu", dtype="float32")

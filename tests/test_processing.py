@@ -1,4 +1,4 @@
-"""Image preprocessing and prompt encoding, checked against transformers 5.24 (spec §2, §3)."""
+"""Image preprocessing and prompt encoding, checked against transformers 5.24 (model-notes §2, §3)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def encoded(image: Image.Image, fmt: str, **save_kwargs: object) -> bytes:
 
 
 def hub_preprocessor_config(size: int) -> dict[str, object]:
-    """The shape of PaliGemma's hub `preprocessor_config.json` (spec §2)."""
+    """The shape of PaliGemma's hub `preprocessor_config.json` (model-notes §2)."""
     return {
         "do_convert_rgb": None,
         "do_normalize": True,

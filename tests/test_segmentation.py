@@ -50,7 +50,7 @@ from vlmo.weights.vqvae import (
     read_npz,
 )
 
-# The published structure (spec §9.3): every tensor of the decoder and of the encoder, in order.
+# The published structure (model-notes §9.3): every tensor of the decoder and of the encoder, in order.
 DECODER_SHAPES = {
     "_vq_vae._embedding": (128, 512),
     "decoder.0.weight": (128, 512, 1, 1),
@@ -169,7 +169,7 @@ def resblock_ref(p: dict[str, np.ndarray], name: str, x: np.ndarray) -> np.ndarr
 
 
 def decoder_ref(p: dict[str, np.ndarray], codes: np.ndarray) -> np.ndarray:
-    """codes (B,16) → (B,1,64,64), spec §9.3 step by step."""
+    """codes (B,16) → (B,1,64,64), model-notes §9.3 step by step."""
     x = p["_vq_vae._embedding"][codes]  # (B,16,512)
     x = x.reshape(codes.shape[0], 4, 4, -1).transpose(0, 3, 1, 2)  # row-major grid → NCHW
     x = relu(conv_ref(x, p["decoder.0.weight"], p["decoder.0.bias"]))

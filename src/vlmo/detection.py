@@ -1,7 +1,7 @@
 """Detection output of PaliGemma: parse `<loc>` strings into boxes, build them back, and draw them.
 
 The model answers a `detect cat ; dog` prompt with, per object, four location tokens, an optional block of 16
-segmentation tokens (only after `segment …` prompts), and the label, objects separated by `" ; "` (spec §9.2):
+segmentation tokens (only after `segment …` prompts), and the label, objects separated by `" ; "` (model-notes §9.2):
 
     <loc0123><loc0045><loc0890><loc0777> cat ; <loc0001><loc0002><loc0003><loc0004> dog
 
@@ -13,7 +13,7 @@ Coordinate convention (bins ↔ pixels of the original W×H image):
     encode  bin = clip(round(x / W × 1023), 0, 1023)     (x clipped to [0, W] first)
     decode  x   = bin / 1023 × W
 
-The encoder is big_vision's training op (refcoco: `clip(round(coord01 × 1023), 0, 1023)`, spec §9.2), so
+The encoder is big_vision's training op (refcoco: `clip(round(coord01 × 1023), 0, 1023)`, model-notes §9.2), so
 targets we build for fine-tuning are the ones PaliGemma was trained on. The decoder is its exact inverse, as
 in big_vision's evaluator (`bin / 1023`): bin 0 is the left/top edge, bin 1023 the right/bottom edge. So
 `box_to_bins(bins_to_box(b)) == b` for every ordered `b`, and pixels → bins → pixels moves a coordinate by
@@ -68,9 +68,9 @@ __all__ = [
     "parse_objects",
 ]
 
-NUM_LOC_BINS = 1024  # <loc0000>…<loc1023> (spec §9.2)
-NUM_SEG_CODES = 128  # <seg000>…<seg127>: the vae-oid codebook size (spec §9.3)
-NUM_SEG_TOKENS = 16  # a 4×4 grid of codes per mask (spec §9.3)
+NUM_LOC_BINS = 1024  # <loc0000>…<loc1023> (model-notes §9.2)
+NUM_SEG_CODES = 128  # <seg000>…<seg127>: the vae-oid codebook size (model-notes §9.3)
+NUM_SEG_TOKENS = 16  # a 4×4 grid of codes per mask (model-notes §9.3)
 _MAX_BIN = NUM_LOC_BINS - 1  # big_vision scales normalised coordinates by 1023, not 1024 (module docstring)
 
 Box = tuple[float, float, float, float]
@@ -378,7 +378,7 @@ def _check_box(box: Sequence[float]) -> Box:
 
 
 def _to_bin(coord: float, extent: int) -> int:
-    # big_vision's training encoding (spec §9.2); Python's round() is half-to-even like tf.round / np.round.
+    # big_vision's training encoding (model-notes §9.2); Python's round() is half-to-even like tf.round / np.round.
     return min(max(round(min(max(coord, 0.0), extent) / extent * _MAX_BIN), 0), _MAX_BIN)
 
 

@@ -1,4 +1,4 @@
-"""Images and text in, model tensors out (spec §2 and §3).
+"""Images and text in, model tensors out (model-notes §2 and §3).
 
 Both halves reproduce transformers 5.24 bit for bit: `preprocess_images` matches `SiglipImageProcessorPil`
 (the PIL backend; the torchvision backend's bicubic differs slightly), and `TextProcessor.encode` builds the
@@ -99,7 +99,7 @@ def _to_rgb(image: Image.Image, name: str = "the image") -> Image.Image:
 class ImageProcessorConfig:
     """How images become `pixel_values`: resize to exactly `height`×`width`, then `(x·rescale − mean) / std`.
 
-    The aspect ratio is not kept and nothing is cropped or padded, as in SigLIP's processor (spec §2).
+    The aspect ratio is not kept and nothing is cropped or padded, as in SigLIP's processor (model-notes §2).
     `resample` is a Pillow filter id (3 = bicubic, the hub value).
     """
 
@@ -214,7 +214,7 @@ class EncodedBatch:
 
 
 class TextProcessor:
-    """Builds PaliGemma prompts and token ids exactly as transformers' `PaliGemmaProcessor` (spec §3.2).
+    """Builds PaliGemma prompts and token ids exactly as transformers' `PaliGemmaProcessor` (model-notes §3.2).
 
     A prompt becomes `<image>`×N `<bos>` prompt `\\n`; a suffix (training target) becomes suffix `<eos>`,
     tokenized as a separate sequence and appended. The tokenizer must already contain `<image>` and the

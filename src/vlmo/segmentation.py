@@ -1,7 +1,7 @@
 """Segmentation output of PaliGemma: `<seg>` codes → masks in the original image, COCO RLE, drawing, weights.
 
 A `segment cat` answer holds, per object, the 4 `<loc>` tokens of its box, 16 `<segNNN>` codes (a 4×4 grid,
-row-major) and the label (spec §9.3; parsing is `detection.parse_objects`). The codes go through the VQ-VAE
+row-major) and the label (model-notes §9.3; parsing is `detection.parse_objects`). The codes go through the VQ-VAE
 decoder "vae-oid" (`nn/vqvae.py`) into a 64×64 map of logits, which is resized into the box:
 
     box      x = bin / 1023 × W (as detection), then the pixel rectangle [int(x_min), int(x_max)) × [int(y_min),

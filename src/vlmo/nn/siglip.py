@@ -1,8 +1,9 @@
 """SigLIP vision encoder as PaliGemma uses it: patch embedding, learned positions, pre-LN blocks, final LayerNorm.
 
 Axes: B images, N = (image_size // patch_size)² patches, C vision width, I MLP width.
-No class token and no pooling head: PaliGemma consumes every patch token (spec §4.1). Any image and patch size work;
-a valid convolution drops the remainder when the size is not a multiple of the patch (e.g. 70 px / 14 → 5×5 grid).
+No class token and no pooling head: PaliGemma consumes every patch token (model-notes §4.1). Any image and patch
+size work; a valid convolution drops the remainder when the size is not a multiple of the patch (e.g. 70 px / 14 →
+5×5 grid).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """PaliGemma's mask tokenizer: the "vae-oid" VQ-VAE that maps 16 `<segNNN>` codes to a 64×64 mask and back.
 
-Spec §9.3. The published checkpoint (`vae-oid.npz`) is a PyTorch state dict of the VQ-VAE from "All in Tokens"
-(Ning et al. 2023, arXiv 2301.02229; code: SwinTransformer/AiT `vae/models/VQVAE.py`, instance-segmentation
-config: 64 px masks, 1 channel, hidden 16, downsample 16, 2 residual blocks, 128 codes of width 512). The
-modules below keep that model's `nn.Sequential` numbering, so `state_dict()` names equal the checkpoint's
-(ReLUs sit at the odd indices and own no weights):
+docs/model-notes.md §9.3. The published checkpoint (`vae-oid.npz`) is a PyTorch state dict of the VQ-VAE from
+"All in Tokens" (Ning et al. 2023, arXiv 2301.02229; code: SwinTransformer/AiT `vae/models/VQVAE.py`,
+instance-segmentation config: 64 px masks, 1 channel, hidden 16, downsample 16, 2 residual blocks, 128 codes of
+width 512). The modules below keep that model's `nn.Sequential` numbering, so `state_dict()` names equal the
+checkpoint's (ReLUs sit at the odd indices and own no weights):
 
     _vq_vae._embedding                           (128, 512)  codebook
     decoder.0                Conv2d 512→128 1×1, ReLU
@@ -33,9 +33,9 @@ from vlmo.errors import InputError
 
 __all__ = ["NUM_CODES", "CODE_DIM", "MASK_SIZE", "VQVAEDecoder", "VQVAEEncoder"]
 
-NUM_CODES = 128  # <seg000>…<seg127> (spec §9.3)
+NUM_CODES = 128  # <seg000>…<seg127> (model-notes §9.3)
 CODE_DIM = 512  # codebook width, AiT insseg config `codebook_dim`
-MASK_SIZE = 64  # decoded masks are 64×64 (spec §9.3)
+MASK_SIZE = 64  # decoded masks are 64×64 (model-notes §9.3)
 GRID = 4  # 16 codes = a 4×4 grid
 _WIDTH = 128  # channels of the residual stage (AiT: hidden_dim 16 × downsample 16 / 2)
 

@@ -43,7 +43,8 @@ from vlmo.weights.safetensors_io import open_tensors
 
 logger = logging.getLogger(__name__)
 
-VAE_REPO = "big-vision/paligemma-hf"  # a Space (spec §9.3); big_vision reads gs://big_vision/paligemma/vae-oid.npz
+# a Space (model-notes §9.3); big_vision reads gs://big_vision/paligemma/vae-oid.npz
+VAE_REPO = "big-vision/paligemma-hf"
 VAE_FILENAME = "vae-oid.npz"
 CONVERTED = "vae-oid.safetensors"
 
