@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlmo.errors import CheckpointError, ConfigError
-from vlmo.weights.loader import INDEX_FILE, SINGLE_FILE, load_model, weight_files
+from vlmo.weights.files import INDEX_FILE, SINGLE_FILE
+from vlmo.weights.loader import load_model, weight_files
 from vlmo.weights.safetensors_io import open_tensors, read_header
 
 # --- helpers ---------------------------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ from vlmo.errors import CheckpointError, ConfigError, InputError
 from vlmo.nn.lora import (
     LoRAConfig,
     LoRALinear,
-    apply_lora,
     lora_modules,
     lora_parameters,
     merge_lora,
@@ -31,7 +30,7 @@ from vlmo.nn.lora import (
 )
 from vlmo.nn.paligemma import PaliGemma
 from vlmo.processing import TextProcessor
-from vlmo.weights.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
+from vlmo.weights.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_lora, load_adapter, save_adapter
 from vlmo.weights.hub import OfflineError
 from vlmo.weights.loader import load_model
 

@@ -7,11 +7,14 @@ A wrapped layer computes  y = x Wᵀ + b + s · (dropout(x) Aᵀ) Bᵀ  with A: 
 Initialisation follows PEFT and the LoRA paper: A kaiming-uniform (a = √5, nn.Linear's own init), B zero, so a
 freshly wrapped model computes exactly what the base model does.
 
-Naming. `LoRAConfig.targets` are module *leaf names*, matched like PEFT's `target_modules` list, against vlmo's leaf
-name *or* the Hugging Face one. They differ in one place: the vision attention output is `o_proj` here and `out_proj`
-in transformers, so `"out_proj"` (a PEFT config) selects the vision `o_proj` only, while `"o_proj"` selects the text
-`o_proj` and, with `include_vision`, the vision one too. The text decoder is always searched, the vision tower only
-with `include_vision`, and the projector (`linear`) when a target names it.
+Naming. This module knows vlmo's own module names only. `LoRAConfig.targets` are module *leaf names*, matched like
+PEFT's `target_modules` list against the leaf name of every Linear LoRA may wrap (`adaptable_layers`): `"o_proj"`
+selects the text `o_proj` and, with `include_vision`, the vision one too. A caller may give layers a second leaf name
+to answer to (`select_targets`' `aliases`). The text decoder is always searched, the vision tower only with
+`include_vision`, and the projector (`linear`) when a target names it. `LoRAConfig.modules_to_save` belongs to the
+adapter format and is not read here: `apply_lora` takes the parameters to train in full as vlmo names (`train`).
+Checkpoint and PEFT names (transformers' `out_proj`, `multi_modal_projector`, …) live in `weights/adapters.py`,
+whose `apply_lora` reads a `LoRAConfig` in PEFT's naming and resolves it to vlmo names for this module.
 
 Parameter names. `LoRALinear` holds the base layer's own `weight`/`bias` Parameters (the same objects), not a
 `base_layer` submodule, so every base parameter keeps its name (`text.layers.0.attn.q_proj.weight`) and the adapter
@@ -23,7 +26,7 @@ as `merged` says). `remove_lora` puts plain `nn.Linear` modules back.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -32,20 +35,11 @@ from torch import nn
 
 from vlmo.errors import InputError
 from vlmo.nn.paligemma import PaliGemma
-from vlmo.weights.keys import KeyMap
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-# KeyMap writes the legacy hub layout; PEFT names adapter tensors after transformers 5's module tree, whose tower
-# prefixes differ (spec §1.3). Only the prefixes change: names inside a tower come from KeyMap.
-_LEGACY_TO_V5 = (
-    ("vision_tower.vision_model.", "model.vision_tower."),
-    ("multi_modal_projector.", "model.multi_modal_projector."),
-    ("language_model.model.", "model.language_model."),
-    ("language_model.lm_head.", "lm_head."),
-)
+# Where the Linears LoRA may wrap live: the decoder and vision blocks, and the projector.
 _TOWERS = ("text.layers.", "vision.layers.", "projector.")
-_EMBED = "model.language_model.embed_tokens.weight"
 
 
 @dataclass(frozen=True)
@@ -54,8 +48,8 @@ class LoRAConfig:
 
     r: rank (≥ 1). alpha: scale numerator, s = alpha / r (or alpha / √r with `use_rslora`). dropout: on the adapter's
     input only, in training mode. targets: leaf names (see the module docstring). include_vision: also adapt the vision
-    tower. modules_to_save: modules trained (and saved) in full next to the adapters, named as in PEFT's
-    `modules_to_save` after transformers' module tree (e.g. "multi_modal_projector", "lm_head", "embed_tokens").
+    tower. modules_to_save: modules trained (and saved) in full next to the adapters, in PEFT's naming (e.g.
+    "multi_modal_projector", "lm_head", "embed_tokens"); weights/adapters.py resolves them, this module does not.
     """
 
     r: int = 8
@@ -165,36 +159,17 @@ class LoRALinear(nn.Module):
         )
 
 
-# -- checkpoint names ----------------------------------------------------------------------------------------------
+# -- finding layers ------------------------------------------------------------------------------------------------
 
 
-def hf_parameter_names(model: PaliGemma) -> dict[str, str]:
-    """Every base parameter's vlmo name → its name in transformers 5's PaliGemmaForConditionalGeneration
-    (`text.layers.0.attn.q_proj.weight` → `model.language_model.layers.0.self_attn.q_proj.weight`). LoRA factors are
-    left out. A tied output head has no parameter of its own, so no `lm_head.weight` entry."""
-    keymap = KeyMap(model.cfg.text.arch)
-    out = {}
-    for name, _ in model.named_parameters():
-        if ".lora_A." in name or ".lora_B." in name:
-            continue
-        legacy = keymap.to_hf(name)
-        for old, new in _LEGACY_TO_V5:
-            if legacy.startswith(old):
-                legacy = new + legacy[len(old) :]
-                break
-        out[name] = legacy
-    return out
-
-
-def adaptable_layers(model: PaliGemma) -> dict[str, str]:
-    """vlmo module name → transformers 5 module path for every Linear that LoRA may wrap (decoder and vision blocks,
-    the projector), wrapped or not."""
-    hf = hf_parameter_names(model)
-    out = {}
+def adaptable_layers(model: nn.Module) -> list[str]:
+    """The vlmo module names of every Linear that LoRA may wrap (decoder and vision blocks, the projector), wrapped
+    or not, in model order."""
+    out = []
     for name, module in model.named_modules():
         factor = name.endswith((".lora_A", ".lora_B"))
         if isinstance(module, nn.Linear | LoRALinear) and name.startswith(_TOWERS) and not factor:
-            out[name] = hf[name + ".weight"].removesuffix(".weight")
+            out.append(name)
     return out
 
 
@@ -203,63 +178,74 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def saved_module_parameters(model: PaliGemma, names: Iterable[str]) -> dict[str, str]:
-    """The parameters of PEFT `modules_to_save` entries: transformers 5 parameter name → vlmo parameter name, for
-    every parameter below a module whose path ends with one of `names` (PEFT's own suffix rule).
-
-    While the head is tied, transformers' `lm_head.weight` *is* the embedding matrix: "lm_head" then selects
-    `text.embed.weight` under the name `lm_head.weight`.
-    """
-    names = tuple(names)
-    hf = {key: name for name, key in hf_parameter_names(model).items()}
-    if model.text.lm_head is None:
-        hf["lm_head.weight"] = "text.embed.weight"
-    return {key: name for key, name in hf.items() if _under_any(key, names)}
-
-
-def _under_any(key: str, names: tuple[str, ...]) -> bool:
-    parts = key.split(".")
-    return any(".".join(parts[:i]).endswith(n) for i in range(1, len(parts)) for n in names)
-
-
-# -- applying, merging, removing -----------------------------------------------------------------------------------
-
-
-def select_targets(model: PaliGemma, cfg: LoRAConfig) -> list[str]:
-    """The vlmo names of the Linear layers `cfg` selects. Every target must select something (a typo, or a vision
-    name without `include_vision`, is an `InputError` that names it)."""
+def select_targets(model: nn.Module, cfg: LoRAConfig, aliases: Mapping[str, str] | None = None) -> list[str]:
+    """The vlmo names of the Linear layers `cfg` selects: those whose leaf name (`q_proj`, `fc1`, `linear`) is one of
+    `cfg.targets`, or whose second leaf name in `aliases` (vlmo module name → leaf name, e.g. another naming's) is.
+    Every target must select something (a typo, or a vision name without `include_vision`, is an `InputError` that
+    names it)."""
+    aliases = aliases or {}
     chosen: list[str] = []
     used: set[str] = set()
-    for name, path in adaptable_layers(model).items():
-        if name.startswith("vision.") and not cfg.include_vision:
-            continue
-        leaves = {name.rsplit(".", 1)[-1], path.rsplit(".", 1)[-1]}
+    vision: set[str] = set()
+    for name in adaptable_layers(model):
+        leaves = {name.rsplit(".", 1)[-1]} | ({aliases[name]} if name in aliases else set())
+        if name.startswith("vision."):
+            vision |= leaves
+            if not cfg.include_vision:
+                continue
         hits = leaves.intersection(cfg.targets)
         if hits:
             chosen.append(name)
             used |= hits
     unused = [t for t in cfg.targets if t not in used]
     if unused:
-        vision_only = [t for t in unused if t in ("out_proj", "fc1", "fc2")]
-        hint = " (vision-tower names: set include_vision=True)" if vision_only and not cfg.include_vision else ""
-        raise InputError(
-            f"LoRA targets {unused} match no layer{hint}; text layers are q_proj, k_proj, v_proj, o_proj, gate_proj, "
-            "up_proj, down_proj; vision layers q_proj, k_proj, v_proj, o_proj (out_proj), fc1, fc2; projector linear"
-        )
+        hidden = vision.intersection(unused) and not cfg.include_vision
+        hint = " (vision-tower names: set include_vision=True)" if hidden else ""
+        raise InputError(f"LoRA targets {unused} match no layer{hint}; {_layer_names(model, aliases)}")
     return chosen
 
 
-def apply_lora(model: PaliGemma, cfg: LoRAConfig) -> list[str]:
+def _layer_names(model: nn.Module, aliases: Mapping[str, str]) -> str:
+    """'text layers are q_proj, …; vision layers …, o_proj (out_proj), …; projector linear', for error messages."""
+    towers: dict[str, dict[str, None]] = {"text": {}, "vision": {}, "projector": {}}
+    for name in adaptable_layers(model):
+        leaf = name.rsplit(".", 1)[-1]
+        alias = aliases.get(name, leaf)
+        towers[name.split(".", 1)[0]][leaf if alias == leaf else f"{leaf} ({alias})"] = None
+    text, vision, projector = (", ".join(leaves) for leaves in towers.values())
+    return f"text layers are {text}; vision layers {vision}; projector {projector}"
+
+
+# -- applying, merging, removing -----------------------------------------------------------------------------------
+
+
+def apply_lora(
+    model: PaliGemma, cfg: LoRAConfig, layers: Iterable[str] | None = None, train: Iterable[str] | None = None
+) -> list[str]:
     """Wrap the layers `cfg` selects in `LoRALinear` (in place) and return their vlmo names.
 
-    The whole model is frozen first; afterwards only the LoRA factors (and the parameters of `cfg.modules_to_save`)
-    require grad, so `lora_parameters(model)` is what an optimizer needs. The base weights are unchanged, and the
-    output is bit-identical to the base model's until B is trained away from zero. Nested wrapping is refused.
+    layers: the vlmo module names to wrap instead of `select_targets(model, cfg)` (a selection made in another
+    naming). train: vlmo parameter names trained in full next to the adapters; a config with `modules_to_save` needs
+    them resolved (weights/adapters.py's `apply_lora` does that from PEFT's names).
+
+    The whole model is frozen first; afterwards only the LoRA factors (and the `train` parameters) require grad, so
+    `lora_parameters(model)` is what an optimizer needs. The base weights are unchanged, and the output is
+    bit-identical to the base model's until B is trained away from zero. Nested wrapping is refused.
     """
     if lora_modules(model):
         raise InputError("the model already has LoRA layers; call remove_lora(model) before applying a new adapter")
-    names = select_targets(model, cfg)
-    saved = mark_modules_to_save(model, cfg.modules_to_save) if cfg.modules_to_save else []
+    if train is None and cfg.modules_to_save:
+        raise InputError(
+            f"modules_to_save {list(cfg.modules_to_save)} are PEFT module names, which vlmo.nn.lora does not resolve: "
+            "apply the config with weights.adapters.apply_lora, or pass the vlmo parameter names as train="
+        )
+    names = select_targets(model, cfg) if layers is None else list(layers)
+    saved = sorted(set(train or ()))
+    adaptable = set(adaptable_layers(model))
+    params = dict(model.named_parameters())
+    unknown = [n for n in names if n not in adaptable] + [n for n in saved if n not in params]
+    if unknown:
+        raise InputError(f"{unknown[0]} is not a Linear LoRA may wrap nor a parameter of the model")
     both = [n for n in names if n + ".weight" in saved]
     if both:
         raise InputError(f"{both[0]} is both a LoRA target and in modules_to_save; choose one (PEFT refuses it too)")
@@ -275,23 +261,6 @@ def apply_lora(model: PaliGemma, cfg: LoRAConfig) -> list[str]:
     for name in saved:
         params[name].requires_grad_(True)
     return names
-
-
-def mark_modules_to_save(model: PaliGemma, names: Iterable[str]) -> list[str]:
-    """Resolve PEFT-style `modules_to_save` names to vlmo parameter names. When the output head or the embedding is
-    among them, the head is untied first, as PEFT does without `ensure_weight_tying`: each then trains on its own."""
-    names = tuple(names)
-    found = saved_module_parameters(model, names)
-    missing = [n for n in names if not any(_under_any(key, (n,)) for key in found)]
-    if missing:
-        raise InputError(
-            f"modules_to_save {missing} match no module; use transformers' module names, e.g. "
-            "'multi_modal_projector', 'embed_tokens', 'lm_head'"
-        )
-    if model.text.lm_head is None and {"lm_head.weight", _EMBED} & found.keys():
-        untie_head(model)
-        found = saved_module_parameters(model, names)
-    return sorted(set(found.values()))
 
 
 def untie_head(model: PaliGemma) -> None:
@@ -339,14 +308,11 @@ __all__ = [
     "LoRALinear",
     "adaptable_layers",
     "apply_lora",
-    "hf_parameter_names",
     "lora_modules",
     "lora_parameters",
     "lora_scaling",
-    "mark_modules_to_save",
     "merge_lora",
     "remove_lora",
-    "saved_module_parameters",
     "select_targets",
     "unmerge_lora",
     "untie_head",

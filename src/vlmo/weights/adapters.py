@@ -17,6 +17,9 @@ P is `model.language_model.layers.0.self_attn.q_proj` under transformers 5 and `
 `vision_tower.vision_model.…` in adapters made with transformers 4. Both load: a path maps to a vlmo layer through
 `KeyMap`, exactly as checkpoint keys do. Saving writes the transformers 5 layout, as PEFT 0.21 does.
 
+PEFT's names for vlmo's modules live here too (vlmo.nn.lora knows vlmo's only): `apply_lora` applies a `LoRAConfig`
+whose `targets` may use transformers' leaf names (`out_proj`) and whose `modules_to_save` are PEFT's module names.
+
 The tensors decide which layers get an adapter; `target_modules` is only checked for form. Loading is strict: a tensor
 that matches no layer, an A without its B, or a shape that disagrees with the model or the config is a
 `CheckpointError` naming it. Variants that change the maths (DoRA, aLoRA, LoRA bias, …) are refused, and pickle files
@@ -29,7 +32,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,14 +45,9 @@ from torch import nn
 
 from vlmo.config import projector_to_hf
 from vlmo.errors import CheckpointError, ConfigError, InputError
-from vlmo.nn.lora import (
-    LoRAConfig,
-    LoRALinear,
-    adaptable_layers,
-    lora_modules,
-    saved_module_parameters,
-    untie_head,
-)
+from vlmo.jsonfile import read_json
+from vlmo.nn import lora
+from vlmo.nn.lora import LoRAConfig, LoRALinear, adaptable_layers, lora_modules, untie_head
 from vlmo.nn.paligemma import PaliGemma
 from vlmo.weights.hub import (
     ModelNotFoundError,
@@ -62,10 +60,21 @@ from vlmo.weights.hub import (
     want_progress,
 )
 from vlmo.weights.keys import KeyMap
-from vlmo.weights.loader import few_names, read_json
+from vlmo.weights.loader import few_names
 from vlmo.weights.safetensors_io import open_tensors
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "load_adapter", "resolve_adapter", "save_adapter"]
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "apply_lora",
+    "hf_parameter_names",
+    "load_adapter",
+    "mark_modules_to_save",
+    "peft_layer_paths",
+    "resolve_adapter",
+    "save_adapter",
+    "saved_module_parameters",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +127,80 @@ _REFUSED = {
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
 
 
+# -- PEFT's names for vlmo's modules -------------------------------------------------------------------------------
+# PEFT names modules after transformers 5's module tree (`KeyMap.to_v5`). It differs from vlmo's leaf names in one
+# place: the vision attention output is `o_proj` in vlmo and `out_proj` in transformers.
+
+_EMBED = "model.language_model.embed_tokens.weight"
+
+
+def hf_parameter_names(model: PaliGemma) -> dict[str, str]:
+    """Every base parameter's vlmo name → its name in transformers 5's PaliGemmaForConditionalGeneration
+    (`text.layers.0.attn.q_proj.weight` → `model.language_model.layers.0.self_attn.q_proj.weight`). LoRA factors are
+    left out. A tied output head has no parameter of its own, so no `lm_head.weight` entry."""
+    keymap = KeyMap(model.cfg.text.arch)
+    out = {}
+    for name, _ in model.named_parameters():
+        if ".lora_A." not in name and ".lora_B." not in name:
+            out[name] = keymap.to_v5(name)
+    return out
+
+
+def peft_layer_paths(model: PaliGemma) -> dict[str, str]:
+    """vlmo module name → transformers 5 module path for every Linear that LoRA may wrap (`adaptable_layers`)."""
+    keymap = KeyMap(model.cfg.text.arch)
+    return {name: keymap.to_v5(name + ".weight").removesuffix(".weight") for name in adaptable_layers(model)}
+
+
+def saved_module_parameters(model: PaliGemma, names: Iterable[str]) -> dict[str, str]:
+    """The parameters of PEFT `modules_to_save` entries: transformers 5 parameter name → vlmo parameter name, for
+    every parameter below a module whose path ends with one of `names` (PEFT's own suffix rule).
+
+    While the head is tied, transformers' `lm_head.weight` *is* the embedding matrix: "lm_head" then selects
+    `text.embed.weight` under the name `lm_head.weight`.
+    """
+    names = tuple(names)
+    hf = {key: name for name, key in hf_parameter_names(model).items()}
+    if model.text.lm_head is None:
+        hf["lm_head.weight"] = "text.embed.weight"
+    return {key: name for key, name in hf.items() if _under_any(key, names)}
+
+
+def _under_any(key: str, names: tuple[str, ...]) -> bool:
+    parts = key.split(".")
+    return any(".".join(parts[:i]).endswith(n) for i in range(1, len(parts)) for n in names)
+
+
+def mark_modules_to_save(model: PaliGemma, names: Iterable[str]) -> list[str]:
+    """Resolve PEFT-style `modules_to_save` names to vlmo parameter names. When the output head or the embedding is
+    among them, the head is untied first, as PEFT does without `ensure_weight_tying`: each then trains on its own."""
+    names = tuple(names)
+    found = saved_module_parameters(model, names)
+    missing = [n for n in names if not any(_under_any(key, (n,)) for key in found)]
+    if missing:
+        raise InputError(
+            f"modules_to_save {missing} match no module; use transformers' module names, e.g. "
+            "'multi_modal_projector', 'embed_tokens', 'lm_head'"
+        )
+    if model.text.lm_head is None and {"lm_head.weight", _EMBED} & found.keys():
+        untie_head(model)
+        found = saved_module_parameters(model, names)
+    return sorted(set(found.values()))
+
+
+def apply_lora(model: PaliGemma, cfg: LoRAConfig) -> list[str]:
+    """`vlmo.nn.lora.apply_lora` for a config in PEFT's naming: `cfg.targets` match vlmo's leaf names *or*
+    transformers' (`"out_proj"` selects the vision `o_proj` only, `"o_proj"` the text one and, with `include_vision`,
+    the vision one too), and `cfg.modules_to_save` are PEFT's module names (`mark_modules_to_save`), trained in full.
+    Returns the vlmo names of the wrapped layers."""
+    if lora_modules(model):
+        raise InputError("the model already has LoRA layers; call remove_lora(model) before applying a new adapter")
+    aliases = {name: path.rsplit(".", 1)[-1] for name, path in peft_layer_paths(model).items()}
+    layers = lora.select_targets(model, cfg, aliases)
+    train = mark_modules_to_save(model, cfg.modules_to_save) if cfg.modules_to_save else []
+    return lora.apply_lora(model, cfg, layers=layers, train=train)
+
+
 # -- saving --------------------------------------------------------------------------------------------------------
 
 
@@ -136,7 +219,7 @@ def save_adapter(
     mods = lora_modules(model)
     if not mods:
         raise InputError("the model has no LoRA layers to save; call apply_lora(model, cfg) or load_adapter first")
-    paths = adaptable_layers(model)
+    paths = peft_layer_paths(model)
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     for name, m in mods.items():
@@ -222,7 +305,7 @@ def _target_modules(model: PaliGemma, wrapped: set[str]) -> list[str] | str:
     """A PEFT `target_modules` value that selects exactly the `wrapped` layers in transformers' model: the sorted leaf
     names if PEFT's suffix rule picks those and no others (e.g. all q_proj of both towers), else one regex per tower
     over leaf names, else (layer subsets) the full module paths."""
-    paths = adaptable_layers(model)
+    paths = peft_layer_paths(model)
     universe = set(paths.values()) | set(_UNUSED_HEAD_LINEARS if model.cfg.vision.has_unused_head else ())
     want = {paths[n] for n in wrapped}
     leaves = sorted({p.rsplit(".", 1)[-1] for p in want})
@@ -429,7 +512,7 @@ def load_adapter(
         setattr(model.get_submodule(parent), leaf, layer)
     _assign_full(model, full)
 
-    paths = adaptable_layers(model)
+    paths = peft_layer_paths(model)
     return LoRAConfig(
         r=settings.r,
         alpha=settings.alpha,
@@ -512,7 +595,7 @@ def _match_tensors(
     """
     keymap = KeyMap(model.cfg.text.arch)
     skip_head = model.cfg.vision.has_unused_head
-    layers = adaptable_layers(model)
+    layers = set(adaptable_layers(model))
     found: dict[str, dict[str, tuple[str, torch.Tensor, str]]] = {}
     full: dict[str, tuple[str, torch.Tensor]] = {}
     unmatched: list[str] = []
@@ -589,7 +672,7 @@ def _match_tensors(
 @torch.no_grad()
 def _assign_full(model: PaliGemma, full: dict[str, torch.Tensor]) -> None:
     """Copy `modules_to_save` tensors into the model. The embedding and the head follow transformers' rule: they stay
-    tied only if both come with equal values; otherwise the head gets its own matrix (spec §1.3)."""
+    tied only if both come with equal values; otherwise the head gets its own matrix (model-notes §1.3)."""
     embed, head = full.pop("text.embed.weight", None), full.pop("text.lm_head.weight", None)
     if embed is not None or head is not None:
         text = model.text

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import io
-import json
 import logging
 import os
 import sys
@@ -53,6 +52,8 @@ from rich.progress import (
 from tqdm.std import tqdm
 
 from vlmo.errors import CheckpointError, VlmoError
+from vlmo.jsonfile import read_json
+from vlmo.weights.files import CONFIG_FILE, INDEX_FILE, OPTIONAL_FILES, SINGLE_FILE, TOKENIZER_FILE
 
 __all__ = [
     "BUILT_IN_MODELS",
@@ -68,11 +69,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
-TOKENIZER = "tokenizer.json"
-OPTIONAL = ("preprocessor_config.json", "generation_config.json")
 # Named in the "safetensors only" error, so the user sees why a repo that does have weights is refused.
 _OTHER_WEIGHTS = (".bin", ".pth", ".pt", ".npz", ".ckpt", ".msgpack", ".h5", ".gguf")
 
@@ -194,7 +190,7 @@ def _built_in(name: str, revision: str | None) -> Path:
     if revision is not None:
         raise ModelNotFoundError(f"{name} is built into vlmo and has no revisions: drop --revision")
     path = BUILT_IN_MODELS[name]()
-    if not (path / CONFIG).is_file():
+    if not (path / CONFIG_FILE).is_file():
         raise CheckpointError(f"the built-in model {name} is missing from {path}: reinstall vlmo")
     return path
 
@@ -203,9 +199,9 @@ def _local_checkpoint(path: Path) -> Path:
     if not path.exists():
         raise ModelNotFoundError(f"no such directory: {path} (a hub id looks like owner/name)")
     if not path.is_dir():
-        raise ModelNotFoundError(f"{path} is a file: pass the checkpoint directory that holds {CONFIG}")
-    if not (path / CONFIG).is_file():
-        raise CheckpointError(f"{path} has no {CONFIG}: pass a PaliGemma checkpoint directory or a hub id")
+        raise ModelNotFoundError(f"{path} is a file: pass the checkpoint directory that holds {CONFIG_FILE}")
+    if not (path / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{path} has no {CONFIG_FILE}: pass a PaliGemma checkpoint directory or a hub id")
     return path
 
 
@@ -215,7 +211,7 @@ def _local_checkpoint(path: Path) -> Path:
 def _cached_snapshot(repo_id: str, revision: str | None, cache_dir: PathArg | None) -> Path | None:
     """The cached snapshot of this revision if it holds a complete checkpoint; makes no network call."""
     try:
-        config = hf_hub_download(repo_id, CONFIG, revision=revision, cache_dir=cache_dir, local_files_only=True)
+        config = hf_hub_download(repo_id, CONFIG_FILE, revision=revision, cache_dir=cache_dir, local_files_only=True)
     except LocalEntryNotFoundError:
         return None
     snapshot = Path(config).parent
@@ -224,48 +220,43 @@ def _cached_snapshot(repo_id: str, revision: str | None, cache_dir: PathArg | No
 
 def _incomplete(snapshot: Path, repo_id: str) -> str | None:
     """What a snapshot lacks for vlmo to run it; None when config, weights and tokenizer are all there."""
-    for name in (CONFIG, TOKENIZER):
+    for name in (CONFIG_FILE, TOKENIZER_FILE):
         if not (snapshot / name).is_file():
             return f"no {name}"
-    if (snapshot / WEIGHTS).is_file():
+    if (snapshot / SINGLE_FILE).is_file():
         return None
-    if not (snapshot / WEIGHTS_INDEX).is_file():
-        return f"no {WEIGHTS} or {WEIGHTS_INDEX}"
-    missing = [s for s in _shard_names(snapshot / WEIGHTS_INDEX, repo_id) if not (snapshot / s).is_file()]
+    if not (snapshot / INDEX_FILE).is_file():
+        return f"no {SINGLE_FILE} or {INDEX_FILE}"
+    missing = [s for s in _shard_names(snapshot / INDEX_FILE, repo_id) if not (snapshot / s).is_file()]
     return f"shard {missing[0]} missing" if missing else None
 
 
 def _shard_names(index: Path, repo_id: str) -> list[str]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-    except (OSError, ValueError, AttributeError):
-        weight_map = None
+    fix = f"if the repo's copy is fine, run `hf cache rm model/{repo_id}`, then the same command again"
+    weight_map = read_json(index, hint=fix).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(
-            f"{index} has no readable 'weight_map': if the repo's copy is fine, run "
-            f"`hf cache rm model/{repo_id}`, then the same command again"
-        )
+        raise CheckpointError(f"{index} has no readable 'weight_map': {fix}")
     return sorted(set(weight_map.values()))
 
 
 def _files_to_fetch(where: str, repo_files: set[str]) -> list[str]:
     """The repo files vlmo needs, small ones first; the shards follow once the index has been read."""
-    if CONFIG not in repo_files:
-        raise CheckpointError(f"{where} has no {CONFIG}: check that it is a PaliGemma checkpoint")
-    if WEIGHTS in repo_files:  # preferred when a repo has both layouts, as the loader does
-        weights = WEIGHTS
-    elif WEIGHTS_INDEX in repo_files:
-        weights = WEIGHTS_INDEX
+    if CONFIG_FILE not in repo_files:
+        raise CheckpointError(f"{where} has no {CONFIG_FILE}: check that it is a PaliGemma checkpoint")
+    if SINGLE_FILE in repo_files:  # preferred when a repo has both layouts, as the loader does
+        weights = SINGLE_FILE
+    elif INDEX_FILE in repo_files:
+        weights = INDEX_FILE
     else:
         others = sorted(f for f in repo_files if f.endswith(_OTHER_WEIGHTS))
         found = f" (it has {', '.join(others[:3])})" if others else ""
         raise CheckpointError(
             f"{where} has no safetensors weights{found}; vlmo only loads safetensors: pick a repo with "
-            "model.safetensors, or convert the weights with transformers' save_pretrained()"
+            f"{SINGLE_FILE}, or convert the weights with transformers' save_pretrained()"
         )
-    if TOKENIZER not in repo_files:
-        raise CheckpointError(f"{where} has no {TOKENIZER}, which vlmo needs: is it a PaliGemma checkpoint?")
-    return [CONFIG, TOKENIZER, *(f for f in OPTIONAL if f in repo_files), weights]
+    if TOKENIZER_FILE not in repo_files:
+        raise CheckpointError(f"{where} has no {TOKENIZER_FILE}, which vlmo needs: is it a PaliGemma checkpoint?")
+    return [CONFIG_FILE, TOKENIZER_FILE, *(f for f in OPTIONAL_FILES if f in repo_files), weights]
 
 
 def _download(
@@ -287,11 +278,11 @@ def _download(
             return Path(path)
 
         paths = [fetch(name) for name in names]
-        if names[-1] == WEIGHTS_INDEX:
+        if names[-1] == INDEX_FILE:
             shards = _shard_names(paths[-1], repo_id)
             absent = [s for s in shards if s not in repo_files]
             if absent:
-                raise CheckpointError(f"{where}: {WEIGHTS_INDEX} lists {absent[0]}, which is not in the repo")
+                raise CheckpointError(f"{where}: {INDEX_FILE} lists {absent[0]}, which is not in the repo")
             paths += [fetch(shard) for shard in shards]
     snapshot = paths[0].parent
     problem = _incomplete(snapshot, repo_id)

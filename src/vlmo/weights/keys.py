@@ -1,11 +1,12 @@
 """The checkpoint key table: Hugging Face tensor names ↔ vlmo module names.
 
-Three layouts exist for the same tensors (spec §1.3):
+Three layouts exist for the same tensors (model-notes §1.3):
 - legacy (hub files, transformers 4): `vision_tower.vision_model.…`, `language_model.model.…`
 - what transformers 5 `save_pretrained` writes: `vision_tower.…` (no `vision_model.`), `language_model.model.…`
 - transformers 5 in-memory `state_dict()`: `model.vision_tower.…`, `model.language_model.…`, `lm_head.weight`
 A key is mapped in two steps: its tower prefix (any layout), then its name inside the tower (`_RULES`).
-`to_hf` writes the legacy layout, which every transformers version loads.
+`to_hf` writes the legacy layout, which every transformers version loads; `to_v5` the in-memory one (the names PEFT
+gives adapter tensors and `modules_to_save`).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ _TEXT_COMMON = (
     ("layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.weight"),
 )
 # Same HF key, different role: in Gemma 1 `post_attention_layernorm` is the *pre-MLP* norm; in Gemma 2 it norms the
-# attention output and the pre-MLP norm is `pre_feedforward_layernorm` (spec §1.3 naming pitfall).
+# attention output and the pre-MLP norm is `pre_feedforward_layernorm` (model-notes §1.3 naming pitfall).
 _TEXT_ARCH: dict[TextArch, tuple[tuple[str, str], ...]] = {
     "gemma": (("layers.{i}.post_attention_layernorm.weight", "layers.{i}.mlp_norm.weight"),),
     "gemma2": (
@@ -69,6 +70,15 @@ _TEXT_ARCH: dict[TextArch, tuple[tuple[str, str], ...]] = {
     ),
 }
 _LM_HEAD = (("weight", "weight"),)
+
+# The legacy layout's tower prefixes → transformers 5's module tree (its in-memory `state_dict()`). Names inside a
+# tower are the same in both.
+_LEGACY_TO_V5 = (
+    ("vision_tower.vision_model.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+)
 
 _FIELDS = {
     "i": r"(?P<i>\d+)",
@@ -124,6 +134,15 @@ class KeyMap:
                 if mapped is not None:
                     return mapped
         raise KeyError(f"no checkpoint name for vlmo parameter {name!r}")
+
+    def to_v5(self, name: str) -> str:
+        """A vlmo parameter name → its name in transformers 5's PaliGemmaForConditionalGeneration
+        (`text.layers.0.attn.q_proj.weight` → `model.language_model.layers.0.self_attn.q_proj.weight`)."""
+        legacy = self.to_hf(name)
+        for old, new in _LEGACY_TO_V5:
+            if legacy.startswith(old):
+                return new + legacy[len(old) :]
+        return legacy
 
 
 def _apply(rules: list[tuple[re.Pattern[str], str]], rest: str, prefix: str) -> str | None:

@@ -8,39 +8,26 @@ differs), and anything missing, unexpected or of the wrong shape is an error tha
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from vlmo.config import PaliGemmaConfig
 from vlmo.errors import CheckpointError, ConfigError
+from vlmo.jsonfile import read_json
 from vlmo.nn.paligemma import PaliGemma
+from vlmo.weights.files import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from vlmo.weights.keys import KeyMap
 from vlmo.weights.safetensors_io import open_tensors, release_pages
 
-CONFIG_FILE = "config.json"
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path.parent} has no {path.name}; is this a PaliGemma checkpoint directory?") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); download it again") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} is not a JSON object; download it again")
-    return data
+# A checkpoint directory without its config is most likely not a checkpoint directory at all.
+NOT_A_CHECKPOINT = "is this a PaliGemma checkpoint directory?"
 
 
 def load_config(model_dir: Path) -> PaliGemmaConfig:
-    return PaliGemmaConfig.from_hf(read_json(model_dir / CONFIG_FILE))
+    return PaliGemmaConfig.from_hf(read_json(model_dir / CONFIG_FILE, missing=NOT_A_CHECKPOINT))
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -117,19 +104,19 @@ def load_model(
     if missing:
         raise CheckpointError(
             f"{model_dir} lacks {len(missing)} tensor(s) the config needs, e.g. "
-            f"{few_names([keymap.to_hf(k) for k in missing])}; is config.json from the same model?"
+            f"{few_names([keymap.to_hf(k) for k in missing])}; is {CONFIG_FILE} from the same model?"
         )
     extra = [sources[k] for k in state if k not in expected]
     if extra:
         raise CheckpointError(
-            f"{model_dir} has {len(extra)} tensor(s) that config.json does not describe, e.g. {few_names(extra)}; "
-            "is config.json from the same model?"
+            f"{model_dir} has {len(extra)} tensor(s) that {CONFIG_FILE} does not describe, e.g. {few_names(extra)}; "
+            f"is {CONFIG_FILE} from the same model?"
         )
     for name, ref in expected.items():
         got = state[name]
         if tuple(got.shape) != tuple(ref.shape):
             raise CheckpointError(
-                f"{model_dir}: tensor {sources[name]!r} has shape {tuple(got.shape)} but config.json implies "
+                f"{model_dir}: tensor {sources[name]!r} has shape {tuple(got.shape)} but {CONFIG_FILE} implies "
                 f"{tuple(ref.shape)}"
             )
         if got.is_floating_point():
@@ -141,7 +128,7 @@ def load_model(
 
 
 def _resolve_lm_head(model: PaliGemma, state: dict[str, torch.Tensor]) -> None:
-    """Tie the output head to the embedding unless the checkpoint carries a *different* lm_head (spec §1.3).
+    """Tie the output head to the embedding unless the checkpoint carries a *different* lm_head (model-notes §1.3).
 
     transformers 5.24 keeps a file's lm_head separate only when both tensors exist and differ; we do the same.
     """
