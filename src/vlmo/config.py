@@ -2,14 +2,15 @@
 
 `PaliGemmaConfig.from_hf(d)` reads a `config.json` of `model_type: paligemma` as transformers 4 wrote it (hub
 checkpoints: `rope_theta`, `torch_dtype`, `hidden_activation`) and as transformers 5 writes it (`rope_parameters`,
-`dtype`, explicit `layer_types`), filling absent fields the way transformers 5.24 fills them (spec §1.2). Unknown keys
-are ignored here and nowhere else. Defaults are those of the *sub-config classes* (`SiglipVisionConfig`,
+`dtype`, explicit `layer_types`), filling absent fields the way transformers 5.24 fills them (model-notes §1.2).
+Unknown keys are ignored here and nowhere else. Defaults are those of the *sub-config classes* (`SiglipVisionConfig`,
 `GemmaConfig`, `Gemma2Config`) when a sub-config is given, because that is what transformers does; the
 PaliGemma-3B shapes apply only when a sub-config is missing entirely.
 """
 
 from __future__ import annotations
 
+import builtins
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
@@ -20,8 +21,18 @@ TextArch = Literal["gemma", "gemma2"]
 LayerType = Literal["full_attention", "sliding_attention"]
 
 # Activation names that mean GELU with the tanh approximation (transformers' ACT2FN); "gelu" is exact GELU except in
-# Gemma 1, whose config loader rewrites the legacy "gelu" to the tanh form (spec §1.2).
+# Gemma 1, whose config loader rewrites the legacy "gelu" to the tanh form (model-notes §1.2).
 _TANH_GELU = {"gelu_pytorch_tanh", "gelu_new", "gelu_fast"}
+
+# The decoder's shape in `text_config`: key → (TextConfig field, GemmaConfig default, Gemma2Config default).
+_TEXT_SHAPE = {
+    "vocab_size": ("vocab_size", 256000, 256000),
+    "hidden_size": ("hidden_size", 3072, 2304),
+    "intermediate_size": ("intermediate_size", 24576, 9216),
+    "num_hidden_layers": ("num_layers", 28, 26),
+    "num_attention_heads": ("num_heads", 16, 8),
+    "num_key_value_heads": ("num_kv_heads", 16, 4),
+}
 
 
 @dataclass(frozen=True)
@@ -98,7 +109,7 @@ class TextConfig:
 
     @property
     def embed_scale(self) -> float:
-        """√D, the factor on *text* embeddings only (spec §4.2)."""
+        """√D, the factor on *text* embeddings only (model-notes §4.2)."""
         return math.sqrt(self.hidden_size)
 
     def __post_init__(self) -> None:
@@ -352,17 +363,13 @@ def _text_from_hf(t: dict[str, Any] | None) -> TextConfig:
         act = t.get("hidden_act", "gelu_pytorch_tanh")
         if act != "gelu":  # Gemma's legacy "gelu" means the tanh approximation (transformers rewrites it)
             _require_tanh(act, "text_config.hidden_act")
-        return TextConfig(
-            vocab_size=rt.int("vocab_size", 256000),
-            hidden_size=rt.int("hidden_size", 3072),
-            intermediate_size=rt.int("intermediate_size", 24576),
-            num_layers=rt.int("num_hidden_layers", 28),
-            num_heads=rt.int("num_attention_heads", 16),
-            num_kv_heads=rt.int("num_key_value_heads", 16),
-            **common,
-        )
-    _require_tanh(t.get("hidden_activation", "gelu_pytorch_tanh"), "text_config.hidden_activation")
-    num_layers = rt.int("num_hidden_layers", 26)
+    else:
+        _require_tanh(t.get("hidden_activation", "gelu_pytorch_tanh"), "text_config.hidden_activation")
+    for key, (name, gemma_default, gemma2_default) in _TEXT_SHAPE.items():
+        common[name] = rt.int(key, gemma_default if mt == "gemma" else gemma2_default)
+    if mt == "gemma":
+        return TextConfig(**common)
+    num_layers = common["num_layers"]
     layer_types = t.get("layer_types") or [
         "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)
     ]
@@ -370,12 +377,6 @@ def _text_from_hf(t: dict[str, Any] | None) -> TextConfig:
         if lt not in ("full_attention", "sliding_attention"):
             raise ConfigError(f"config.json field 'text_config.layer_types' has unknown entry {lt!r}")
     return TextConfig(
-        vocab_size=rt.int("vocab_size", 256000),
-        hidden_size=rt.int("hidden_size", 2304),
-        intermediate_size=rt.int("intermediate_size", 9216),
-        num_layers=num_layers,
-        num_heads=rt.int("num_attention_heads", 8),
-        num_kv_heads=rt.int("num_key_value_heads", 4),
         query_pre_attn_scalar=rt.float("query_pre_attn_scalar", 256),
         attn_logit_softcapping=rt.opt_float("attn_logit_softcapping", 50.0),
         final_logit_softcapping=rt.opt_float("final_logit_softcapping", 30.0),
@@ -433,8 +434,9 @@ class _Fields:
     def bool(self, key: str, default: bool) -> bool:
         return self._get(key, default, bool)
 
-    def opt_int(self, key: str, default: int | None) -> int | None:
+    # `builtins.` because the methods above shadow the builtin names inside this class body.
+    def opt_int(self, key: str, default: builtins.int | None) -> builtins.int | None:
         return self._get(key, default, int, optional=True)
 
-    def opt_float(self, key: str, default: float | None) -> float | None:
+    def opt_float(self, key: str, default: builtins.float | None) -> builtins.float | None:
         return self._get(key, default, float, optional=True)

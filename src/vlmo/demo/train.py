@@ -438,45 +438,39 @@ def install(model_dir: Path, target: Path = MODEL_DIR) -> Path:
     return target
 
 
+# The Recipe fields the command line sets, each as --field-name with the field's type and default, and their help.
+_RECIPE_FLAGS: dict[str, str | None] = {
+    "vision_steps": "stage 1 (0: skip it)",
+    "vision_lr": None,
+    "steps": "stage 2",
+    "focus_steps": "stage 3 (0: skip it)",
+    "focus_lr": None,
+    "batch_size": None,
+    "lr": None,
+    "warmup_steps": None,
+    "seed": None,
+    "processes": "data-parallel CPU processes",
+    "threads": "torch threads per process",
+    "device": "cpu (default) or cuda (with --processes 1)",
+    "eval_images": "held-out scenes (0: none)",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     defaults = Recipe()
     parser = argparse.ArgumentParser(prog="python -m vlmo.demo.train", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--out", type=Path, required=True, help="run directory (init/ vision/ run/ model/ metrics.json)"
     )
-    parser.add_argument("--vision-steps", type=int, default=defaults.vision_steps, help="stage 1 (0: skip it)")
-    parser.add_argument("--vision-lr", type=float, default=defaults.vision_lr)
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="stage 2")
-    parser.add_argument("--focus-steps", type=int, default=defaults.focus_steps, help="stage 3 (0: skip it)")
-    parser.add_argument("--focus-lr", type=float, default=defaults.focus_lr)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--processes", type=int, default=defaults.processes, help="data-parallel CPU processes")
-    parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads per process")
-    parser.add_argument("--device", default=defaults.device, help="cpu (default) or cuda (with --processes 1)")
-    parser.add_argument("--eval-images", type=int, default=defaults.eval_images, help="held-out scenes (0: none)")
+    for name, text in _RECIPE_FLAGS.items():
+        default = getattr(defaults, name)
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=text)
     parser.add_argument("--install", action="store_true", help=f"copy the trained model into {MODEL_DIR}")
     parser.add_argument("--resume", action="store_true", help="reuse the stages an interrupted run in --out finished")
     args = parser.parse_args(argv)
     if not args.resume and args.out.exists() and any(args.out.iterdir()):
         parser.error(f"{args.out} is not empty; pick a new --out, or add --resume to finish that run")
-    recipe = Recipe(
-        vision_steps=args.vision_steps,
-        vision_lr=args.vision_lr,
-        steps=args.steps,
-        focus_steps=args.focus_steps,
-        focus_lr=args.focus_lr,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup_steps=args.warmup_steps,
-        seed=args.seed,
-        processes=args.processes,
-        threads=args.threads,
-        device=args.device,
-        eval_images=args.eval_images,
-    )
+    recipe = Recipe(**{name: getattr(args, name) for name in _RECIPE_FLAGS})
     model_dir = train(args.out, recipe, resume=args.resume)
     if args.install:
         install(model_dir)

@@ -3,16 +3,18 @@
 Axes: B batch, T new tokens in this call, S cache slots (max sequence length), D model width, Hq/Hkv query/key-value
 heads, hd head dim, I MLP width, V vocabulary rows.
 
-Gemma details that change the numbers (spec §4.3, §5, §10):
+Gemma details that change the numbers (model-notes §4.3, §5, §10):
 - RMSNorm computes in fp32 and multiplies by (1 + w), stored weights being offsets around 0; one downcast at the end.
 - MLP is GeGLU with tanh-approximated GELU: down(gelu_tanh(gate(x)) * up(x)); no biases anywhere.
 - RoPE over the full head dim, rotate-half layout, angles in fp32, cos/sin cast to the activation dtype.
 - Gemma 2 adds a norm after attention and after the MLP, a pre-MLP norm, attention-logit soft-capping (before the
   mask), query scale query_pre_attn_scalar^-0.5, and a sliding window on the layers `layer_types` marks.
-- The output head is the embedding matrix (tied) unless a checkpoint carries a different `lm_head` (spec §1.3).
+- The output head is the embedding matrix (tied) unless a checkpoint carries a different `lm_head` (model-notes §1.3).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +43,7 @@ class RotaryEmbedding(nn.Module):
     """cos/sin tables for positions `pos: int64[B, T]` → two `dtype[B, 1, T, hd]` tensors.
 
     `inv_freq` is recomputed in fp32 rather than stored as a buffer: a buffer would be cast by `model.to(bf16)`
-    and shift every angle (spec §10.2).
+    and shift every angle (model-notes §10.2).
     """
 
     def __init__(self, head_dim: int, theta: float) -> None:
@@ -63,9 +65,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+@dataclass(frozen=True, slots=True)
+class AttentionContext:
+    """What every layer's attention shares in one decoder call; `Gemma.forward` builds it once per call.
+
+    rope: cos, sin dt[B, 1, T, hd]; masks[sliding]: bool[B, 1, T, K] (True = may attend) over the K = start + T keys
+    seen so far. With a cache, each layer writes this call's keys/values into slots [start, start + T) and attends
+    over slots [0, start + T); without one (training, full-sequence checks), start must be 0.
+    """
+
+    rope: tuple[torch.Tensor, torch.Tensor]
+    masks: dict[bool, torch.Tensor]
+    cache: KVCache | None
+    start: int
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: TextConfig) -> None:
+    def __init__(self, cfg: TextConfig, sliding: bool) -> None:
         super().__init__()
+        self.sliding = sliding  # attends through the sliding-window mask, `ctx.masks[True]`
         hd, hq, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
         self.num_heads, self.num_kv_heads, self.head_dim = hq, hkv, hd
         self.scale = cfg.attn_scale
@@ -75,21 +93,11 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, hkv * hd, bias=False)
         self.o_proj = nn.Linear(hq * hd, cfg.hidden_size, bias=False)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor,
-        cache: KVCache | None,
-        layer: int,
-        start: int,
-        last_only: bool = False,
-    ) -> torch.Tensor:
-        """x: dt[B, T, D]; mask: bool[B, 1, T, K] (True = may attend) over the K = start + T keys seen so far.
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, layer: int, last_only: bool = False) -> torch.Tensor:
+        """x: dt[B, T, D] → dt[B, T, D]; `ctx`: the call's RoPE, masks and cache (`AttentionContext`); `layer`: this
+        layer's index in the cache.
 
-        With a cache, this call's keys/values are written into slots [start, start + T) and attention reads slots
-        [0, start + T); without one (training, full-sequence checks), start must be 0. `last_only`: keys and values
-        for all T positions, but queries and the output for the last one only: dt[B, 1, D].
+        `last_only`: keys and values for all T positions, but queries and the output for the last one only: dt[B, 1, D].
         """
         b, t, _ = x.shape
         xq = x[:, -1:] if last_only else x
@@ -97,13 +105,13 @@ class Attention(nn.Module):
         q = self.q_proj(xq).view(b, tq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope
+        cos, sin = ctx.rope
         q, k = apply_rope(q, cos[:, :, -tq:], sin[:, :, -tq:]), apply_rope(k, cos, sin)  # keys cached after RoPE
-        mask = mask[:, :, -tq:]
-        if cache is not None:
-            k, v = cache.update(layer, start, k, v)
+        mask = ctx.masks[self.sliding][:, :, -tq:]
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(layer, ctx.start, k, v)
         else:
-            assert start == 0, "a non-zero start needs a KV cache"
+            assert ctx.start == 0, "a non-zero start needs a KV cache"
         if tq == 1 and not q.requires_grad:
             out = _one_query_attention(q, k, v, mask, self.scale, self.softcap)
         elif self.softcap is None:
@@ -160,27 +168,22 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, cfg: TextConfig, sliding: bool) -> None:
         super().__init__()
-        self.sliding = sliding
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, sliding)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
         gemma2 = cfg.arch == "gemma2"
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if gemma2 else None
         self.post_mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if gemma2 else None
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor,
-        cache: KVCache | None,
-        layer: int,
-        start: int,
-        last_only: bool = False,
-    ) -> torch.Tensor:
+    @property
+    def sliding(self) -> bool:
+        """Whether this layer attends through the sliding-window mask (Gemma 2's `layer_types`)."""
+        return self.attn.sliding
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, layer: int, last_only: bool = False) -> torch.Tensor:
         """x: dt[B, T, D] → dt[B, T, D], or dt[B, 1, D] for the last position only (`Attention`'s `last_only`)."""
-        h = self.attn(self.attn_norm(x), rope, mask, cache, layer, start, last_only)
+        h = self.attn(self.attn_norm(x), ctx, layer, last_only)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = (x[:, -1:] if last_only else x) + h
@@ -203,7 +206,7 @@ class Gemma(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         # None while tied to `embed` (all PaliGemma checkpoints); a Linear only for a checkpoint whose own lm_head
-        # differs from the embedding (spec §1.3), or the int8 head of a quantized model (nn/quant.py).
+        # differs from the embedding (model-notes §1.3), or the int8 head of a quantized model (nn/quant.py).
         self.lm_head: nn.Module | None = None
         self.gradient_checkpointing = False
 
@@ -237,14 +240,14 @@ class Gemma(nn.Module):
         attention, output projection and MLP of the others, whose outputs only ever feed logits (about 1/L of a
         prefill, which the caller does not want anyway).
         """
-        rope = self.rope(positions, x.dtype)
+        ctx = AttentionContext(self.rope(positions, x.dtype), masks, cache, start)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and cache is None:
                 # Recompute each layer's activations in the backward pass: memory O(layers) → O(1) layer.
-                x = checkpoint(layer, x, rope, masks[layer.sliding], None, i, 0, use_reentrant=False)
+                x = checkpoint(layer, x, ctx, i, use_reentrant=False)
             else:
-                x = layer(x, rope, masks[layer.sliding], cache, i, start, last_only and i == last)
+                x = layer(x, ctx, i, last_only and i == last)
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

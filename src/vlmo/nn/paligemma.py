@@ -4,12 +4,13 @@ Axes: B batch, T tokens in this call, K keys visible (cache slots so far), N ima
 
 Sequence layout (built by `processing.py`): `<image>×N <bos> prompt \\n [suffix <eos>]`, left-padded for generation.
 `token_type` is 0 for image + prefix + "\\n" (and pads) and 1 for suffix/generated tokens. Positions are 1-indexed
-over real tokens (transformers' convention; bf16 rounding depends on it, spec §6.2).
+over real tokens (transformers' convention; bf16 rounding depends on it, model-notes §6.2).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partialmethod
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ def make_attn_mask(
     Returns bool[B, 1, K - q_start, K], True where query q may attend key k:
         valid[k] and (k ≤ q [and k > q − window] or (type[q] == 0 and type[k] == 0)).
     The prefix block is fully bidirectional, suffix tokens are causal, and a sliding window limits only suffix
-    queries (the prefix keeps its block, as transformers 5.24 does, spec §6.3). Example, one row, types
+    queries (the prefix keeps its block, as transformers 5.24 does, model-notes §6.3). Example, one row, types
     [0 0 0 1 1] (3 prefix tokens, 2 suffix), no padding, q_start=0:
 
         q0: 1 1 1 0 0      prefix attends the whole prefix, both directions
@@ -103,7 +104,7 @@ class PaliGemma(nn.Module):
         """int64[B, T] + dt[B_img, N, D] → dt[B, T, D].
 
         Text embeddings are scaled by √D; image features replace the `<image>` positions in order, *unscaled*
-        (transformers 5 and big_vision; the v4 divide-then-multiply is not ported — spec §4.2).
+        (transformers 5 and big_vision; the v4 divide-then-multiply is not ported — model-notes §4.2).
         """
         is_image = input_ids == self.cfg.image_token_id
         x = self.text.embed_text(torch.where(is_image, 0, input_ids))
@@ -128,29 +129,22 @@ class PaliGemma(nn.Module):
         pixel_values: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        head: bool = True,
     ) -> torch.Tensor:
-        """Whole-sequence logits without a cache (reference checks): dt[B, T, V].
+        """Whole-sequence logits without a cache (reference checks): dt[B, T, V]; without the `head`, the
+        final-normed decoder states dt[B, T, D] (`hidden_states`).
 
         input_ids/attention_mask/token_type_ids: int64[B, T]; token_type_ids default to all-prefix.
-        """
-        return self.text.logits(self.hidden_states(input_ids, pixel_values, attention_mask, token_type_ids))
-
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The final-normed decoder states dt[B, T, D] for a whole sequence, without a cache.
-
-        Training applies the head only where there are targets: with 257216 vocabulary rows, logits for every
-        position would cost far more memory than the rest of the step.
         """
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         tt = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
         x = self.embed(input_ids, self.encode_images(pixel_values))
-        return self.text(x, positions_from_mask(valid), self._masks(valid, tt, 0))
+        h = self.text(x, positions_from_mask(valid), self._masks(valid, tt, 0))
+        return self.text.logits(h) if head else h
+
+    # `forward` without the head: dt[B, T, D]. Training applies the head only where there are targets: with 257216
+    # vocabulary rows, logits for every position would cost far more memory than the rest of the step.
+    hidden_states = partialmethod(forward, head=False)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         t = self.cfg.text

@@ -3,7 +3,7 @@
 Axes: B images, N image tokens (patches), C vision width, D text width, H branch MLP width, L vision layers.
 
 PaliGemma's projector is one affine layer (big_vision's ViT `head`): no activation, no scaling, whatever the
-config's unused `projector_hidden_act` says (spec §1.2). The other kinds in `PROJECTORS` are the Dense Connector
+config's unused `projector_hidden_act` says (model-notes §1.2). The other kinds in `PROJECTORS` are the Dense Connector
 family (Yao et al., "Dense Connector for MLLMs", arXiv 2405.13800, code: HJYao00/DenseConnector). There, a frozen
 tower's multi-layer features go through LLaVA's two-layer MLP projector (Linear C'→D, GELU, Linear D→D):
 
@@ -172,46 +172,51 @@ class STIProjector(DenseProjector):
         return coarse.repeat_interleave(stride, dim=1)[:, :n]  # window w → tokens w·stride … w·stride + stride − 1
 
 
-class SCIProjector(DenseProjector):
-    """Sparse channel integration: MLP([f ‖ LN(h_a) ‖ LN(h_b) …]), input width (1 + len(layers))·C."""
+class ChannelProjector(DenseProjector):
+    """Channel integration (SCI, DCI): MLP([f ‖ LN_1(s_1) ‖ … ‖ LN_k(s_k)]) over the k intermediate states s_i that
+    `sources` picks; input width (1 + k)·C."""
 
-    def __init__(self, cfg: ProjectorConfig) -> None:
+    def __init__(self, cfg: ProjectorConfig, num_sources: int) -> None:
         super().__init__(cfg)
-        self.layer_ids = cfg.intermediate_layers
-        self.norms = _norms(len(self.layer_ids), cfg.in_features)
-        width_in = (1 + len(self.layer_ids)) * cfg.in_features
-        self.mlp = BranchMLP(width_in, cfg.branch_width, cfg.out_features)
+        self.norms = _norms(num_sources, cfg.in_features)
+        self.mlp = BranchMLP((1 + num_sources) * cfg.in_features, cfg.branch_width, cfg.out_features)
         self.reset_branch_parameters()
+
+    def sources(self, hidden_states: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The k intermediate states the branch integrates, each dt[B, N, C]."""
+        raise NotImplementedError
 
     def last_layer(self) -> nn.Linear:
         return self.mlp.fc2
 
     def branch(self, features: torch.Tensor, hidden_states: list[torch.Tensor]) -> torch.Tensor:
-        picked = [norm(hidden_states[i]) for norm, i in zip(self.norms, self.layer_ids, strict=True)]
-        return self.mlp(torch.cat([features, *picked], dim=-1))
+        normed = [norm(s) for norm, s in zip(self.norms, self.sources(hidden_states), strict=True)]
+        return self.mlp(torch.cat([features, *normed], dim=-1))
 
 
-class DCIProjector(DenseProjector):
+class SCIProjector(ChannelProjector):
+    """Sparse channel integration: MLP([f ‖ LN(h_a) ‖ LN(h_b) …]), input width (1 + len(layers))·C."""
+
+    def __init__(self, cfg: ProjectorConfig) -> None:
+        super().__init__(cfg, len(cfg.intermediate_layers))
+        self.layer_ids = cfg.intermediate_layers
+
+    def sources(self, hidden_states: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [hidden_states[i] for i in self.layer_ids]
+
+
+class DCIProjector(ChannelProjector):
     """Dense channel integration: MLP([f ‖ LN(mean g_1) ‖ … ‖ LN(mean g_G)]), input width (1 + G)·C.
 
     Every hidden state from the embeddings to block L − 2 takes part, averaged within groups of adjacent layers.
     """
 
     def __init__(self, cfg: ProjectorConfig) -> None:
-        super().__init__(cfg)
+        super().__init__(cfg, len(cfg.group_ranges))
         self.ranges = cfg.group_ranges
-        self.norms = _norms(len(self.ranges), cfg.in_features)
-        width_in = (1 + len(self.ranges)) * cfg.in_features
-        self.mlp = BranchMLP(width_in, cfg.branch_width, cfg.out_features)
-        self.reset_branch_parameters()
 
-    def last_layer(self) -> nn.Linear:
-        return self.mlp.fc2
-
-    def branch(self, features: torch.Tensor, hidden_states: list[torch.Tensor]) -> torch.Tensor:
-        means = [torch.stack(hidden_states[a:b]).mean(0) for a, b in self.ranges]  # each [B, N, C]
-        normed = [norm(m) for norm, m in zip(self.norms, means, strict=True)]
-        return self.mlp(torch.cat([features, *normed], dim=-1))
+    def sources(self, hidden_states: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.stack(hidden_states[a:b]).mean(0) for a, b in self.ranges]  # each [B, N, C]
 
 
 class SeedProjector(DenseProjector):
