@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from vlmo import VLMo
-from vlmo.generation import SamplingConfig, generate_ids
+from vlmo.generation import SamplingConfig, generate_steps
 
 PROMPTS = ("caption en", "answer en what color is the large shape on the left?", "detect circle ; square", "ocr")
 
@@ -52,9 +52,9 @@ def outputs(vlm: VLMo, new_tokens: int) -> list[dict[str, torch.Tensor]]:
         cache = vlm.model.new_cache(1, batch.input_ids.shape[1] + 1)
         logits, _ = vlm.model.prefill(batch.input_ids, features, batch.attention_mask, cache, all_logits=True)
         text = (batch.input_ids != vlm.model.cfg.image_token_id)[0]
-        steps = generate_ids(vlm.model, batch.input_ids, batch.attention_mask, features,
+        steps = generate_steps(vlm.model, batch.input_ids, batch.attention_mask, features,
                              SamplingConfig(max_new_tokens=new_tokens), [], vlm.text.pad_id)  # fmt: skip
-        out.append({"logits": logits[0, text].float(), "greedy": torch.cat(list(steps))})
+        out.append({"logits": logits[0, text].float(), "greedy": torch.cat([tokens for tokens, _ in steps])})
     return out
 
 

@@ -56,7 +56,7 @@ def worker(mode: str, model_dir: str, new_tokens: int, threads: int) -> dict[str
     times: list[float] = []
     if engine == "vlmo":
         from vlmo import VLMo
-        from vlmo.generation import SamplingConfig, generate_ids
+        from vlmo.generation import SamplingConfig, generate_steps
 
         options: dict[str, Any] = {"quantize": "int8"} if kind == "int8" else {"dtype": kind}
         vlm = VLMo.from_pretrained(model_dir, device="cpu", progress=False, **options)
@@ -65,7 +65,7 @@ def worker(mode: str, model_dir: str, new_tokens: int, threads: int) -> dict[str
         t0 = time.perf_counter()
         features = vlm.encode_images([image])
         batch = vlm.text.encode([PROMPT])
-        steps = generate_ids(vlm.model, batch.input_ids, batch.attention_mask, features,
+        steps = generate_steps(vlm.model, batch.input_ids, batch.attention_mask, features,
                              SamplingConfig(max_new_tokens=new_tokens), [], vlm.text.pad_id)  # fmt: skip
         for _ in steps:
             times.append(time.perf_counter())

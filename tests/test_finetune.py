@@ -102,7 +102,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(
     args += ["--lr", "1e-3", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     ddp = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
-    ddp += ["--master-port", str(_free_port()), "-m", "vlmo.finetune"]
+    ddp += ["--master-port", str(_free_port()), "-m", "vlmo", "finetune"]
     done = subprocess.run(
         [*ddp, *args, "--batch-size", "3", "--out", str(tmp_path / "ddp")], env=env, capture_output=True, timeout=300
     )
@@ -289,7 +289,7 @@ def test_lora_with_the_projector_saves_it_with_the_adapter(
 def test_vqav2_layout_samples_one_human_answer_per_epoch_reproducibly(tmp_path: Path) -> None:
     from test_eval import write_vqav2
     from vlmo.data.examples import VQAv2Dataset
-    from vlmo.eval import load_vqav2
+    from vlmo.data.vqav2 import load_vqav2
 
     qa = [(1, 1, "what color is it?", ["red"] * 5 + ["dark red"] * 5, "other")]
     data = VQAv2Dataset(load_vqav2(*write_vqav2(tmp_path, qa)), seed=3)
@@ -344,7 +344,7 @@ def test_two_process_fsdp_equals_one_process(tiny_checkpoint: Path, vqa: tuple[P
     args += ["--lr", "1e-3", "--device", "cpu", "--batch-size", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
-    run += ["--master-port", str(_free_port()), "-m", "vlmo.finetune"]
+    run += ["--master-port", str(_free_port()), "-m", "vlmo", "finetune"]
     done = subprocess.run(
         [*run, *args, "--fsdp", "--out", str(tmp_path / "fsdp")], env=env, capture_output=True, timeout=300
     )

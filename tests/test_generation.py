@@ -11,7 +11,7 @@ from PIL import Image
 
 from vlmo import SamplingConfig, VLMo
 from vlmo.errors import GenerationConfigError, InputError
-from vlmo.generation import generate_ids, select_next
+from vlmo.generation import generate_steps, select_next
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +97,11 @@ def test_select_next_applies_top_k_then_temperature_then_top_p() -> None:
     assert draw(SamplingConfig(do_sample=True, top_p=0.5)) == {0}
     assert draw(SamplingConfig(do_sample=True, temperature=100.0)) == {0, 1, 2, 3, 4}
     assert int(select_next(logits, SamplingConfig(), None)) == 0
+
+
+def generate_ids(*args: object) -> list[torch.Tensor]:
+    """The tokens of `generate_steps`, step by step."""
+    return [tokens for tokens, _ in generate_steps(*args)]  # type: ignore[arg-type]
 
 
 def test_max_new_tokens_and_eos_stop(vlm: VLMo) -> None:

@@ -34,13 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from vlmo.api import CAPTION_TASKS, GenerateOptions, VLMo
+from vlmo import tasks
+from vlmo.api import VLMo
 from vlmo.detection import Detection, draw_detections
 from vlmo.errors import ImageError, InputError, VlmoError
-from vlmo.generation import SamplingConfig
+from vlmo.generation import GenerateOptions, SamplingConfig
 from vlmo.processing import load_image
 from vlmo.segmentation import Segmentation, draw_segmentations
 
@@ -130,7 +130,7 @@ def sampling_options(
 ) -> GenerateOptions:
     """The UI's sampling controls (numbers may arrive as floats or empty) → validated `generate` keyword options.
 
-    max_tokens 0 (or empty) keeps each task's default (64; 128 for detect, 256 for segment); an empty seed means
+    max_tokens 0 (or empty) keeps each task's default (`vlmo.tasks.DEFAULT_MAX_NEW_TOKENS`); an empty seed means
     a fresh random draw each time.
     """
     options: GenerateOptions = {
@@ -143,7 +143,7 @@ def sampling_options(
     tokens = _whole(max_tokens, "max new tokens", 0)
     if tokens:
         options["max_new_tokens"] = tokens
-    SamplingConfig(tokens or 64, options["do_sample"], options["temperature"], options["top_k"], options["top_p"])
+    SamplingConfig.from_options(options, tasks.DEFAULT_MAX_NEW_TOKENS["generate"])  # validate before any work
     return options
 
 
@@ -237,32 +237,28 @@ class VlmoApp:
         """Answer a question (`answer {lang} …`); yields the answer so far after every new piece of text."""
         if not isinstance(question, str) or not question.strip():
             raise InputError("the question is empty; type a question about the image")
-        return self._stream(image, f"answer {_lang(lang)} {' '.join(question.split())}", options)
+        return self._stream(image, tasks.ask(question, lang), options)
 
     def caption(
         self, image: UIImage, *, detail: str = "short", lang: str = "en", options: GenerateOptions | None = None
     ) -> Iterator[str]:
         """Describe the image (detail: short, long or raw); yields the caption so far."""
-        if detail not in CAPTION_TASKS:
-            raise InputError(f"unknown caption detail {detail!r}; use short, long or raw")
-        return self._stream(image, f"{CAPTION_TASKS[detail]} {_lang(lang)}", options)
+        return self._stream(image, tasks.caption(detail, lang), options)
 
     def ocr(self, image: UIImage, *, options: GenerateOptions | None = None) -> Iterator[str]:
         """Read the text in the image; yields the text so far."""
-        return self._stream(image, "ocr", options)
+        return self._stream(image, tasks.ocr(), options)
 
-    def _stream(self, image: UIImage, prompt: str, options: GenerateOptions | None) -> Iterator[str]:
-        # Load and encode before the first yield, so bad input fails when the handler is called.
+    def _stream(self, image: UIImage, prompt: tasks.Prompt, options: GenerateOptions | None) -> Iterator[str]:
+        # Load, encode and check the options before the first yield, so bad input fails when the handler is called.
         pil, _ = self.load(image)
         features = self.cache.get(pil)
-        return self._accumulate(pil, prompt, features, dict(options or {}))
+        return self._accumulate(self.vlm.stream(pil, prompt, image_features=features, **dict(options or {})))
 
-    def _accumulate(
-        self, pil: Image.Image, prompt: str, features: torch.Tensor, options: dict[str, Any]
-    ) -> Iterator[str]:
+    def _accumulate(self, pieces: Iterator[str]) -> Iterator[str]:
         text = ""
         yield text  # clears the previous answer at once
-        for piece in self.vlm.stream(pil, prompt, image_features=features, **options):
+        for piece in pieces:
             text += piece
             yield text
 
@@ -273,29 +269,25 @@ class VlmoApp:
         pil, name = self.load(image)
         found = self.vlm.detect(pil, _labels(labels), **dict(options or {}))
         rows = [[d.label, *(round(c, 1) for c in d.box)] for d in found]
-        payload = {"task": "detect", "detections": [d.to_dict() for d in found]}
-        return Located(draw_detections(pil, found), rows, self._json(payload, pil, name), found)
+        payload = tasks.located_payload("detect", pil.size, found)
+        return Located(draw_detections(pil, found), rows, self._json(payload, name), found)
 
     def segment(self, image: UIImage, labels: str, *, options: GenerateOptions | None = None) -> Located:
         """Segment objects: masks drawn, one row per object (with its mask area), a JSON file with COCO RLE masks."""
         pil, name = self.load(image)
         found = self.vlm.segment(pil, _labels(labels), mask_decoder=self.mask_decoder, **dict(options or {}))
         rows = [[s.label, *(round(c, 1) for c in s.box), int(s.mask.sum())] for s in found]
-        payload = {
-            "task": "segment",
-            "segmentations": [s.to_dict() for s in found],
-            "mask_encoding": "coco_rle_uncompressed_column_major",
-        }
-        return Located(draw_segmentations(pil, found), rows, self._json(payload, pil, name), found)
+        payload = tasks.located_payload("segment", pil.size, found)
+        return Located(draw_segmentations(pil, found), rows, self._json(payload, name), found)
 
-    def _json(self, payload: dict[str, Any], image: Image.Image, name: str) -> Path:
+    def _json(self, payload: dict[str, Any], name: str) -> Path:
         """Write a download file shaped like the CLI's `--json` output; each result gets its own folder."""
         self._written += 1
         folder = self.work_dir / f"result-{self._written}"
         folder.mkdir()
         path = folder / f"{payload['task']}.json"
-        data = {"model": self.model_name, "task": payload["task"], "image": name, "size": list(image.size)}
-        path.write_text(json.dumps({**data, **payload}, ensure_ascii=False, indent=1), encoding="utf-8")
+        data = {"model": self.model_name, "image": name, **payload}
+        path.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
         return path
 
 
@@ -303,13 +295,6 @@ def _labels(labels: str) -> list[str]:
     if not isinstance(labels, str) or not labels.strip():
         raise InputError('no labels given; name what to find, e.g. "cat ; dog"')
     return labels.split(";")
-
-
-def _lang(lang: str) -> str:
-    code = (lang or "").strip()
-    if not code or len(code.split()) != 1:
-        raise InputError(f"the answer language must be one code such as en or fr, got {lang!r}")
-    return code
 
 
 def _display_name(image: Any) -> str:
@@ -516,39 +501,29 @@ def start(
 
 
 def serve(
-    model: str,
+    load: Callable[[], VLMo],
     *,
-    revision: str | None = None,
-    adapter: str | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
-    quantize: str = "auto",
+    model_name: str,
     host: str = "127.0.0.1",
     port: int | None = None,
     share: bool = False,
     max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB,
     mask_decoder: str | os.PathLike[str] | None = None,
 ) -> None:
-    """`vlmo app`: check the options and Gradio, load the model once (progress on stderr), serve until Ctrl-C."""
+    """`vlmo app`: check the options and Gradio, load the model once with `load` (progress on stderr), serve until
+    Ctrl-C. `model_name` is what the page and messages call the model."""
     import_gradio()  # before the (slow) model load
     if mask_decoder is not None and not Path(mask_decoder).is_file():
         raise InputError(f"no such file for --mask-decoder: {mask_decoder}")
     _check_upload_limit(max_upload_mb)
     _check_port(host, port)
     say = _stderr_line
-    say(f"Loading {model} …")
+    say(f"Loading {model_name} …")
     began = time.perf_counter()
-    vlm = VLMo.from_pretrained(
-        model,
-        device=device,
-        dtype=dtype,  # type: ignore[arg-type]
-        revision=revision,
-        adapter=adapter,
-        quantize=quantize,
-    )
+    vlm = load()
     dtype_name = str(vlm.dtype).removeprefix("torch.") + (" + int8 weights" if vlm.quantized else "")
-    say(f"Loaded {model} on {vlm.device} ({dtype_name}) in {time.perf_counter() - began:.1f} s")
-    app = VlmoApp(vlm, model_name=model, mask_decoder=mask_decoder)
+    say(f"Loaded {model_name} on {vlm.device} ({dtype_name}) in {time.perf_counter() - began:.1f} s")
+    app = VlmoApp(vlm, model_name=model_name, mask_decoder=mask_decoder)
     with _sigterm_as_interrupt():
         try:
             running = start(app, host=host, port=port, share=share, max_upload_mb=max_upload_mb)

@@ -16,11 +16,22 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from vlmo.errors import DeviceError, GenerationConfigError, ImageError, InputError, VlmoError
+from vlmo.errors import GenerationConfigError, ImageError, InputError, OptionError, VlmoError
 
 
 class CliUsageError(VlmoError):
     """A command-line usage problem found by a command itself (exit code 2)."""
+
+
+def cli_option(name: str, value: object) -> str:
+    """How the CLI names an option in messages: `--max-tokens 8`, or `--dtype` without a value."""
+    flag = "--" + {"max_new_tokens": "max_tokens", "do_sample": "sample"}.get(name, name).replace("_", "-")
+    return flag if value is None else f"{flag} {value}"
+
+
+def _option_error(e: BaseException) -> str:
+    assert isinstance(e, OptionError)
+    return e.spelled(cli_option)
 
 
 def _oom(e: BaseException) -> str:
@@ -50,7 +61,8 @@ def _is_disk_full(e: BaseException) -> bool:
 
 # (matches, exit code, message). First match wins; order matters.
 ERROR_TABLE: list[tuple[Any, int, Any]] = [
-    ((CliUsageError, InputError, GenerationConfigError, ImageError, DeviceError), 2, str),
+    (OptionError, 2, _option_error),  # the library's option names as the CLI's flags
+    ((CliUsageError, InputError, GenerationConfigError, ImageError), 2, str),
     (VlmoError, 1, str),
     (_is_oom, 1, _oom),
     (_is_disk_full, 1, _disk),

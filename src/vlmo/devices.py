@@ -27,9 +27,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type == "cuda" and (
         not torch.cuda.is_available() or (dev.index is not None and dev.index >= torch.cuda.device_count())
     ):
-        raise DeviceError(f"device {device!r} is not available here (no such CUDA GPU); use --device cpu or auto")
+        raise DeviceError(
+            f"device {device!r} is not available here (no such CUDA GPU); use {{device}} or auto", device="cpu"
+        )
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise DeviceError(f"device {device!r} is not available here (no Apple MPS); use --device cpu or auto")
+        raise DeviceError(
+            f"device {device!r} is not available here (no Apple MPS); use {{device}} or auto", device="cpu"
+        )
     if dev.type not in ("cpu", "cuda", "mps"):
         raise DeviceError(f"unsupported device {device!r}; use auto, cpu, cuda, cuda:N or mps")
     return dev

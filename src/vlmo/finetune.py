@@ -1,7 +1,7 @@
 """Fine-tuning: LoRA, projector, attention-only or full training, on one process or many (torchrun).
 
     vlmo finetune --model google/paligemma-3b-pt-224 --data train.jsonl --out runs/x --steps 1000
-    torchrun --nproc-per-node 4 -m vlmo.finetune --model … --data … --out …
+    torchrun --nproc-per-node 4 -m vlmo finetune --model … --data … --out …
 
 The loss is cross-entropy on the suffix tokens (and the final `<eos>`), summed and divided by the number of target
 tokens in the whole *global* batch (all processes, all accumulation steps). So the gradient of a step does not
@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,68 +35,7 @@ from torch import nn
 from vlmo.data.collate import Collator, TrainBatch
 from vlmo.data.examples import Dataset, JsonlDataset, VQAv2Dataset
 from vlmo.errors import InputError
-
-TrainPart = Literal["lora", "projector", "attention", "full"]
-TRAIN_PARTS: tuple[TrainPart, ...] = ("lora", "projector", "attention", "full")
-
-
-@dataclass
-class FinetuneConfig:
-    """Everything a run needs. Paths are strings so the config round-trips through JSON (saved with checkpoints)."""
-
-    model: str
-    out: str
-    data: str | None = None  # JSONL with image/prefix/suffix
-    vqa_questions: str | None = None  # or the official VQAv2 layout
-    vqa_annotations: str | None = None
-    vqa_images: str | None = None
-    train: tuple[TrainPart, ...] = ("lora",)
-    projector: str = "linear"  # a Dense Connector kind starts from the base projector and trains with it
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_vision: bool = False
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    steps: int = 100
-    batch_size: int = 4  # per process and micro-step
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    save_every: int = 0  # 0: only at the end
-    gradient_checkpointing: bool = False
-    fsdp: bool = False  # shard weights, gradients and optimizer state over the processes (FSDP2), instead of DDP
-    bf16: bool = True  # autocast on CUDA only; CPUs without native bf16 would be slower
-    device: str = "auto"
-    resume: str | None = None
-    progress: bool | None = None  # None: a progress bar when stderr is a terminal
-
-    def __post_init__(self) -> None:
-        self.train = tuple(self.train)
-        unknown = [p for p in self.train if p not in TRAIN_PARTS]
-        if not self.train or unknown:
-            raise InputError(f"--train must list some of {', '.join(TRAIN_PARTS)}; got {', '.join(self.train)}")
-        for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.fsdp and (self.resume is not None or self.save_every):
-            raise InputError("--fsdp runs save the final model only: drop --resume and --save-every, or use DDP")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.save_every < 0 or self.max_grad_norm <= 0:
-            raise InputError("lr and max_grad_norm must be > 0; warmup_steps and save_every must be ≥ 0")
-        vqa = (self.vqa_questions, self.vqa_annotations, self.vqa_images)
-        if any(v is not None for v in vqa) and (self.data is not None or None in vqa):
-            raise InputError(_DATA_CHOICE)
-        # No data at all is allowed here: `finetune(cfg, dataset=...)` may bring it; `load_dataset` checks.
-
-    @property
-    def has_data_files(self) -> bool:
-        return self.data is not None or self.vqa_questions is not None
-
-
-_DATA_CHOICE = (
-    "give training data either as --data FILE.jsonl or as all of --vqa-questions, --vqa-annotations and --vqa-images"
-)
+from vlmo.finetune_config import DATA_CHOICE, FinetuneConfig
 
 
 @dataclass
@@ -237,10 +176,10 @@ def micro_batches(data: Dataset, cfg: FinetuneConfig, d: Dist, step: int) -> Ite
 
 def load_dataset(cfg: FinetuneConfig) -> Dataset:
     if not cfg.has_data_files:
-        raise InputError(_DATA_CHOICE)
+        raise InputError(DATA_CHOICE)
     if cfg.data is not None:
         return JsonlDataset(cfg.data)
-    from vlmo.eval import load_vqav2
+    from vlmo.data.vqav2 import load_vqav2
 
     assert cfg.vqa_questions and cfg.vqa_annotations and cfg.vqa_images
     return VQAv2Dataset(load_vqav2(cfg.vqa_questions, cfg.vqa_annotations, cfg.vqa_images), seed=cfg.seed)
@@ -449,14 +388,3 @@ def export(model: nn.Module, vlm: Any, cfg: FinetuneConfig, path: Path) -> Path:
 
         remove_lora(model, merge=True)  # type: ignore[arg-type]
     return save_checkpoint(model, path, vlm.source)  # type: ignore[arg-type]
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m vlmo.finetune …` (what torchrun runs): the same options as `vlmo finetune`."""
-    from vlmo.cli import app
-
-    app(args=["finetune", *(sys.argv[1:] if argv is None else argv)], prog_name="vlmo")
-
-
-if __name__ == "__main__":
-    main()

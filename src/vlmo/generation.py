@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
 
@@ -16,7 +17,21 @@ from vlmo.errors import GenerationConfigError
 from vlmo.nn.paligemma import PaliGemma
 
 
-@dataclass(frozen=True)
+class GenerateOptions(TypedDict, total=False):
+    """The keyword options every generating call accepts (`VLMo.generate`, the task methods, `stream`).
+
+    A missing `max_new_tokens` means the task's default (`vlmo.tasks`); `seed` makes sampling reproducible.
+    """
+
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+
+
+@dataclass(frozen=True, kw_only=True)
 class SamplingConfig:
     """How to pick each next token. Greedy unless `do_sample`; the other fields apply only when sampling.
 
@@ -46,6 +61,17 @@ class SamplingConfig:
         if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
             raise GenerationConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
 
+    @classmethod
+    def from_options(cls, options: GenerateOptions, default_max_new_tokens: int) -> SamplingConfig:
+        """The validated config for `options`, with the task's default length where none is given."""
+        return cls(
+            max_new_tokens=options.get("max_new_tokens", default_max_new_tokens),
+            do_sample=options.get("do_sample", False),
+            temperature=options.get("temperature", 1.0),
+            top_k=options.get("top_k", 0),
+            top_p=options.get("top_p", 1.0),
+        )
+
 
 def select_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
     """logits: dt[B, V] → next token ids int64[B]."""
@@ -74,7 +100,7 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
 
 
 @torch.inference_mode()
-def generate_ids(
+def generate_steps(
     model: PaliGemma,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -83,24 +109,25 @@ def generate_ids(
     eos_ids: Sequence[int],
     pad_id: int,
     generator: torch.Generator | None = None,
-) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row, int64[B], step by step.
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield, step by step, every row's next token int64[B] and whether it continues the row's text, bool[B].
 
     input_ids/attention_mask: int64[B, T], left-padded prompts; image_features: dt[B, N, D] from
-    `model.encode_images` (computed once by the caller, so one image can serve several prompts). A row that has
-    produced an end-of-sequence token yields `pad_id` afterwards; the loop stops when every row is done or after
-    `cfg.max_new_tokens` steps. The eos token itself is yielded (callers drop it from text).
+    `model.encode_images` (computed once by the caller, so one image can serve several prompts). A row's
+    end-of-sequence token is yielded with `live` False, and so is every step after it, whose token is `pad_id`.
+    The loop stops when every row is done or after `cfg.max_new_tokens` steps. So a row ended with `<eos>` exactly
+    when its last `live` is False, and was cut short by `max_new_tokens` otherwise: this is the one place that
+    tracks finished rows.
     """
     b, t = input_ids.shape
     cache = model.new_cache(b, t + cfg.max_new_tokens)
     logits, state = model.prefill(input_ids, image_features, attention_mask, cache)
-    eos = torch.tensor(list(eos_ids), device=input_ids.device)
+    eos = torch.tensor(list(eos_ids), device=input_ids.device, dtype=torch.long)
     done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
     for step in range(cfg.max_new_tokens):
-        token = select_next(logits, cfg, generator)
-        token = token.masked_fill(done, pad_id)
-        yield token
-        done |= torch.isin(token, eos)
+        token = select_next(logits, cfg, generator).masked_fill(done, pad_id)
+        done = done | torch.isin(token, eos)
+        yield token, ~done
         if bool(done.all()) or step == cfg.max_new_tokens - 1:
             return
         logits = model.decode(token, state)

@@ -62,12 +62,12 @@ def load_vqav2(
     annotations = _records(annotations_doc, "annotations", annotations_json)
 
     by_id: dict[int, dict[str, Any]] = {}
-    for i, ann in enumerate(annotations):
+    for i, record in enumerate(annotations):
         where = f"{annotations_json}: annotations[{i}]"
-        qid = _int_field(ann, "question_id", where)
+        qid = _int_field(record, "question_id", where)
         if qid in by_id:
             raise InputError(f"{where}: question_id {qid} is annotated twice; use the official annotations file")
-        by_id[qid] = ann
+        by_id[qid] = record
 
     rows: list[tuple[int, int, str, dict[str, Any]]] = []
     seen: set[int] = set()
@@ -98,8 +98,8 @@ def load_vqav2(
             "pass the questions file of the same split and version as the annotations file"
         )
 
-    subtypes = [doc.get("data_subtype") for doc in (questions_doc, annotations_doc)]
-    subtypes = [s for s in subtypes if isinstance(s, str) and s]
+    raw_subtypes = [doc.get("data_subtype") for doc in (questions_doc, annotations_doc)]
+    subtypes = [s for s in raw_subtypes if isinstance(s, str) and s]
     name_of = _image_naming(Path(image_dir), {r[1] for r in rows}, split_hint, subtypes)
     examples = []
     for qid, image_id, question, ann in rows:

@@ -1,0 +1,88 @@
+"""`FinetuneConfig`: everything a fine-tuning run needs, as one validated dataclass (no torch, so that the CLI can
+derive `vlmo finetune`'s options from it without loading torch; the training itself is `vlmo.finetune`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from vlmo.errors import InputError
+
+TrainPart = Literal["lora", "projector", "attention", "full"]
+TRAIN_PARTS: tuple[TrainPart, ...] = ("lora", "projector", "attention", "full")
+
+
+def _help(text: str) -> dict[str, str]:
+    """A field's help text, which `vlmo finetune --help` shows (`vlmo.cli_options.config_options`)."""
+    return {"help": text}
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a run needs. Paths are strings so the config round-trips through JSON (saved with checkpoints).
+
+    Each field is also an option of `vlmo finetune` (same name, dashes for underscores), with the help shown here.
+    """
+
+    model: str = field(metadata=_help("Base model: hub id, local checkpoint directory, or vlmo/shapes."))
+    out: str = field(metadata=_help("Run directory: metrics.jsonl, checkpoint-N/, final/."))
+    data: str | None = field(default=None, metadata=_help("JSONL training data: image, prefix, suffix per line."))
+    vqa_questions: str | None = field(default=None, metadata=_help("VQAv2 questions JSON (instead of --data)."))
+    vqa_annotations: str | None = field(default=None, metadata=_help("VQAv2 annotations JSON."))
+    vqa_images: str | None = field(default=None, metadata=_help("VQAv2 image folder (COCO_*_…jpg)."))
+    train: tuple[TrainPart, ...] = field(
+        default=("lora",), metadata=_help("What trains, comma-separated: lora, projector, attention, full.")
+    )
+    projector: str = field(
+        default="linear",  # a Dense Connector kind starts from the base projector and trains with it
+        metadata=_help("Projector to train with: linear, or a Dense Connector kind (sti, sci, dci, seed)."),
+    )
+    lora_r: int = field(default=8, metadata=_help("LoRA rank."))
+    lora_alpha: float = field(default=16.0, metadata=_help("LoRA alpha (scale = alpha / r)."))
+    lora_dropout: float = field(default=0.0, metadata=_help("Dropout on the LoRA input."))
+    lora_vision: bool = field(default=False, metadata=_help("Also put LoRA on the vision tower."))
+    lr: float = field(default=2e-4, metadata=_help("Peak learning rate (AdamW)."))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
+    warmup_steps: int = field(default=0, metadata=_help("Linear warm-up steps before the cosine decay."))
+    steps: int = field(default=100, metadata=_help("Optimizer steps."))
+    batch_size: int = field(default=4, metadata=_help("Examples per process and micro-step."))
+    grad_accum: int = field(default=1, metadata=_help("Micro-steps per optimizer step."))
+    max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm."))
+    seed: int = field(default=0, metadata=_help("Seed for data order, initialisation and dropout."))
+    save_every: int = field(default=0, metadata=_help("Save a resumable checkpoint every N steps (0: at the end)."))
+    gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute activations to save memory."))
+    # FSDP2 shards weights, gradients and optimizer state over the processes, instead of DDP's full copies.
+    fsdp: bool = field(
+        default=False, metadata=_help("Shard the model over torchrun's processes (FSDP) instead of DDP.")
+    )
+    # CPUs without native bf16 would be slower, so autocast is for CUDA only.
+    bf16: bool = field(default=True, metadata=_help("bf16 autocast on CUDA (ignored on CPU)."))
+    device: str = field(default="auto", metadata=_help("auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."))
+    resume: str | None = field(default=None, metadata=_help("A checkpoint-N directory to continue from."))
+    progress: bool | None = None  # None: a progress bar when stderr is a terminal
+
+    def __post_init__(self) -> None:
+        self.train = tuple(self.train)
+        unknown = [p for p in self.train if p not in TRAIN_PARTS]
+        if not self.train or unknown:
+            raise InputError(f"--train must list some of {', '.join(TRAIN_PARTS)}; got {', '.join(self.train)}")
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.fsdp and (self.resume is not None or self.save_every):
+            raise InputError("--fsdp runs save the final model only: drop --resume and --save-every, or use DDP")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.save_every < 0 or self.max_grad_norm <= 0:
+            raise InputError("lr and max_grad_norm must be > 0; warmup_steps and save_every must be ≥ 0")
+        vqa = (self.vqa_questions, self.vqa_annotations, self.vqa_images)
+        if any(v is not None for v in vqa) and (self.data is not None or None in vqa):
+            raise InputError(DATA_CHOICE)
+        # No data at all is allowed here: `finetune(cfg, dataset=...)` may bring it; `load_dataset` checks.
+
+    @property
+    def has_data_files(self) -> bool:
+        return self.data is not None or self.vqa_questions is not None
+
+
+DATA_CHOICE = (
+    "give training data either as --data FILE.jsonl or as all of --vqa-questions, --vqa-annotations and --vqa-images"
+)

@@ -1,0 +1,148 @@
+"""PaliGemma's tasks, each in one place: its prompt, its default answer length and its output payload.
+
+Every face builds its prompts and payloads here: the Python API (`VLMo.ask`, `VLMo.detect`, …), the CLI and the
+app, and so will a server or a batch runner. A task is therefore spelled the same everywhere, and a new face only
+has to turn a `Prompt` into a call of `VLMo.generate` / `VLMo.stream` (text tasks) or `VLMo.detect` /
+`VLMo.segment` (locating tasks), whose results `located_payload` turns into JSON.
+
+    tasks.ask("what is this?")          # Prompt(task="ask", text="answer en what is this?", max_new_tokens=64)
+    tasks.caption("long", lang="fr")    # Prompt(task="caption", text="describe fr", max_new_tokens=64)
+    tasks.detect("cat ; dog")           # Prompt(task="detect", text="detect cat ; dog", max_new_tokens=128)
+
+The prompt syntax is PaliGemma's own (docs/model-notes.md has the prompt layout around it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from vlmo.detection import detect_prompt
+from vlmo.errors import InputError
+
+if TYPE_CHECKING:
+    from vlmo.detection import Detection
+    from vlmo.segmentation import Segmentation
+
+TaskName = Literal["ask", "caption", "ocr", "detect", "segment", "generate"]
+CaptionDetail = Literal["short", "long", "raw"]
+# The three caption prompts: COCO-like short captions, long descriptions, alt-text style (pretrained models only).
+CAPTION_PREFIXES: dict[str, str] = {"short": "caption", "long": "describe", "raw": "cap"}
+# How many tokens an answer may take unless the caller says: a located object costs 4 <loc> tokens plus its label
+# (detect), and 16 <seg> tokens more (segment).
+DEFAULT_MAX_NEW_TOKENS: dict[TaskName, int] = {
+    "ask": 64,
+    "caption": 64,
+    "ocr": 64,
+    "generate": 64,
+    "detect": 128,
+    "segment": 256,
+}
+# How `segment` payloads encode masks (see `vlmo.segmentation.Segmentation.to_dict`).
+MASK_ENCODING = "coco_rle_uncompressed_column_major"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One task's prompt text (PaliGemma syntax) and how many new tokens its answer may take by default."""
+
+    task: TaskName
+    text: str
+
+    @property
+    def max_new_tokens(self) -> int:
+        return DEFAULT_MAX_NEW_TOKENS[self.task]
+
+
+def one_line(text: object, what: str) -> str:
+    """`text` with its whitespace runs collapsed to single spaces; InputError if it is not text or is empty."""
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"the {what} is empty; pass some text")
+    return " ".join(text.split())
+
+
+def lang_code(lang: object) -> str:
+    """A language code such as "en" or "fr" (one word); InputError otherwise."""
+    code = lang.strip() if isinstance(lang, str) else ""
+    if not code or len(code.split()) != 1:
+        raise InputError(f"the answer language must be one code such as en or fr, got {lang!r}")
+    return code
+
+
+def ask(question: str, lang: str = "en") -> Prompt:
+    """Answer a question about the image: `answer {lang} {question}`."""
+    return Prompt("ask", f"answer {lang_code(lang)} {one_line(question, 'question')}")
+
+
+def caption(detail: str = "short", lang: str = "en") -> Prompt:
+    """Describe the image: "short" (`caption`), "long" (`describe`) or "raw" (`cap`)."""
+    if detail not in CAPTION_PREFIXES:
+        raise InputError(f"unknown caption detail {detail!r}; use short, long or raw")
+    return Prompt("caption", f"{CAPTION_PREFIXES[detail]} {lang_code(lang)}")
+
+
+def ocr() -> Prompt:
+    """Read the text in the image."""
+    return Prompt("ocr", "ocr")
+
+
+def raw(prompt: str) -> Prompt:
+    """A prompt typed by the user, used as it is (special tokens such as <loc0123> included)."""
+    if not isinstance(prompt, str):
+        raise InputError(f"the prompt must be text, got {type(prompt).__name__}")
+    return Prompt("generate", prompt)
+
+
+def split_labels(labels: str | Sequence[str]) -> list[str]:
+    """ "cat ; dog" or ["cat", "dog"] → the list of labels (checked by `detect` / `segment`)."""
+    if isinstance(labels, str):
+        return labels.split(";")
+    if not isinstance(labels, Sequence) or not all(isinstance(label, str) for label in labels):
+        raise InputError(f'labels must be text such as "cat ; dog" or a list of texts, got {labels!r}')
+    return list(labels)
+
+
+def detect(labels: str | Sequence[str]) -> Prompt:
+    """Find objects: `detect cat ; dog` (labels must be non-empty and free of '<' '>')."""
+    return Prompt("detect", detect_prompt(split_labels(labels), "detect"))
+
+
+def segment(labels: str | Sequence[str]) -> Prompt:
+    """Segment objects: `segment cat ; dog`."""
+    return Prompt("segment", detect_prompt(split_labels(labels), "segment"))
+
+
+def located_payload(
+    task: Literal["detect", "segment"], size: tuple[int, int], found: Sequence[Detection] | Sequence[Segmentation]
+) -> dict[str, Any]:
+    """What `detect` / `segment` results are as JSON (the CLI's `--json`, the app's download; faces add their own
+    fields such as the model or the image name): the original image's `size` [w, h] and one dict per object."""
+    if task == "detect":
+        return {"task": task, "size": list(size), "detections": [d.to_dict() for d in found]}
+    return {
+        "task": task,
+        "size": list(size),
+        "segmentations": [s.to_dict() for s in found],
+        "mask_encoding": MASK_ENCODING,
+    }
+
+
+__all__ = [
+    "CAPTION_PREFIXES",
+    "DEFAULT_MAX_NEW_TOKENS",
+    "MASK_ENCODING",
+    "CaptionDetail",
+    "Prompt",
+    "TaskName",
+    "ask",
+    "caption",
+    "detect",
+    "lang_code",
+    "located_payload",
+    "ocr",
+    "one_line",
+    "raw",
+    "segment",
+    "split_labels",
+]
