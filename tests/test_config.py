@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -346,9 +347,19 @@ def test_tie_word_embeddings_follows_top_level(top: bool, text: bool) -> None:
     assert PaliGemmaConfig.from_hf(d).text.tie_word_embeddings is hf_resolve(d).tie_word_embeddings is top
 
 
-@pytest.mark.parametrize("path", ["pad_token_id", "eos_token_id", "text_config.rope_theta"])
-def test_null_fields_are_not_a_crash(path: str) -> None:
-    try:
-        PaliGemmaConfig.from_hf(_with(pg1_224(), path, None))
-    except ConfigError:
-        pass
+@pytest.mark.parametrize(
+    ("path", "read"),
+    [
+        ("pad_token_id", lambda c: c.pad_token_id),
+        ("eos_token_id", lambda c: c.eos_token_ids),
+        ("text_config.rope_theta", lambda c: c.text.rope_theta),
+    ],
+)
+def test_null_fields_are_not_a_crash(path: str, read: Callable[[PaliGemmaConfig], object]) -> None:
+    # A null value means "not given": the field takes its default, as when the key is absent.
+    nulled = PaliGemmaConfig.from_hf(_with(pg1_224(), path, None))
+    *parents, key = path.split(".")
+    absent = pg1_224()
+    (absent[parents[0]] if parents else absent).pop(key, None)
+    assert read(nulled) == read(PaliGemmaConfig.from_hf(absent))
+    assert nulled == PaliGemmaConfig.from_hf(absent)
