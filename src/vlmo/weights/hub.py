@@ -51,7 +51,7 @@ from rich.progress import (
 )
 from tqdm.std import tqdm
 
-from vlmo.errors import CheckpointError, VlmoError
+from vlmo.errors import CheckpointError, OptionError, VlmoError
 from vlmo.jsonfile import read_json
 from vlmo.weights.files import CONFIG_FILE, INDEX_FILE, OPTIONAL_FILES, SINGLE_FILE, TOKENIZER_FILE
 
@@ -188,7 +188,7 @@ def check_repo_id(name: str) -> str:
 
 def _built_in(name: str, revision: str | None) -> Path:
     if revision is not None:
-        raise ModelNotFoundError(f"{name} is built into vlmo and has no revisions: drop --revision")
+        raise OptionError(f"{name} is built into vlmo and has no revisions: drop {{revision}}", revision=None)
     path = BUILT_IN_MODELS[name]()
     if not (path / CONFIG_FILE).is_file():
         raise CheckpointError(f"the built-in model {name} is missing from {path}: reinstall vlmo")
@@ -211,7 +211,9 @@ def _local_checkpoint(path: Path) -> Path:
 def _cached_snapshot(repo_id: str, revision: str | None, cache_dir: PathArg | None) -> Path | None:
     """The cached snapshot of this revision if it holds a complete checkpoint; makes no network call."""
     try:
-        config = hf_hub_download(repo_id, CONFIG_FILE, revision=revision, cache_dir=cache_dir, local_files_only=True)
+        config = hf_hub_download(
+            repo_id, CONFIG_FILE, revision=revision, cache_dir=_hub_cache_dir(cache_dir), local_files_only=True
+        )
     except LocalEntryNotFoundError:
         return None
     snapshot = Path(config).parent
@@ -274,7 +276,9 @@ def _download(
 
         def fetch(name: str) -> Path:
             bar = bar_class(name)
-            path = hf_hub_download(repo_id, name, revision=revision, token=token, cache_dir=cache_dir, tqdm_class=bar)
+            path = hf_hub_download(
+                repo_id, name, revision=revision, token=token, cache_dir=_hub_cache_dir(cache_dir), tqdm_class=bar
+            )
             return Path(path)
 
         paths = [fetch(name) for name in names]
@@ -297,6 +301,11 @@ def repo_label(repo_id: str, revision: str | None) -> str:
 
 def _cache_path(cache_dir: PathArg | None) -> Path:
     return Path(cache_dir).expanduser() if cache_dir is not None else cache_location()
+
+
+def _hub_cache_dir(cache_dir: PathArg | None) -> Path | None:
+    """`cache_dir` as `hf_hub_download` takes it (str or Path; it expands `~` itself); None: HF_HUB_CACHE."""
+    return None if cache_dir is None else Path(cache_dir)
 
 
 # Errors.
