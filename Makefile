@@ -7,9 +7,10 @@ install:            ## editable install with test and lint tools (install torch 
 test:               ## the test suite, as CI runs it
 	$(PY) -m pytest -q
 
-lint:               ## ruff lint and format check
+lint:               ## ruff lint and format check, mypy type check of src/
 	ruff check .
 	ruff format --check .
+	mypy
 
 format:             ## apply ruff fixes and formatting
 	ruff check --fix .

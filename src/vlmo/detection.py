@@ -359,7 +359,7 @@ def _check_bins(bins: Sequence[int]) -> Bins:
     values = tuple(bins)
     if len(values) != 4 or not all(_is_int(b) and 0 <= b <= _MAX_BIN for b in values):
         raise InputError(f"bins must be 4 integers (y_min, x_min, y_max, x_max) in 0..{_MAX_BIN}, got {bins!r}")
-    return values  # type: ignore[return-value]
+    return values
 
 
 def _check_box(box: Sequence[float]) -> Box:

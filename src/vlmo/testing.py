@@ -45,8 +45,8 @@ def build_tokenizer(words: tuple[str, ...] = DEFAULT_WORDS) -> Tokenizer:
         if piece not in vocab:
             vocab[piece] = len(vocab)
 
-    for tok in SPECIALS:
-        add(tok)
+    for special in SPECIALS:
+        add(special)
     for b in range(256):
         add(f"<0x{b:02X}>")
     for ch in _ALPHABET:
@@ -59,8 +59,8 @@ def build_tokenizer(words: tuple[str, ...] = DEFAULT_WORDS) -> Tokenizer:
                 if form[:end] not in vocab:
                     merges.append((left, right))
                     add(form[:end])
-    for tok in LOC_TOKENS + SEG_TOKENS:
-        add(tok)
+    for piece in LOC_TOKENS + SEG_TOKENS:
+        add(piece)
 
     tok = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
     tok.normalizer = normalizers.Replace(" ", "▁")
@@ -111,10 +111,10 @@ def blob_mask_decoder() -> VQVAEDecoder:
         for p in decoder.parameters():
             p.zero_()
         decoder._vq_vae._embedding[64:, 0] = 1.0
-        layers = decoder.decoder
-        layers[0].weight[0, 0] = 1.0
+        layer = decoder.decoder.get_parameter  # by checkpoint name ("12.weight"), typed as a Parameter
+        layer("0.weight")[0, 0] = 1.0
         for i in (4, 6, 8, 10):
-            layers[i].weight[0, 0] = torch.outer(bilinear, bilinear)
-        layers[12].weight[0, 0] = 1.0
-        layers[12].bias.fill_(-0.5)
+            layer(f"{i}.weight")[0, 0] = torch.outer(bilinear, bilinear)
+        layer("12.weight")[0, 0] = 1.0
+        layer("12.bias").fill_(-0.5)
     return decoder.eval().requires_grad_(False)

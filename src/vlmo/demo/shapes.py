@@ -120,13 +120,13 @@ def draw_scene(rng: random.Random, width: int, height: int, num_shapes: int | No
     n = rng.randint(1, 3) if num_shapes is None else num_shapes
     if not 1 <= n <= 3:
         raise ValueError(f"a scene has 1 to 3 shapes, not {n}")
-    background = tuple(rng.randint(BACKGROUND_MIN, 255) for _ in range(3))
+    red, green, blue = (rng.randint(BACKGROUND_MIN, 255) for _ in range(3))
     while True:
         shapes = _place(rng, width, height, n)
         if shapes is not None:
             break
     noise = rng.uniform(0.0, MAX_NOISE) if rng.random() < 0.5 else 0.0
-    return Scene(width, height, background, shapes, noise, rng.getrandbits(62))  # type: ignore[arg-type]
+    return Scene(width, height, (red, green, blue), shapes, noise, rng.getrandbits(62))
 
 
 def _place(rng: random.Random, width: int, height: int, n: int) -> tuple[Shape, ...] | None:
@@ -152,7 +152,8 @@ def _kind_color(rng: random.Random) -> tuple[ShapeKind, str]:
 
 
 def _shade(rng: random.Random, color: str) -> RGB:
-    return tuple(min(255, max(0, c + rng.randint(-SHADE_DRIFT, SHADE_DRIFT))) for c in COLORS[color])  # type: ignore[return-value]
+    red, green, blue = (min(255, max(0, c + rng.randint(-SHADE_DRIFT, SHADE_DRIFT))) for c in COLORS[color])
+    return red, green, blue
 
 
 def _apart(a: tuple[int, int, int, int], b: tuple[int, int, int, int], width: int) -> bool:
@@ -166,7 +167,8 @@ def render(scene: Scene) -> Image.Image:
     image = Image.new("RGB", (scene.width * k, scene.height * k), scene.background)
     draw = ImageDraw.Draw(image)
     for shape in scene.shapes:
-        _draw_shape(draw, shape.kind, tuple(v * k for v in shape.box), shape.rgb)  # type: ignore[arg-type]
+        x0, y0, x1, y1 = (v * k for v in shape.box)
+        _draw_shape(draw, shape.kind, (x0, y0, x1, y1), shape.rgb)
     if k > 1:
         image = image.reduce(k)
     if scene.noise > 0:

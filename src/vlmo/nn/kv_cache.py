@@ -14,6 +14,9 @@ class KVCache(nn.Module):
     needs, without copying the rest.
     """
 
+    k: torch.Tensor  # buffers, registered in __init__
+    v: torch.Tensor
+
     def __init__(
         self,
         num_layers: int,

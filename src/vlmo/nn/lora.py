@@ -276,7 +276,8 @@ def untie_head(model: PaliGemma) -> None:
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The LoRA factors (every `lora_A.weight` and `lora_B.weight`), in model order: what to hand an optimizer."""
-    return [p for m in lora_modules(model).values() for p in (m.lora_A.weight, m.lora_B.weight)]
+    factors = ("lora_A.weight", "lora_B.weight")
+    return [m.get_parameter(name) for m in lora_modules(model).values() for name in factors]
 
 
 def merge_lora(model: nn.Module) -> None:

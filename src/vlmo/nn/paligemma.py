@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partialmethod
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,7 +74,7 @@ class PaliGemma(nn.Module):
         self.projector = build_projector(cfg.projector)
         self.text = Gemma(cfg.text)
 
-    def use_projector(self, kind: str, **fields: object) -> None:
+    def use_projector(self, kind: str, **fields: Any) -> None:
         """Swap the linear projector for one of another `kind` (a Dense Connector, nn/projector.py) that starts out
         equal to it: same linear weights, zero-initialised branch. `fields` override other ProjectorConfig fields."""
         from dataclasses import replace
@@ -82,7 +83,9 @@ class PaliGemma(nn.Module):
 
         if self.cfg.projector.kind != "linear":
             raise InputError(f"the model already has a {self.cfg.projector.kind!r} projector")
-        new = replace(self.cfg.projector, kind=kind, vision_layers=self.cfg.vision.num_layers, **fields)
+        # Values as given: ProjectorConfig checks `kind` (any str here) and the other fields when it is built.
+        given: dict[str, Any] = {"kind": kind, "vision_layers": self.cfg.vision.num_layers}
+        new = replace(self.cfg.projector, **given, **fields)
         self.projector = init_from_linear(new, self.projector)
         self.cfg = self.cfg.with_overrides(projector=new)
 

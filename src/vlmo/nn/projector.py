@@ -239,7 +239,10 @@ class SeedProjector(DenseProjector):
         return self.proj(torch.cat(picked, dim=-1))
 
 
-PROJECTORS: dict[str, Callable[[ProjectorConfig], nn.Module]] = {
+# Every kind: `LinearProjector`, or a `DenseProjector` subclass; each has PaliGemma's `linear` layer.
+Projector = LinearProjector | DenseProjector
+
+PROJECTORS: dict[str, Callable[[ProjectorConfig], Projector]] = {
     "linear": LinearProjector,
     "sti": STIProjector,
     "sci": SCIProjector,
@@ -248,7 +251,7 @@ PROJECTORS: dict[str, Callable[[ProjectorConfig], nn.Module]] = {
 }
 
 
-def build_projector(cfg: ProjectorConfig) -> nn.Module:
+def build_projector(cfg: ProjectorConfig) -> Projector:
     if cfg.kind not in PROJECTORS:
         raise ConfigError(f"unknown projector kind {cfg.kind!r}; choose one of {', '.join(PROJECTORS)}")
     return PROJECTORS[cfg.kind](cfg)
@@ -262,7 +265,7 @@ def extra_parameter_names(cfg: ProjectorConfig) -> list[str]:
     return [name for name in module.state_dict() if name not in BASE_PARAMETERS]
 
 
-def init_from_linear(cfg: ProjectorConfig, base: nn.Module) -> nn.Module:
+def init_from_linear(cfg: ProjectorConfig, base: nn.Module) -> Projector:
     """A projector of kind `cfg.kind` that starts as `base` (any projector with a `linear` layer, typically a loaded
     `LinearProjector`): its `linear` is a copy of `base.linear` and its branch is freshly initialised with a zero last
     layer, so its output equals base's until it trains. Device, dtype, train/eval mode and `requires_grad` follow

@@ -23,10 +23,14 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from vlmo.nn.paligemma import PaliGemma
 
 
 def _has_vnni() -> bool:
@@ -131,6 +135,9 @@ def _packed(jobs: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None
 class Int8Embedding(nn.Module):
     """An embedding table held as int8 rows with a per-row scale: ids int64[...] → float32[..., D]."""
 
+    q: torch.Tensor  # buffers, registered in __init__
+    scale: torch.Tensor
+
     def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("q", q)
@@ -177,14 +184,16 @@ def quantize_int8(
     # The embedding and head first: their packing has the largest temporaries, best paid while little else is held.
     text = model.text
     table = text.embed.weight.detach()
-    tied = text.lm_head is None  # every PaliGemma checkpoint
-    q, scale = _quantize_rows(table if tied else text.lm_head.weight.detach(), release)  # type: ignore[union-attr]
+    lm_head = text.lm_head
+    tied = lm_head is None  # every PaliGemma checkpoint
+    q, scale = _quantize_rows(table if lm_head is None else lm_head.get_parameter("weight").detach(), release)
     head = Int8Head(q, scale)
     if mapped_embedding:
         embed: nn.Module = MappedEmbedding(table)
     else:
         embed = Int8Embedding(q, scale) if tied else Int8Embedding(*_quantize_rows(table, release))
-    text.embed, text.lm_head = embed, head
+    # `Gemma.embed` is typed as the float model's nn.Embedding; quantization swaps in another module on purpose.
+    text.embed, text.lm_head = embed, head  # type: ignore[assignment]
     del q, scale, table  # not held past here unless the int8 embedding keeps them (500 MB for PaliGemma)
     linears = [
         (parent, name, child)
@@ -242,14 +251,15 @@ class Float16Embedding(nn.Module):
         return F.embedding(ids, self.weight16).to(self.dtype)
 
 
-def hold_float16(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+def hold_float16(model: PaliGemma, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Make a `PaliGemma` loaded in float16 a CPU `dtype` model whose decoder linear weights (and the tied
     embedding/head) stay float16 (`Float16Linear`); everything else, the vision tower included, is cast to `dtype`.
     In place; returns the model."""
     text = model.text
     table = text.embed.weight.detach()
-    head = text.lm_head.weight.detach() if text.lm_head is not None else table
-    text.embed, text.lm_head = Float16Embedding(table, dtype), Float16Linear(head, None)
+    head = text.lm_head.get_parameter("weight").detach() if text.lm_head is not None else table
+    # As in quantize_int8: `Gemma.embed` is typed as the float model's nn.Embedding, replaced here on purpose.
+    text.embed, text.lm_head = Float16Embedding(table, dtype), Float16Linear(head, None)  # type: ignore[assignment]
     # Only the decoder: the vision tower always multiplies many rows (its patches), where bf16 weights are best.
     for stack in (model.text.layers,):
         for parent in stack.modules():

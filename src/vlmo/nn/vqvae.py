@@ -118,7 +118,7 @@ class VQVAEEncoder(nn.Module):
         """masks: float[B, 1, 64, 64] in [0, 1] → float[B, 512, 4, 4] (before quantization)."""
         if masks.ndim != 4 or tuple(masks.shape[1:]) != (1, MASK_SIZE, MASK_SIZE):
             raise InputError(f"masks must be float[B, 1, {MASK_SIZE}, {MASK_SIZE}], got shape {tuple(masks.shape)}")
-        weight = self.encoder[0].weight
+        weight = self.encoder.get_parameter("0.weight")
         x = masks.to(weight.device, weight.dtype)
         return self.encoder(2.0 * (x - 0.5))  # [0, 1] → [-1, 1], as AiT's `norm` and big_vision's `_norm`
 
