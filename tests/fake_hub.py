@@ -16,13 +16,17 @@ from the `Location`. No Xet headers are sent, so every download is plain HTTP.
 Errors: gated repos answer 401 or 403 with `X-Error-Code: GatedRepo` (or no code, see `gate`), unknown
 repos 404 `RepoNotFound`, unknown revisions 404 `RevisionNotFound`, unknown files 404 `EntryNotFound`.
 `cut(file)` makes the next response(s) for that file stop at a byte offset and close the connection, while
-Content-Length promises the whole body. Every request is logged in `requests`.
+Content-Length promises the whole body; `stall(file)` makes them stop there and then send nothing more, with the
+connection held open (a stalled download). Every request is logged in `requests`.
+
+`SilentServer` is a hub that accepts connections and never answers at all.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -53,6 +57,7 @@ class _Revision:
 class _Cut:
     at: int | None  # absolute byte offset where the body stops; None: half the file
     times: int
+    stall: bool = False  # hold the connection open after the cut instead of closing it
 
 
 @dataclass
@@ -64,6 +69,7 @@ class FakeHub:
     requests: list[Seen] = field(default_factory=list)
     _cuts: dict[str, _Cut] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stopping: threading.Event = field(default_factory=threading.Event)
     _server: ThreadingHTTPServer | None = None
 
     def add_repo(self, repo_id: str, directory: Path, revision: str = "main") -> str:
@@ -85,6 +91,12 @@ class FakeHub:
         with self._lock:
             self._cuts[filename] = _Cut(at, times)
 
+    def stall(self, filename: str, *, times: int = 1, at: int | None = None) -> None:
+        """The next `times` GETs of `filename` send the headers and the bytes up to `at` (default: half), then
+        nothing more until the hub stops: the client has to time out."""
+        with self._lock:
+            self._cuts[filename] = _Cut(at, times, stall=True)
+
     def seen(self, method: str | None = None, contains: str = "") -> list[Seen]:
         """Logged requests, optionally only one method and paths containing `contains`."""
         with self._lock:
@@ -96,6 +108,7 @@ class FakeHub:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def start(self) -> FakeHub:
+        self._stopping.clear()
         server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         server.daemon_threads = True
         server.hub = self  # type: ignore[attr-defined]
@@ -105,6 +118,7 @@ class FakeHub:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()  # ends stalled responses
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -128,13 +142,56 @@ class FakeHub:
         with self._lock:
             self.requests.append(seen)
 
-    def _take_cut(self, filename: str, size: int) -> int | None:
+    def _take_cut(self, filename: str, size: int) -> tuple[int, bool] | None:
+        """(byte offset where the body stops, whether to stall there) for the next GET of `filename`."""
         with self._lock:
             cut = self._cuts.get(filename)
             if cut is None or cut.times <= 0:
                 return None
             cut.times -= 1
-            return size // 2 if cut.at is None else cut.at
+            return (size // 2 if cut.at is None else cut.at), cut.stall
+
+
+class SilentServer:
+    """A "hub" on 127.0.0.1 that accepts every connection and never sends a byte: requests can only time out.
+
+    `connections` counts what it accepted, so a test can tell that a request was really made.
+    """
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.02)  # a short accept timeout makes stop() quick
+        self._port = self._listener.getsockname()[1]
+        self._held: list[socket.socket] = []
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._port}"
+
+    @property
+    def connections(self) -> int:
+        return len(self._held)
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:  # the accept timeout, or the listener closed by stop()
+                continue
+            self._held.append(connection)  # kept open, never read, never answered
+
+    def __enter__(self) -> SilentServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stopping.set()
+        self._thread.join()
+        self._listener.close()
+        for connection in self._held:
+            connection.close()
 
 
 def lfs_sha256(data: bytes) -> str:
@@ -259,11 +316,13 @@ class _Handler(BaseHTTPRequestHandler):
         if head:
             return
         stop = end + 1
-        cut_at = self.hub._take_cut(filename, len(data))
-        if cut_at is not None:
-            stop = min(stop, max(start, cut_at))
+        cut = self.hub._take_cut(filename, len(data))
+        if cut is not None:
+            stop = min(stop, max(start, cut[0]))
         self.wfile.write(data[start:stop])
         self.wfile.flush()
+        if cut is not None and cut[1]:
+            self.hub._stopping.wait()  # silence, connection open, until the hub stops
 
     def _error(self, status: int, code: str | None, message: str, commit: str | None = None) -> None:
         body = json.dumps({"error": message}).encode()

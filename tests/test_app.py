@@ -7,14 +7,16 @@ saves screenshots to $VLMO_TEST_ARTIFACTS (or tmp_path); with VLMO_UPDATE_DOCS=1
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
 import shutil
 import socket
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -27,6 +29,7 @@ from vlmo.app import (
     AppDependencyError,
     AppExample,
     VlmoApp,
+    build_ui,
     default_examples,
     import_gradio,
     sampling_options,
@@ -237,6 +240,94 @@ def test_stream_reuses_given_image_features(vlm: VLMo) -> None:
         list(vlm.stream(image, "ocr", image_features=features[:, :3]))
     with pytest.raises(InputError, match="image_features hold 2 images"):
         list(vlm.stream(image, "ocr", image_features=features.expand(2, -1, -1)))
+
+
+# -- a client that goes away -----------------------------------------------------------------------------------
+
+
+class Recorded:
+    """Counts `vlm.model.decode` calls and keeps every generate_steps generator made, so a test can see them end."""
+
+    def __init__(self, vlm: VLMo, monkeypatch: pytest.MonkeyPatch) -> None:
+        import vlmo.api
+
+        self.decodes = 0
+        self.loops: list[Any] = []
+        decode, steps = vlm.model.decode, vlmo.api.generate_steps
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.decodes += 1
+            return decode(*args, **kwargs)
+
+        def kept(*args: Any, **kwargs: Any) -> Any:
+            self.loops.append(steps(*args, **kwargs))
+            return self.loops[-1]
+
+        monkeypatch.setattr(vlm.model, "decode", counted)
+        monkeypatch.setattr(vlmo.api, "generate_steps", kept)
+
+    def all_closed(self) -> bool:
+        return bool(self.loops) and all(inspect.getgeneratorstate(g) == inspect.GEN_CLOSED for g in self.loops)
+
+
+def ui_handler(app: VlmoApp, name: str) -> Callable[..., Iterator[Any]]:
+    """The Gradio event handler called `name` (on_ask, on_caption, on_ocr, on_detect, on_segment)."""
+    demo = build_ui(app)
+    return next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == name)
+
+
+@pytest.mark.parametrize("handler", ["on_ask", "on_caption", "on_ocr"])
+def test_a_streamed_answer_stops_generating_when_its_client_goes(
+    app: VlmoApp, vlm: VLMo, monkeypatch: pytest.MonkeyPatch, handler: str
+) -> None:
+    """Gradio closes a generator handler when its client disconnects: generation must stop at the next step."""
+    pytest.importorskip("gradio")
+    run = ui_handler(app, handler)
+    sampling = (100, False, 1.0, 1.0, 0, None)  # max tokens 100: only the budget and <eos> would stop it
+    args = {"on_ask": (solid(RED), "what color is it?", "en"), "on_caption": (solid(RED), "short", "en")}
+    recorded = Recorded(vlm, monkeypatch)
+    answer = run(*args.get(handler, (solid(RED),)), *sampling)
+    assert next(answer) == "" and next(answer)  # two pieces: the cleared answer, then the first text
+    seen = recorded.decodes
+    assert seen <= 3
+    answer.close()  # what Gradio does once the client has gone
+    assert recorded.all_closed() and recorded.decodes == seen
+
+
+@pytest.mark.parametrize("handler", ["on_detect", "on_segment"])
+def test_detect_and_segment_stop_generating_when_their_client_goes(
+    app: VlmoApp, vlm: VLMo, monkeypatch: pytest.MonkeyPatch, handler: str
+) -> None:
+    pytest.importorskip("gradio")
+    run = ui_handler(app, handler)
+    recorded = Recorded(vlm, monkeypatch)
+    labels = "cat ; dog" if handler == "on_detect" else "cat"
+    result = run(solid(RED), labels, 0, False, 1.0, 1.0, 0, None)
+    for _ in range(3):
+        assert all(isinstance(part, dict) for part in next(result))  # per token: "no change" to every output
+    seen = recorded.decodes
+    result.close()
+    assert recorded.all_closed() and recorded.decodes == seen <= 3
+    # Run to the end, the same handler gives the drawn image, the rows and the JSON file.
+    *_, (image, rows, json_path) = run(solid(RED), labels, 0, False, 1.0, 1.0, 0, None)
+    assert isinstance(image, Image.Image) and [row[0] for row in rows][:1] == ["cat"] and json_path.endswith(".json")
+
+
+def test_app_steps_stop_generation_when_closed(app: VlmoApp, vlm: VLMo, monkeypatch: pytest.MonkeyPatch) -> None:
+    recorded = Recorded(vlm, monkeypatch)
+    steps = app.located_steps("detect", solid(RED), "cat ; dog")
+    next(steps), next(steps)
+    steps.close()
+    assert recorded.all_closed() and recorded.decodes <= 2
+
+
+def test_a_request_beyond_the_context_is_refused(app: VlmoApp) -> None:
+    """A direct API call asking for 100000 tokens cannot hold the only queue slot for minutes."""
+    context = app.vlm.model.cfg.text.max_position_embeddings
+    with pytest.raises(GenerationConfigError, match=rf"of the model's {context} positions; max_new_tokens may be at"):
+        app.ask(solid(RED), "what color is it?", options=sampling_options(100_000))
+    with pytest.raises(GenerationConfigError, match="max_new_tokens may be at most"):
+        app.detect(solid(RED), "cat", options=sampling_options(100_000))
 
 
 # -- the command ----------------------------------------------------------------------------------------------

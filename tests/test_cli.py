@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from typer.testing import CliRunner, Result
 import vlmo
 import vlmo.api
 from conftest import BLUE, RED, TAUGHT_DETECTION
-from fake_hub import FakeHub, isolate_hf
+from fake_hub import FakeHub, SilentServer, isolate_hf
 from vlmo.cli import app
 
 SIZE = (96, 64)  # (width, height) of the images the model was taught on
@@ -273,6 +274,33 @@ def test_missing_repo(hub: FakeHub, images: dict[str, Path]) -> None:
     assert_error(vlmo_cli("download", "acme/nope"), 1, "acme/nope")
 
 
+def test_no_network_and_no_cached_default_model_points_at_the_built_in_one(
+    images: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with FakeHub() as gone:
+        isolate_hf(monkeypatch, tmp_path / "hf", endpoint=gone.url)
+    # `vlmo ask` with no --model: the default model, which is not cached, and a hub that is not there
+    line = assert_error(vlmo_cli("ask", images["red"], QUESTION), 1, "could not reach", "vlmo/shapes works offline")
+    assert "--model" not in line  # the library names no CLI flag
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert_error(vlmo_cli("ask", images["red"], QUESTION), 1, "HF_HUB_OFFLINE", "vlmo/shapes works offline")
+
+
+def test_a_hub_that_never_answers_is_one_line_after_the_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env: dict[str, str | None] = {"HF_HUB_ETAG_TIMEOUT": "0.3", "HF_HUB_DOWNLOAD_TIMEOUT": "0.3"}
+    results: list[Result] = []
+    with SilentServer() as silent:
+        isolate_hf(monkeypatch, tmp_path / "hf", endpoint=silent.url)
+        run = threading.Thread(target=lambda: results.append(vlmo_cli("download", "acme/taught", env=env)), daemon=True)
+        run.start()
+        run.join(10)  # in a thread, so that a hang fails the test instead of blocking it
+        assert results, "vlmo download still waiting for the hub after 10 s"
+        assert silent.connections >= 1
+    assert_error(results[0], 1, f"could not reach {silent.url} for acme/taught", "HF_HUB_ETAG_TIMEOUT")
+
+
 # -- errors ------------------------------------------------------------------------------------------------------
 
 
@@ -330,11 +358,69 @@ def test_command_usage_errors(images: dict[str, Path], ckpt: str, args: list[str
     assert_error(vlmo_cli(*args, "--model", ckpt), 2, fragment)
 
 
+def test_ask_with_an_image_where_the_question_should_be(images: dict[str, Path], tmp_path: Path) -> None:
+    """`vlmo ask a.png b.png` would ask the model "b.png"; the model is not even loaded."""
+    result = vlmo_cli("ask", images["red"], images["blue"], "--model", tmp_path / "no-model")
+    line = assert_error(result, 2, str(images["blue"]), "pass the question with -q, or quote it")
+    assert "no-model" not in line
+    assert_error(vlmo_cli("ask", images["red"], images["blue"], "--model", tmp_path / "no-model", "-q", ""), 2)
+
+
+def test_ask_with_a_question_that_is_not_a_file_still_works(images: dict[str, Path], ckpt: str) -> None:
+    assert ok(vlmo_cli("ask", images["red"], QUESTION, "--model", ckpt)) == "red\n"
+
+
+@pytest.mark.parametrize("lang", ["e n", "", "  "])
+def test_bad_lang_is_one_line(images: dict[str, Path], tmp_path: Path, lang: str) -> None:
+    assert_error(vlmo_cli("ask", images["red"], QUESTION, "--model", tmp_path / "no-model", "--lang", lang), 2)
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999999", "18446744073709551616", "-1"])
+def test_a_seed_beyond_64_bits_is_a_usage_error_before_loading(
+    images: dict[str, Path], tmp_path: Path, seed: str
+) -> None:
+    result = vlmo_cli("ask", images["red"], QUESTION, "--model", tmp_path / "no-model", "--sample", "--seed", seed)
+    assert_error(result, 2, "seed must be a whole number from 0 to 2**64 - 1")
+
+
+def test_max_tokens_beyond_the_context_is_refused(images: dict[str, Path], ckpt: str) -> None:
+    line = assert_error(vlmo_cli("ask", images["red"], QUESTION, "--model", ckpt, "--max-tokens", "100000"), 2)
+    assert "of the model's 8192 positions; max_new_tokens may be at most" in line
+
+
 def test_model_directory_missing_files(images: dict[str, Path], ckpt: str, tmp_path: Path) -> None:
     partial = tmp_path / "partial"
     partial.mkdir()
     shutil.copy(Path(ckpt) / "config.json", partial)
     assert_error(vlmo_cli("ask", images["red"], QUESTION, "--model", partial), 1, "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("tower", "key", "value"),
+    [("vision_config", "patch_size", 0), ("text_config", "num_attention_heads", 0)],
+)
+def test_impossible_config_size_is_one_line_naming_the_field(
+    images: dict[str, Path], ckpt: str, tmp_path: Path, tower: str, key: str, value: int
+) -> None:
+    # Once "unexpected ZeroDivisionError … report it", after a torch UserWarning on stderr; now only the error line.
+    broken = Path(shutil.copytree(ckpt, tmp_path / "broken"))
+    config = json.loads((broken / "config.json").read_text())
+    config[tower][key] = value
+    (broken / "config.json").write_text(json.dumps(config))
+    line = assert_error(vlmo_cli("ask", images["red"], QUESTION, "--model", broken), 1, f"'{tower}.{key}'")
+    assert "unexpected" not in line and "positive" in line
+
+
+def test_index_pointing_outside_the_model_directory(images: dict[str, Path], ckpt: str, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    broken = Path(shutil.copytree(ckpt, tmp_path / "broken"))
+    tensors = load_file(broken / "model.safetensors")
+    (broken / "model.safetensors").unlink()
+    save_file(tensors, tmp_path / "outside.safetensors")
+    index = {"weight_map": dict.fromkeys(tensors, "../outside.safetensors")}
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert_error(vlmo_cli("ask", images["red"], QUESTION, "--model", broken), 1, "'../outside.safetensors'", "inside")
 
 
 def test_model_directory_missing(images: dict[str, Path], tmp_path: Path) -> None:

@@ -319,6 +319,40 @@ BAD_CONFIGS = {
     ),
     "vision-heads": (_with(pg1_224(), "vision_config.num_attention_heads", 7), ["vision_config", "1152", "7"]),
     "image-smaller-than-patch": (_with(pg1_224(), "vision_config.image_size", 10), ["image_size", "patch_size"]),
+    "image-not-divisible-by-patch": (
+        _with(pg1_224(), "vision_config.image_size", 230),
+        ["vision_config.image_size", "230", "patch_size", "14"],
+    ),
+    # Sizes must be positive: zero or negative ones used to end in ZeroDivisionError, torch errors or warnings.
+    **{
+        f"{path}={value}": (_with(pg1_224(), path, value), [repr(path), str(value), "positive"])
+        for path, value in [
+            ("vision_config.patch_size", 0),
+            ("vision_config.patch_size", -14),
+            ("vision_config.image_size", 0),
+            ("vision_config.hidden_size", 0),
+            ("vision_config.intermediate_size", -1),
+            ("vision_config.num_hidden_layers", 0),
+            ("vision_config.num_attention_heads", 0),
+            ("vision_config.num_channels", 0),
+            ("text_config.vocab_size", 0),
+            ("text_config.hidden_size", 0),
+            ("text_config.intermediate_size", 0),
+            ("text_config.num_hidden_layers", -2),
+            ("text_config.num_attention_heads", 0),
+            ("text_config.num_key_value_heads", 0),
+            ("text_config.head_dim", 0),
+            ("text_config.max_position_embeddings", -1),
+            ("text_config.max_position_embeddings", 0),
+            ("text_config.rope_theta", 0),
+            ("projection_dim", 0),
+        ]
+    },
+    "gemma2-sliding-window": (_with(pg2_3b_224(), "text_config.sliding_window", 0), ["sliding_window", "positive"]),
+    "gemma2-query-scalar": (
+        _with(pg2_3b_224(), "text_config.query_pre_attn_scalar", -1),
+        ["query_pre_attn_scalar", "positive"],
+    ),
 }
 
 

@@ -356,3 +356,79 @@ def test_two_process_fsdp_equals_one_process(tiny_checkpoint: Path, vqa: tuple[P
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+# -- resuming from a checkpoint directory that is not what it claims -------------------------------------------------
+
+
+class _Payload:
+    """Pickles to a call of `Path.touch(marker)`: unpickling it would run code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[Path]]:
+        return Path.touch, (self.marker,)
+
+
+def _resume_target() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def test_resume_refuses_to_unpickle_a_malicious_training_state(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from vlmo.errors import CheckpointError
+    from vlmo.finetune import load_checkpoint
+
+    model, optimizer, scheduler = _resume_target()
+    save_file({"weight": torch.zeros(2, 2)}, str(tmp_path / "trainable.safetensors"))
+    marker = tmp_path / "pwned"
+    torch.save({"step": 1, "optimizer": _Payload(marker)}, tmp_path / "training_state.pt")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path, model, optimizer, scheduler)
+    msg = str(info.value)
+    assert "\n" not in msg and str(tmp_path / "training_state.pt") in msg, msg
+    assert "not a vlmo training state" in msg and "refused to unpickle" in msg
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [(b"not a torch file", "not a vlmo training state"), (None, "not a vlmo training state")],
+    ids=["garbage", "wrong-contents"],
+)
+def test_resume_with_an_unreadable_training_state(tmp_path: Path, content: bytes | None, words: str) -> None:
+    from safetensors.torch import save_file
+
+    from vlmo.errors import CheckpointError
+    from vlmo.finetune import load_checkpoint
+
+    model, optimizer, scheduler = _resume_target()
+    save_file({"weight": torch.zeros(2, 2)}, str(tmp_path / "trainable.safetensors"))
+    if content is None:
+        torch.save({"step": 1}, tmp_path / "training_state.pt")  # loads, but lacks the optimizer state
+    else:
+        (tmp_path / "training_state.pt").write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path, model, optimizer, scheduler)
+    assert "\n" not in str(info.value) and words in str(info.value)
+
+
+def test_resume_reads_trainable_weights_through_the_validated_reader(tmp_path: Path) -> None:
+    """trainable.safetensors with two tensors on the same bytes is refused, as every safetensors file is."""
+    from vlmo.errors import CheckpointError
+    from vlmo.finetune import load_checkpoint
+
+    model, optimizer, scheduler = _resume_target()
+    header = {
+        "weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+        "bias": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+    }
+    raw = json.dumps(header).encode()
+    (tmp_path / "trainable.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(16))
+    (tmp_path / "training_state.pt").write_bytes(b"never read")
+    with pytest.raises(CheckpointError, match="overlaps"):
+        load_checkpoint(tmp_path, model, optimizer, scheduler)

@@ -187,3 +187,134 @@ def test_prefill_of_the_last_position_only_fills_the_same_cache(vlm: VLMo) -> No
         every, _ = model.prefill(batch.input_ids, feats, batch.attention_mask, caches[1], all_logits=True)
     torch.testing.assert_close(last, every[:, -1], rtol=1e-5, atol=1e-5)
     assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+
+
+# -- limits: the token budget, seeds, stopping when the consumer goes ---------------------------------------------
+
+CONTEXT = 40  # max_position_embeddings of the `short` model: "caption en" (about 21 positions) leaves about 19
+
+
+@pytest.fixture(scope="module")
+def short(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> VLMo:
+    """The gqa tiny model with a context of CONTEXT positions (its weights linked, its config.json edited)."""
+    import json
+
+    src = tiny_checkpoints["gqa"]
+    out = tmp_path_factory.mktemp("short-context")
+    for item in src.iterdir():
+        (out / item.name).symlink_to(item)
+    (out / "config.json").unlink()
+    config = json.loads((src / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = CONTEXT
+    (out / "config.json").write_text(json.dumps(config))
+    return VLMo.from_pretrained(out, device="cpu", dtype="float32")
+
+
+class Calls:
+    """Counts calls of a model method, wrapped in place on the instance."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> None:
+        self.count = 0
+        inner = getattr(owner, name)
+
+        def counted(*args: object, **kwargs: object) -> object:
+            self.count += 1
+            return inner(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+
+
+def prompt_length(vlm: VLMo, prompt: str) -> int:
+    return int(vlm.text.encode([prompt]).input_ids.shape[1])
+
+
+def test_the_token_budget_is_the_context_length(short: VLMo) -> None:
+    n = prompt_length(short, "caption en")
+    room = CONTEXT - n
+    assert 0 < room < 64  # the default length (64) does not fit either
+    assert len(short.text.encode([""]).input_ids[0]) < n  # (the image tokens count too)
+    answer = short.generate(picture(0), "caption en", max_new_tokens=room)  # the whole budget is fine
+    assert isinstance(answer, str)
+    for prompt, call in (
+        ("caption en", lambda: short.generate(picture(0), "caption en", max_new_tokens=room + 1)),
+        ("caption en", lambda: short.caption(picture(0))),  # the task's default (64) is refused too: no clamping
+        ("caption en", lambda: short.stream(picture(0), "caption en", max_new_tokens=100_000)),  # before a piece
+        ("detect cat", lambda: short.detect(picture(0), "cat", max_new_tokens=100_000)),
+    ):
+        n = prompt_length(short, prompt)
+        with pytest.raises(GenerationConfigError) as info:
+            call()
+        want = f"the prompt takes {n} of the model's {CONTEXT} positions; max_new_tokens may be at most {CONTEXT - n}"
+        assert str(info.value) == want
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_any_work(
+    short: VLMo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """#9: a very long question must not allocate a cache for it (nor run the vision tower) before failing."""
+    short.image_cache.clear()
+    caches = Calls(monkeypatch, short.model, "new_cache")
+    vision = Calls(monkeypatch, short.model, "encode_images")
+    question = "what is " + "very " * 5000 + "red?"
+    n = prompt_length(short, tasks_ask(question))
+    for call in (
+        lambda: short.ask(picture(0), question, max_new_tokens=1),
+        lambda: short.stream(picture(0), tasks_ask(question), max_new_tokens=1),
+    ):
+        with pytest.raises(InputError, match=rf"^the prompt takes {n} of the model's {CONTEXT} positions") as info:
+            call()
+        assert "\n" not in str(info.value) and "shorten" in str(info.value)
+    assert (caches.count, vision.count) == (0, 0)
+    # generate_steps itself refuses when called, before allocating the cache
+    batch = short.text.encode([tasks_ask(question)])
+    feats = torch.zeros(1, short.model.cfg.num_image_tokens, short.model.cfg.text.hidden_size)
+    with pytest.raises(InputError, match="positions"):
+        generate_steps(short.model, batch.input_ids, batch.attention_mask, feats, SamplingConfig(), [1], 0)
+    assert caches.count == 0
+
+
+def tasks_ask(question: str) -> str:
+    from vlmo import tasks
+
+    return tasks.ask(question).text
+
+
+@pytest.mark.parametrize("seed", [2**64, 99999999999999999999999, -1, "7", 1.5, True])
+def test_seeds_must_fit_in_64_bits(vlm: VLMo, seed: object) -> None:
+    with pytest.raises(GenerationConfigError, match=r"^seed must be a whole number from 0 to 2\*\*64 - 1") as info:
+        vlm.generate(picture(0), "caption en", max_new_tokens=2, do_sample=True, seed=seed)  # type: ignore[arg-type]
+    assert "\n" not in str(info.value)
+    with pytest.raises(GenerationConfigError, match="seed"):  # validated with the other options, before any work
+        SamplingConfig.from_options({"seed": seed}, 8)  # type: ignore[typeddict-item]
+
+
+def test_the_largest_seed_works(vlm: VLMo) -> None:
+    kw = dict(max_new_tokens=4, do_sample=True)
+    assert vlm.generate(picture(0), "caption en", seed=2**64 - 1, **kw) == vlm.generate(
+        picture(0), "caption en", seed=2**64 - 1, **kw
+    )
+
+
+def test_closing_a_stream_stops_generation_at_once(vlm: VLMo, monkeypatch: pytest.MonkeyPatch) -> None:
+    import inspect
+
+    import vlmo.api
+
+    made: list[object] = []
+    real_steps = vlmo.api.generate_steps
+
+    def recorded(*args: object, **kwargs: object) -> object:
+        made.append(real_steps(*args, **kwargs))  # type: ignore[arg-type]
+        return made[-1]
+
+    monkeypatch.setattr(vlmo.api, "generate_steps", recorded)
+    decodes = Calls(monkeypatch, vlm.model, "decode")
+    pieces = vlm.stream(picture(4), "caption en", max_new_tokens=200)
+    first = [next(pieces), next(pieces)]
+    assert all(first)
+    before = decodes.count
+    assert before <= 4
+    pieces.close()  # what Gradio does when the client has gone (GeneratorExit at the next yield)
+    (inner,) = made
+    assert inspect.getgeneratorstate(inner) == inspect.GEN_CLOSED  # type: ignore[arg-type]
+    assert decodes.count == before

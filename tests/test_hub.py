@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import random
-from collections.abc import Iterator
+import shutil
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import huggingface_hub.file_download
 import pytest
 from huggingface_hub import constants
 
-from fake_hub import FakeHub, isolate_hf
-from vlmo.errors import CheckpointError
+from fake_hub import FakeHub, SilentServer, isolate_hf
+from vlmo.errors import CheckpointError, VlmoError
 from vlmo.weights.hub import (
     DiskFullError,
     DownloadError,
@@ -249,3 +253,155 @@ def test_cache_listing(hub: FakeHub, hf_cache: Path) -> None:
     resolve_model("acme/tiny")
     [(repo_id, size)] = cached_models()
     assert repo_id == "acme/tiny" and size > WEIGHT_BYTES
+
+
+# Timeouts, and one line per failure.
+
+
+def within(seconds: float, call: Callable[[], Any]) -> tuple[Any, BaseException | None]:
+    """(result, exception) of `call`, which must finish within `seconds`: run in a thread, so a hang fails the
+    test instead of blocking it."""
+    outcome: list[tuple[Any, BaseException | None]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((call(), None))
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            outcome.append((None, e))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"still waiting for the hub after {seconds} s"
+    return outcome[0]
+
+
+@pytest.fixture
+def short_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub's own variables, set after it was imported: vlmo must read them at call time."""
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "0.3")
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "0.3")
+
+
+@pytest.fixture
+def silent_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SilentServer]:
+    with SilentServer() as silent:
+        isolate_hf(monkeypatch, tmp_path / "hf", endpoint=silent.url)
+        yield silent
+
+
+@pytest.fixture
+def hf_records() -> Iterator[list[logging.LogRecord]]:
+    """Every record huggingface_hub's loggers pass on, as its own stderr handler would receive them."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep(logging.DEBUG)
+    library = logging.getLogger("huggingface_hub")
+    library.addHandler(handler)
+    yield records
+    library.removeHandler(handler)
+
+
+def test_timeouts_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vlmo.weights.hub import hub_timeouts
+
+    monkeypatch.delenv("HF_HUB_ETAG_TIMEOUT", raising=False)
+    monkeypatch.delenv("HF_HUB_DOWNLOAD_TIMEOUT", raising=False)
+    default = hub_timeouts()
+    assert 0 < default.metadata <= 10 and 10 <= default.download <= 30
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "2.5")
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "40")
+    assert (hub_timeouts().metadata, hub_timeouts().download) == (2.5, 40)
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "soon")
+    with pytest.raises(VlmoError, match="HF_HUB_DOWNLOAD_TIMEOUT='soon'") as caught:
+        hub_timeouts()
+    assert "\n" not in str(caught.value)
+
+
+def _fetch_adapter() -> Path:
+    from vlmo.weights.adapters import resolve_adapter
+
+    return resolve_adapter("acme/lora")
+
+
+def _fetch_mask_decoder() -> Path:
+    from vlmo.weights.vqvae import _download_vae
+
+    return _download_vae()
+
+
+@pytest.mark.usefixtures("short_timeouts", "fast_retries")
+@pytest.mark.parametrize("fetch", [lambda: resolve_model("acme/tiny"), _fetch_adapter, _fetch_mask_decoder])
+def test_a_hub_that_never_answers_is_unreachable_after_the_timeout(
+    silent_hub: SilentServer, fetch: Callable[[], Path], hf_records: list[logging.LogRecord]
+) -> None:
+    _, error = within(8, fetch)
+    assert isinstance(error, DownloadError), repr(error)
+    message = str(error)
+    assert message.startswith(f"could not reach {silent_hub.url} for ") and "\n" not in message
+    assert silent_hub.connections >= 1  # it did ask
+    assert [r.getMessage() for r in hf_records if r.levelno >= logging.WARNING] == []
+
+
+@pytest.mark.usefixtures("short_timeouts", "fast_retries")
+def test_a_stalled_download_times_out_and_resumes_quietly(
+    hub: FakeHub,
+    model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    hf_records: list[logging.LogRecord],
+    recwarn: pytest.WarningsRecorder,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A nearly full disk makes huggingface_hub warn ("Not enough free disk space"); a stalled connection makes it
+    # log "Trying to resume download..." before each retry. Neither may reach the user; vlmo's bar still does.
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    hub.stall("model.safetensors", times=2)
+    path, error = within(8, lambda: resolve_model("acme/tiny", progress=True))
+    assert error is None, error
+    assert (path / "model.safetensors").read_bytes() == (model_dir / "model.safetensors").read_bytes()
+    assert len(hub.seen("GET", "/cdn/")) == 3  # two stalls, then the rest of the file
+    assert [str(w.message) for w in recwarn] == []
+    assert [r.getMessage() for r in hf_records if r.levelno >= logging.WARNING] == []
+    err = capsys.readouterr().err
+    assert "model.safetensors" in err and "Trying to resume" not in err and "disk space" not in err
+
+
+@pytest.mark.usefixtures("short_timeouts", "fast_retries")
+def test_a_download_that_stays_silent_is_one_error(hub: FakeHub, hf_records: list[logging.LogRecord]) -> None:
+    hub.stall("model.safetensors", times=100)
+    _, error = within(8, lambda: resolve_model("acme/tiny"))
+    assert isinstance(error, DownloadError), repr(error)
+    assert str(error).startswith(f"could not reach {hub.url} for acme/tiny") and "\n" not in str(error)
+    assert [r.getMessage() for r in hf_records if r.levelno >= logging.WARNING] == []
+
+
+def test_unreachable_and_offline_messages_name_the_built_in_model(
+    hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub.stop()
+    with pytest.raises(DownloadError, match="could not reach .*built-in model vlmo/shapes works offline"):
+        resolve_model("acme/tiny")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OfflineError, match="HF_HUB_OFFLINE.*built-in model vlmo/shapes works offline"):
+        resolve_model("acme/tiny")
+
+
+@pytest.mark.parametrize(
+    "shard", ["../x.safetensors", "/tmp/x.safetensors", "a/../../x.safetensors", "a\\x.safetensors"]
+)
+def test_hub_shard_outside_the_snapshot_is_refused_before_downloading_it(
+    hub: FakeHub, tmp_path: Path, shard: str
+) -> None:
+    source = write_model(tmp_path / "evil", weights="sharded")
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    index["weight_map"]["c"] = shard
+    (source / "model.safetensors.index.json").write_text(json.dumps(index))
+    hub.add_repo("acme/evil", source)
+    with pytest.raises(CheckpointError, match="not a plain file name") as caught:
+        resolve_model("acme/evil")
+    assert "\n" not in str(caught.value)
+    assert not [r for r in hub.requests if r.path.endswith(".safetensors")]  # no shard was fetched

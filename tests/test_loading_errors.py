@@ -10,6 +10,7 @@ import json
 import pickle
 import shutil
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlmo.errors import CheckpointError, ConfigError
-from vlmo.weights.files import INDEX_FILE, SINGLE_FILE
+from vlmo.weights.files import INDEX_FILE, SINGLE_FILE, check_shard_name
 from vlmo.weights.loader import load_model, weight_files
 from vlmo.weights.safetensors_io import open_tensors, read_header
 
@@ -555,3 +556,195 @@ def test_read_header_skips_metadata(tiny_checkpoint: Path) -> None:
     header = read_header(tiny_checkpoint / SINGLE_FILE)
     assert "__metadata__" not in header
     assert header.keys() == load_file(tiny_checkpoint / SINGLE_FILE).keys()
+
+
+# --- tensor byte ranges: what the safetensors format requires (and the reference reader enforces) ---------------------
+
+
+def _raw_safetensors(path: Path, table: dict[str, tuple[str, list[int], int, int]], data_len: int) -> Path:
+    """A safetensors file written by hand: `table` is name → (dtype, shape, begin, end); the data is zeros."""
+    header = {name: {"dtype": d, "shape": s, "data_offsets": [b, e]} for name, (d, s, b, e) in table.items()}
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(data_len))
+    return path
+
+
+BAD_RANGES: dict[str, tuple[dict[str, tuple[str, list[int], int, int]], int, str, str]] = {
+    # name: (table, data bytes, the tensor the error names, a word of the error)
+    "overlap": ({"a": ("F32", [2], 0, 8), "b": ("F32", [2], 4, 12)}, 12, "b", "overlaps"),
+    "same-bytes": ({"a": ("F32", [2], 0, 8), "b": ("F32", [2], 0, 8)}, 8, "b", "overlaps"),
+    "inside-another": ({"a": ("F32", [4], 0, 16), "b": ("F32", [1], 4, 8)}, 16, "b", "overlaps"),
+    "gap": ({"a": ("F32", [2], 0, 8), "b": ("F32", [2], 12, 20)}, 20, "b", "gap"),
+    "gap-at-start": ({"a": ("F32", [2], 4, 12)}, 12, "a", "gap"),
+    "trailing-bytes": ({"a": ("F32", [2], 0, 8)}, 12, "a", "after"),
+    "length-vs-shape": ({"a": ("F32", [3], 0, 8)}, 8, "a", "bytes"),
+    "past-the-end": ({"a": ("F32", [2], 0, 8), "b": ("F32", [2], 8, 16)}, 12, "b", "truncated"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_RANGES)
+def test_bad_tensor_ranges_are_refused_like_the_reference_reader(tmp_path: Path, case: str) -> None:
+    table, data_len, culprit, word = BAD_RANGES[case]
+    path = _raw_safetensors(tmp_path / "x.safetensors", table, data_len)
+    with pytest.raises(Exception):  # noqa: B017, PT011 - the reference reader's own error types vary by version
+        load_file(path)
+    with pytest.raises(CheckpointError) as info:
+        open_tensors(path)
+    msg = str(info.value)
+    assert "\n" not in msg and str(path) in msg and repr(culprit) in msg and word in msg, msg
+
+
+def test_trailing_bytes_after_an_empty_table(tmp_path: Path) -> None:
+    path = _raw_safetensors(tmp_path / "x.safetensors", {}, 4)
+    with pytest.raises(Exception):  # noqa: B017, PT011
+        load_file(path)
+    with pytest.raises(CheckpointError, match="after"):
+        open_tensors(path)
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        {"b": ("F32", [2], 8, 16), "a": ("F32", [2], 0, 8)},  # header order is not data order
+        {"a": ("F32", [2], 0, 8), "empty": ("F32", [0, 3], 8, 8), "b": ("I8", [8], 8, 16)},  # zero-size tensor
+    ],
+    ids=["unsorted-header", "zero-size"],
+)
+def test_good_tensor_ranges_are_accepted(tmp_path: Path, table: dict[str, tuple[str, list[int], int, int]]) -> None:
+    path = _raw_safetensors(tmp_path / "x.safetensors", table, 16)
+    want = load_file(path)
+    got = open_tensors(path)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_empty_file_table_is_accepted(tmp_path: Path) -> None:
+    assert open_tensors(_raw_safetensors(tmp_path / "x.safetensors", {}, 0)) == {}
+
+
+def test_two_checkpoint_tensors_on_the_same_bytes(ckpt: Path) -> None:
+    """The issue's case: a header that puts one tensor on another's bytes used to load and answer."""
+    key, other = "language_model.model.norm.weight", "language_model.model.layers.0.input_layernorm.weight"
+    _retable(ckpt / SINGLE_FILE, lambda t: t[key].update(data_offsets=t[other]["data_offsets"]))
+    with pytest.raises(Exception):  # noqa: B017, PT011
+        load_file(ckpt / SINGLE_FILE)
+    msg = load_error(ckpt)
+    assert "overlaps" in msg and str(ckpt / SINGLE_FILE) in msg and (key in msg or other in msg)
+
+
+# --- shard names in the index: inside the checkpoint directory only --------------------------------------------------
+
+
+def _point_index_at(model_dir: Path, shard: str, new_name: str) -> None:
+    index = json.loads((model_dir / INDEX_FILE).read_text())
+    index["weight_map"] = {k: (new_name if v == shard else v) for k, v in index["weight_map"].items()}
+    (model_dir / INDEX_FILE).write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("where", ["parent", "grandparent", "absolute", "dotdot-inside", "backslash"])
+def test_index_pointing_outside_the_directory_is_refused(ckpt: Path, where: str) -> None:
+    _, second = split_in_two(ckpt)
+    outside = ckpt.parent / "elsewhere" / "x.safetensors"
+    outside.parent.mkdir()
+    shutil.copy(ckpt / second, outside)  # a perfectly good shard, just not this checkpoint's business
+    name = {
+        "parent": "../elsewhere/x.safetensors",
+        "grandparent": f"../../{ckpt.parent.name}/elsewhere/x.safetensors",
+        "absolute": str(outside),
+        "dotdot-inside": "sub/../../elsewhere/x.safetensors",
+        "backslash": "..\\elsewhere\\x.safetensors",
+    }[where]
+    _point_index_at(ckpt, second, name)
+    msg = load_error(ckpt)
+    assert INDEX_FILE in msg and repr(name) in msg and "inside" in msg
+
+
+@pytest.mark.parametrize("name", [7, None, "", ".", "x.bin", "./", "a//b.safetensors", "nul\0.safetensors"])
+def test_index_with_a_malformed_shard_name(ckpt: Path, name: Any) -> None:
+    _, second = split_in_two(ckpt)
+    _point_index_at(ckpt, second, name)
+    msg = load_error(ckpt)
+    assert INDEX_FILE in msg and "shard" in msg
+
+
+def test_shard_symlinked_into_a_blobs_folder_is_normal(ckpt: Path, reference: dict[str, torch.Tensor]) -> None:
+    """Hub snapshots hold symlinks to ../../blobs/<hash>: the *name* is checked, not where the link leads."""
+    names = split_in_two(ckpt)
+    blobs = ckpt.parent / "blobs"
+    blobs.mkdir()
+    for i, name in enumerate(names):
+        (ckpt / name).rename(blobs / f"blob{i}")
+        (ckpt / name).symlink_to(Path("..") / "blobs" / f"blob{i}")
+    assert_same_params(load_model(ckpt), reference)
+
+
+def test_shard_in_a_subfolder_is_allowed(ckpt: Path, reference: dict[str, torch.Tensor]) -> None:
+    _, second = split_in_two(ckpt)
+    (ckpt / "weights").mkdir()
+    (ckpt / second).rename(ckpt / "weights" / second)
+    _point_index_at(ckpt, second, f"weights/{second}")
+    assert_same_params(load_model(ckpt), reference)
+
+
+def test_check_shard_name() -> None:
+    assert check_shard_name("model-00001-of-00002.safetensors") == "model-00001-of-00002.safetensors"
+    for bad in ("../x.safetensors", "/abs/x.safetensors", "C:/x.safetensors", "a/../../x.safetensors", "x.json"):
+        with pytest.raises(CheckpointError, match="shard"):
+            check_shard_name(bad)
+
+
+# --- a config.json with impossible sizes: refused before the model is built (so torch has nothing to warn about) -----
+
+
+@pytest.mark.parametrize(
+    ("tower", "key", "value"),
+    [
+        ("vision_config", "patch_size", 0),
+        ("vision_config", "num_attention_heads", 0),
+        ("vision_config", "hidden_size", -32),
+        ("text_config", "num_attention_heads", 0),
+        ("text_config", "num_key_value_heads", 0),
+        ("text_config", "head_dim", 0),
+        ("text_config", "max_position_embeddings", -1),
+    ],
+)
+def test_impossible_sizes_are_one_config_error_and_no_torch_warning(
+    ckpt: Path, tower: str, key: str, value: int
+) -> None:
+    edit_config(ckpt, lambda c: c[tower].update({key: value}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning (torch's "zero heads", "zero-element tensors") fails the test
+        msg = load_error(ckpt, ConfigError)
+    assert f"{tower}.{key}" in msg and str(value) in msg
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"dtype": "F32", "shape": [-2, -1], "data_offsets": [0, 8]},  # negative dimensions whose product fits
+        {"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]},
+        {"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]},
+        {"dtype": "F32", "shape": [2], "data_offsets": [0, 4, 8]},
+        {"dtype": "F32", "shape": 2, "data_offsets": [0, 8]},
+    ],
+    ids=["negative-dims", "string-offsets", "float-dim", "three-offsets", "shape-not-a-list"],
+)
+def test_malformed_tensor_entry(tmp_path: Path, entry: dict[str, Any]) -> None:
+    raw = json.dumps({"a": entry}).encode()
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(8))
+    with pytest.raises(CheckpointError, match="'a' has an invalid entry"):
+        open_tensors(path)
+
+
+def test_every_safetensors_read_in_src_goes_through_the_validated_reader() -> None:
+    """Weights, shards, adapters, the VQ-VAE cache, fine-tuning's trainable.safetensors, the demo: all are read by
+    `safetensors_io.open_tensors`, never by the safetensors package's own readers (which skip vlmo's checks)."""
+    src = Path(__file__).parent.parent / "src" / "vlmo"
+    readers = ("load_file", "safe_open", "safetensors.torch.load", "from safetensors.torch import load")
+    found = [
+        f"{path.relative_to(src)}:{n}"
+        for path in sorted(src.rglob("*.py"))
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if any(r in line for r in readers)
+    ]
+    assert not found, found

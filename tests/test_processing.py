@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -120,11 +121,8 @@ MODE_IMAGES = {
     "RGBA": lambda: noise_image(21, 13, "RGBA"),
     "RGB+tRNS": rgb_tRNS_image,
     "CMYK": lambda: noise_image(21, 13, "CMYK"),
-    "I;16": lambda: noise_image(21, 13, "L").convert("I;16"),
-    "I": lambda: noise_image(21, 13, "L").convert("I"),
-    "F": lambda: noise_image(21, 13, "L").convert("F"),
     "1": lambda: noise_image(21, 13, "L").convert("1"),
-}
+}  # 16-bit and 32-bit modes (I;16, I, F) are scaled by range, where transformers clips: see below
 
 
 @pytest.mark.parametrize("name", sorted(MODE_IMAGES))
@@ -137,6 +135,76 @@ def test_modes_match_transformers_convert_rgb(name: str) -> None:
     assert torch.equal(preprocess_images([rgb], ImageProcessorConfig(64, 64)), expected)
     # preprocess_images converts non-RGB input the same way by itself.
     assert torch.equal(preprocess_images([image], ImageProcessorConfig(64, 64)), expected)
+
+
+# -- 16-bit and 32-bit images: scaled by range, not clipped -------------------------------------------------
+
+DARK, MID = 20, 128  # 8-bit levels of the shape and the background
+
+
+def shape_on_background(mode: str, dark: float, mid: float, size: tuple[int, int] = (12, 8)) -> Image.Image:
+    """A dark rectangle (x 2..5, y 1..4) on a mid background, in a 16-bit or 32-bit `mode`."""
+    width, height = size
+    values = [dark if 2 <= x <= 5 and 1 <= y <= 4 else mid for y in range(height) for x in range(width)]
+    if mode.startswith("I;16"):
+        order = {"I;16B": ">", "I;16N": "="}.get(mode, "<")
+        return Image.frombytes(mode, size, struct.pack(f"{order}{len(values)}H", *values))
+    image = Image.new(mode, size)
+    image.putdata(values)
+    return image
+
+
+def grey_levels(image: Image.Image | Path) -> tuple[int, int]:
+    """(shape, background) grey level of a `shape_on_background` image loaded as RGB, checking it is grey."""
+    rgb = load_image(image)
+    assert rgb.mode == "RGB" and rgb.size == (12, 8)
+    shape, background = rgb.getpixel((3, 2)), rgb.getpixel((0, 0))
+    assert len(set(shape)) == 1 and len(set(background)) == 1  # grey
+    assert rgb.getpixel((5, 4)) == shape and rgb.getpixel((6, 4)) == background
+    return shape[0], background[0]
+
+
+def test_16bit_png_keeps_its_colours(tmp_path: Path) -> None:
+    path = tmp_path / "deep.png"
+    shape_on_background("I;16", DARK * 257, MID * 257).save(path)
+    assert Image.open(path).mode == "I;16"  # what Pillow reads a 16-bit greyscale PNG as
+    assert grey_levels(path) == (DARK, MID)  # not (255, 255): Pillow's convert("RGB") clips to white
+    assert Image.open(path).convert("RGB").getpixel((3, 2)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L", "I;16N"])
+def test_16bit_modes_scale_by_the_full_range(mode: str) -> None:
+    assert grey_levels(shape_on_background(mode, DARK * 257, MID * 257)) == (DARK, MID)
+    assert grey_levels(shape_on_background(mode, 0, 65535)) == (0, 255)
+    assert grey_levels(shape_on_background(mode, 32768, 128)) == (128, 0)  # 32768 / 257 = 127.5, rounded up
+
+
+def test_32bit_int_and_float_scale_by_their_min_and_max() -> None:
+    assert grey_levels(shape_on_background("I", -1000, 3000)) == (0, 255)
+    assert grey_levels(shape_on_background("I", 200_000, 100_000)) == (255, 0)
+    assert grey_levels(shape_on_background("F", 0.25, 0.75)) == (0, 255)
+    image = shape_on_background("F", 0.25, 0.75)
+    image.putpixel((11, 7), 1.25)  # a brighter pixel stretches the range: 0.25 → 0, 0.75 → 127.5 → 128
+    assert grey_levels(image) == (0, 128)
+    image.putpixel((11, 7), float("nan"))  # NaN and infinities count as the ends of the finite range
+    image.putpixel((10, 7), float("inf"))
+    rgb = load_image(image)
+    assert (rgb.getpixel((11, 7)), rgb.getpixel((10, 7)), rgb.getpixel((0, 0))) == ((0,) * 3, (255,) * 3, (255,) * 3)
+
+
+@pytest.mark.parametrize(("mode", "value", "level"), [("I", 100, 100), ("I", 70_000, 255), ("F", -3.5, 0)])
+def test_constant_wide_images_keep_their_clipped_value(mode: str, value: float, level: int) -> None:
+    rgb = load_image(Image.new(mode, (5, 3), value))
+    assert set(rgb.get_flattened_data()) == {(level,) * 3}
+
+
+def test_transformers_clips_16bit_images_where_vlmo_scales() -> None:
+    image = shape_on_background("I;16", DARK * 257, MID * 257)
+    clipped = hf_image_processor(64)(images=[image], return_tensors="pt")["pixel_values"]
+    assert bool((clipped == 1.0).all())  # all white: the model would be asked about an empty picture
+    ours = preprocess_images([image], ImageProcessorConfig(64, 64))
+    assert ours.min() < -0.8 and ours[0, :, 0, 0].tolist() == pytest.approx([MID / 255 * 2 - 1] * 3, abs=1e-6)
+    assert torch.equal(ours, preprocess_images([load_image(image)], ImageProcessorConfig(64, 64)))
 
 
 def test_transparency_is_composited_onto_white() -> None:
@@ -398,6 +466,35 @@ def test_tokenizer_errors(tmp_path: Path) -> None:
         TextProcessor.from_file(tmp_path / "missing.json", N_IMAGE_TOKENS)
     with pytest.raises(CheckpointError, match="'<img>'"):
         TextProcessor(build_tokenizer(), N_IMAGE_TOKENS, image_token="<img>")
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b'{"model": {"type": "WordLevel",', "not a valid tokenizer"),
+        (b"\xff\xfe not utf-8", "not a valid tokenizer"),
+        (b"[1, 2, 3]", "not a valid tokenizer"),
+        (b"{}", "not a valid tokenizer"),
+        (b'{"model": {"type": "WordLevel", "vocab": {}, "unk_token": "<unk>"}}', "no vocabulary"),
+        (b'{"model": {"type": "BPE", "vocab": {}, "merges": []}}', "no vocabulary"),
+    ],
+    ids=["broken-json", "not-utf8", "not-an-object", "empty-object", "empty-wordlevel", "empty-bpe"],
+)
+def test_unreadable_tokenizer_file_is_one_checkpoint_error(tmp_path: Path, content: bytes, words: str) -> None:
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        TextProcessor.from_file(path, N_IMAGE_TOKENS)
+    msg = str(info.value)
+    assert "\n" not in msg and str(path) in msg and words in msg, msg
+
+
+def test_tokenizer_without_the_paligemma_tokens_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "tokenizer.json"
+    build_tokenizer().save(str(path))
+    with pytest.raises(CheckpointError) as info:
+        TextProcessor.from_file(path, N_IMAGE_TOKENS, image_token="<img>")
+    assert str(path) in str(info.value) and "'<img>'" in str(info.value)
 
 
 def test_padding_and_truncation_of_the_tokenizer_are_ignored() -> None:

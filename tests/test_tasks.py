@@ -76,3 +76,16 @@ def test_segment_returns_masks_of_the_original_size(vlm: VLMo, filled_mask_decod
     batch = vlm.segment([solid(RED), solid(RED, (30, 90))], ["cat"], mask_decoder=filled_mask_decoder)
     assert [b[0].mask.shape for b in batch] == [(64, 96), (90, 30)]
     assert vlm.segment(solid(RED), "cat", mask_decoder=filled_mask_decoder, max_new_tokens=10) == []
+
+
+@pytest.mark.parametrize("model", [123, None, b"google/paligemma-3b-mix-224"])
+def test_from_pretrained_wants_a_name_or_a_path(model: object) -> None:
+    with pytest.raises(InputError, match=r"^model must be a hub id or a local directory .*got (int|NoneType|bytes)"):
+        VLMo.from_pretrained(model)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("question", [None, 42, ""])
+def test_ask_wants_text(vlm: VLMo, question: object) -> None:
+    with pytest.raises(InputError) as info:
+        vlm.ask(solid(RED), question)  # type: ignore[arg-type]
+    assert "\n" not in str(info.value)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import TypeVar, overload
 
@@ -30,10 +31,19 @@ from vlmo.detection import Detection, parse_detections
 from vlmo.devices import DTypeName, resolve_device, resolve_dtype
 from vlmo.errors import InputError
 from vlmo.features import FeatureCache
-from vlmo.generation import GenerateOptions, SamplingConfig, generate_steps, make_generator
+from vlmo.generation import (
+    GenerateOptions,
+    SamplingConfig,
+    Steps,
+    check_token_budget,
+    drain,
+    generate_steps,
+    make_generator,
+)
 from vlmo.nn.paligemma import PaliGemma
 from vlmo.nn.vqvae import VQVAEDecoder
 from vlmo.processing import (
+    EncodedBatch,
     ImageInput,
     ImageProcessorConfig,
     TextProcessor,
@@ -48,6 +58,8 @@ from vlmo.weights.vqvae import load_mask_decoder
 
 T = TypeVar("T")
 PromptInput = str | Prompt
+# What generation yields to its caller each step (every row's new token, whether it continues the row's text).
+RowSteps = Generator[tuple[list[int], list[bool]], None, None]
 
 
 class VLMo:
@@ -88,6 +100,11 @@ class VLMo:
         "auto" (default) is int8 on a CPU when `dtype` is "auto" too, none otherwise (`vlmo.weights.policy` says
         why). For bit-level agreement with transformers, ask for `dtype="float32"`.
         """
+        if not isinstance(model, str | os.PathLike):
+            raise InputError(
+                f"model must be a hub id or a local directory (text or a path), got {type(model).__name__}; "
+                'e.g. "google/paligemma-3b-mix-224"'
+            )
         dev = resolve_device(device)
         mode = choose_quantization(quantize, dtype, dev)
         path = resolve_model(model, revision=revision, token=token, progress=progress)
@@ -157,31 +174,37 @@ class VLMo:
         *,
         image_features: torch.Tensor | None = None,
         **options: Unpack[GenerateOptions],
-    ) -> Iterator[str]:
+    ) -> Generator[str, None, None]:
         """Like `generate` for one image and prompt, but yields pieces of text as tokens arrive.
 
         The pieces concatenate to exactly what `generate` returns. A piece is held back while it ends inside a
         multi-byte character (byte-fallback tokens). Bad options or input raise here, before the first piece.
         `image_features`: dt[1, N, D], this image's `encode_images([image])` result, kept by a caller that asks
         several things about one image; the vision tower is then skipped (and `image` is not read again).
+        Closing the generator (as a server does when its client has gone) stops generation at once.
         """
+        if not isinstance(prompt, str | Prompt):
+            raise InputError("stream takes one prompt; use generate for several")
         (task,) = _prompts(prompt)
         cfg = SamplingConfig.from_options(options, task.max_new_tokens)
+        batch = self._encode([task.text], cfg)
         features = self._features([image], image_features, 1)
-        return self._pieces(self._steps(features, [task.text], cfg, options.get("seed")))
+        return self._pieces(self._steps(features, batch, cfg, options.get("seed")))
 
-    def _pieces(self, steps: Iterator[tuple[list[int], list[bool]]]) -> Iterator[str]:
+    def _pieces(self, steps: RowSteps) -> Generator[str, None, None]:
+        """Text pieces as tokens arrive; closing this generator closes `steps`, so generation stops at once."""
         ids: list[int] = []
         shown = ""
-        for tokens, live in steps:
-            if live[0]:
-                ids.append(tokens[0])
-            text = self.text.decode(ids)
-            if text.endswith("\ufffd") or not text.startswith(shown):
-                continue
-            if len(text) > len(shown):
-                yield text[len(shown) :]
-                shown = text
+        with closing(steps):
+            for tokens, live in steps:
+                if live[0]:
+                    ids.append(tokens[0])
+                text = self.text.decode(ids)
+                if text.endswith("\ufffd") or not text.startswith(shown):
+                    continue
+                if len(text) > len(shown):
+                    yield text[len(shown) :]
+                    shown = text
         text = self.text.decode(ids)
         if text.startswith(shown) and len(text) > len(shown):
             yield text[len(shown) :]
@@ -219,6 +242,19 @@ class VLMo:
         """Read the text in the image (`ocr`)."""
         return self.generate(image, tasks.ocr(), **options)
 
+    @overload
+    def detect(
+        self, image: ImageInput, labels: str | Sequence[str], **options: Unpack[GenerateOptions]
+    ) -> list[Detection]: ...
+
+    @overload
+    def detect(
+        self,
+        image: ImageInput | Sequence[ImageInput],
+        labels: str | Sequence[str],
+        **options: Unpack[GenerateOptions],
+    ) -> list[Detection] | list[list[Detection]]: ...
+
     def detect(
         self,
         image: ImageInput | Sequence[ImageInput],
@@ -229,7 +265,38 @@ class VLMo:
 
         `labels`: "cat ; dog" or ["cat", "dog"]. An object cut off by `max_new_tokens` (default 128 here) is dropped.
         """
-        return self._locate(image, tasks.detect(labels), options, parse_detections)
+        return drain(self.detect_steps(image, labels, **options))
+
+    def detect_steps(
+        self,
+        image: ImageInput | Sequence[ImageInput],
+        labels: str | Sequence[str],
+        **options: Unpack[GenerateOptions],
+    ) -> Generator[None, None, list[Detection] | list[list[Detection]]]:
+        """`detect` one generated token at a time: yields None after each token and returns what `detect` returns
+        (as the generator's return value). For a caller that must be able to stop midway, such as a server whose
+        client has gone: closing the generator stops generation at once."""
+        return (yield from self._locate(image, tasks.detect(labels), options, parse_detections))
+
+    @overload
+    def segment(
+        self,
+        image: ImageInput,
+        labels: str | Sequence[str],
+        *,
+        mask_decoder: str | os.PathLike[str] | None = None,
+        **options: Unpack[GenerateOptions],
+    ) -> list[Segmentation]: ...
+
+    @overload
+    def segment(
+        self,
+        image: ImageInput | Sequence[ImageInput],
+        labels: str | Sequence[str],
+        *,
+        mask_decoder: str | os.PathLike[str] | None = None,
+        **options: Unpack[GenerateOptions],
+    ) -> list[Segmentation] | list[list[Segmentation]]: ...
 
     def segment(
         self,
@@ -245,12 +312,24 @@ class VLMo:
         (or its converted .safetensors); by default it is downloaded once and cached (`vlmo.weights.vqvae`).
         An object cut off by `max_new_tokens` (default 256 here) is dropped.
         """
+        return drain(self.segment_steps(image, labels, mask_decoder=mask_decoder, **options))
+
+    def segment_steps(
+        self,
+        image: ImageInput | Sequence[ImageInput],
+        labels: str | Sequence[str],
+        *,
+        mask_decoder: str | os.PathLike[str] | None = None,
+        **options: Unpack[GenerateOptions],
+    ) -> Generator[None, None, list[Segmentation] | list[list[Segmentation]]]:
+        """`segment` one generated token at a time, as `detect_steps` is `detect`: closing it stops generation."""
         prompt = tasks.segment(labels)
         key = None if mask_decoder is None else str(mask_decoder)
         if key not in self._mask_decoders:
             self._mask_decoders[key] = load_mask_decoder(mask_decoder)
         decoder = self._mask_decoders[key]
-        return self._locate(image, prompt, options, lambda text, size: parse_segmentations(text, size, decoder))
+        parse = lambda text, size: parse_segmentations(text, size, decoder)  # noqa: E731
+        return (yield from self._locate(image, prompt, options, parse))
 
     def _locate(
         self,
@@ -258,12 +337,13 @@ class VLMo:
         prompt: Prompt,
         options: GenerateOptions,
         parse: Callable[[str, tuple[int, int]], list[T]],
-    ) -> list[T] | list[list[T]]:
-        """Shared by detect/segment: generate, parse each answer against its original image size."""
+    ) -> Generator[None, None, list[T] | list[list[T]]]:
+        """Shared by detect/segment: generate (a step per token), parse each answer against its original size."""
         images, prompts, batched = _pair_up(image, prompt)
         loaded = [load_image(im) for im in images]
+        answers = yield from self._run_steps(loaded, prompts, options)
         out = []
-        for im, (text, ended) in zip(loaded, self._run(loaded, prompts, options), strict=True):
+        for im, (text, ended) in zip(loaded, answers, strict=True):
             found = parse(text, im.size)
             out.append(found if ended or not found else found[:-1])  # the last object may be cut short
         return out if batched else out[0]
@@ -274,28 +354,43 @@ class VLMo:
         self, images: Sequence[ImageInput], prompts: Sequence[Prompt], options: GenerateOptions
     ) -> list[tuple[str, bool]]:
         """Generate for a batch: per row, the text and whether it ended with `<eos>` (False: cut by max tokens)."""
+        return drain(self._run_steps(images, prompts, options))
+
+    def _run_steps(
+        self, images: Sequence[ImageInput], prompts: Sequence[Prompt], options: GenerateOptions
+    ) -> Generator[None, None, list[tuple[str, bool]]]:
+        """`_run` yielding None after every step; closing it stops generation at once."""
         cfg = SamplingConfig.from_options(options, max(p.max_new_tokens for p in prompts))
+        batch = self._encode([p.text for p in prompts], cfg)
         features = self._features(images, None, len(prompts))
         rows: list[list[int]] = [[] for _ in prompts]
         live = [True] * len(prompts)
-        for tokens, live in self._steps(features, [p.text for p in prompts], cfg, options.get("seed")):
-            for row, token, alive in zip(rows, tokens, live, strict=True):
-                if alive:
-                    row.append(token)
+        with closing(self._steps(features, batch, cfg, options.get("seed"))) as steps:
+            for tokens, live in steps:
+                for row, token, alive in zip(rows, tokens, live, strict=True):
+                    if alive:
+                        row.append(token)
+                yield
         return [(self.text.decode(r), not alive) for r, alive in zip(rows, live, strict=True)]
 
-    def _steps(
-        self, features: torch.Tensor, prompts: Sequence[str], cfg: SamplingConfig, seed: int | None
-    ) -> Iterator[tuple[list[int], list[bool]]]:
+    def _encode(self, prompts: Sequence[str], cfg: SamplingConfig) -> EncodedBatch:
+        """Tokenize the prompts and check the token budget (`generation.check_token_budget`), before any image is
+        encoded or cache allocated: a prompt too long for the model costs nothing but its tokenization."""
+        batch = self.text.encode(list(prompts))
+        check_token_budget(batch.input_ids.shape[1], cfg.max_new_tokens, self.model.cfg.text.max_position_embeddings)
+        return batch
+
+    def _steps(self, features: torch.Tensor, batch: EncodedBatch, cfg: SamplingConfig, seed: int | None) -> RowSteps:
         """Per step: every row's new token and whether it continues the row's text (`generation.generate_steps`).
 
         `features`: dt[B or 1, N, D], the images' `encode_images` result (one image is broadcast to every prompt).
+        Closing the returned generator closes generate_steps' own, so no further step runs.
         """
-        batch = self.text.encode(prompts)
-        if features.shape[0] == 1 and len(prompts) > 1:
-            features = features.expand(len(prompts), -1, -1)
+        rows = batch.input_ids.shape[0]
+        if features.shape[0] == 1 and rows > 1:
+            features = features.expand(rows, -1, -1)
         eos = sorted(set(self.model.cfg.eos_token_ids) | {self.text.eos_id})
-        for tokens, live in generate_steps(
+        steps = generate_steps(
             self.model,
             batch.input_ids.to(self.device),
             batch.attention_mask.to(self.device),
@@ -304,8 +399,8 @@ class VLMo:
             eos,
             self.text.pad_id,
             make_generator(seed, self.device),
-        ):
-            yield tokens.tolist(), live.tolist()
+        )
+        return _as_lists(steps)
 
     def _features(self, images: Sequence[ImageInput], given: torch.Tensor | None, rows: int) -> torch.Tensor:
         """The images' features dt[B or 1, N, D]: `given` checked against this model, else encoded (and cached)."""
@@ -335,6 +430,13 @@ class VLMo:
         return self.model.encode_images(pixels.to(self.device))
 
 
+def _as_lists(steps: Steps) -> RowSteps:
+    """generate_steps' tensors as lists; closing this closes `steps`."""
+    with closing(steps):
+        for tokens, live in steps:
+            yield tokens.tolist(), live.tolist()
+
+
 def _prompts(prompt: PromptInput | Sequence[PromptInput]) -> list[Prompt]:
     """Prompts as `Prompt`s: a plain string is a raw prompt (`tasks.raw`)."""
     items = [prompt] if isinstance(prompt, str | Prompt) else list(prompt)
@@ -347,7 +449,8 @@ def _pair_up(
     """Normalise (image, prompt) into equal-length lists, or one image for many prompts; flag list inputs."""
     image_list = isinstance(image, list | tuple)
     prompt_list = not isinstance(prompt, str | Prompt)
-    images = list(image) if image_list else [image]  # type: ignore[arg-type]
+    # Only a list or tuple is several images; anything else is one (load_image rejects what is not an image).
+    images: list[ImageInput] = list(image) if isinstance(image, list | tuple) else [image]  # type: ignore[list-item]
     prompts = _prompts(prompt)
     if not images or not prompts:
         raise InputError("no images or no prompts given; pass at least one of each")

@@ -28,11 +28,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -40,7 +40,8 @@ from vlmo import tasks
 from vlmo.api import VLMo
 from vlmo.detection import Detection, draw_detections
 from vlmo.errors import ImageError, InputError, VlmoError
-from vlmo.generation import GenerateOptions, SamplingConfig
+from vlmo.generation import GenerateOptions, SamplingConfig, drain
+from vlmo.outputs import atomic_path, write_output
 from vlmo.processing import load_image
 from vlmo.segmentation import Segmentation, draw_segmentations
 
@@ -193,7 +194,8 @@ class VlmoApp:
             return example
         path = self.work_dir / "examples" / f"{index:02d}-{example.task}.png"
         path.parent.mkdir(exist_ok=True)
-        example.image.convert("RGB").save(path)
+        with atomic_path(path) as tmp:
+            example.image.convert("RGB").save(tmp, format="PNG")
         return AppExample(path, example.task, example.text)
 
     def example_rows(self, task: Task) -> list[list[str]]:
@@ -203,7 +205,9 @@ class VlmoApp:
 
     def allowed_paths(self) -> list[str]:
         """Folders Gradio may serve files from: our work folder and those of file examples."""
-        return sorted({str(self.work_dir)} | {str(Path(e.image).resolve().parent) for e in self.examples})
+        # `_saved` left no PIL image among the examples: each is a file by now.
+        folders = {str(Path(e.image).resolve().parent) for e in self.examples if not isinstance(e.image, Image.Image)}
+        return sorted({str(self.work_dir)} | folders)
 
     # -- inputs
 
@@ -253,32 +257,46 @@ class VlmoApp:
         # Load, encode and check the options before the first yield, so bad input fails when the handler is called.
         pil, _ = self.load(image)
         features = self.cache.get(pil)
-        return self._accumulate(self.vlm.stream(pil, prompt, image_features=features, **dict(options or {})))
+        return self._accumulate(self.vlm.stream(pil, prompt, image_features=features, **(options or {})))
 
-    def _accumulate(self, pieces: Iterator[str]) -> Iterator[str]:
-        text = ""
-        yield text  # clears the previous answer at once
-        for piece in pieces:
-            text += piece
-            yield text
+    def _accumulate(self, pieces: Generator[str, None, None]) -> Iterator[str]:
+        """The answer so far after every piece. Closing this (Gradio does when the client has gone) closes `pieces`
+        and with it the generation loop, so no further token is computed."""
+        with closing(pieces):
+            text = ""
+            yield text  # clears the previous answer at once
+            for piece in pieces:
+                text += piece
+                yield text
 
     # -- locating tasks
 
     def detect(self, image: UIImage, labels: str, *, options: GenerateOptions | None = None) -> Located:
         """Find objects ("cat ; dog"): boxes drawn, one row per object, and a JSON file like `vlmo detect --json`."""
-        pil, name = self.load(image)
-        found = self.vlm.detect(pil, _labels(labels), **dict(options or {}))
-        rows = [[d.label, *(round(c, 1) for c in d.box)] for d in found]
-        payload = tasks.located_payload("detect", pil.size, found)
-        return Located(draw_detections(pil, found), rows, self._json(payload, name), found)
+        return drain(self.located_steps("detect", image, labels, options))
 
     def segment(self, image: UIImage, labels: str, *, options: GenerateOptions | None = None) -> Located:
         """Segment objects: masks drawn, one row per object (with its mask area), a JSON file with COCO RLE masks."""
+        return drain(self.located_steps("segment", image, labels, options))
+
+    def located_steps(
+        self, task: Literal["detect", "segment"], image: UIImage, labels: str, options: GenerateOptions | None = None
+    ) -> Generator[None, None, Located]:
+        """`detect` / `segment` yielding None after every generated token (`VLMo.detect_steps`) and returning the
+        `Located` result; closing it stops generation at the next step (what the UI does when its client goes)."""
         pil, name = self.load(image)
-        found = self.vlm.segment(pil, _labels(labels), mask_decoder=self.mask_decoder, **dict(options or {}))
-        rows = [[s.label, *(round(c, 1) for c in s.box), int(s.mask.sum())] for s in found]
-        payload = tasks.located_payload("segment", pil.size, found)
-        return Located(draw_segmentations(pil, found), rows, self._json(payload, name), found)
+        found: list[Detection] | list[Segmentation]
+        if task == "detect":
+            found = cast(list[Detection], (yield from self.vlm.detect_steps(pil, _labels(labels), **(options or {}))))
+            rows = [[d.label, *(round(c, 1) for c in d.box)] for d in found]
+            drawn = draw_detections(pil, found)
+        else:
+            steps = self.vlm.segment_steps(pil, _labels(labels), mask_decoder=self.mask_decoder, **(options or {}))
+            found = cast(list[Segmentation], (yield from steps))
+            rows = [[s.label, *(round(c, 1) for c in s.box), int(s.mask.sum())] for s in found]
+            drawn = draw_segmentations(pil, found)
+        payload = tasks.located_payload(task, pil.size, found)
+        return Located(drawn, rows, self._json(payload, name), found)
 
     def _json(self, payload: dict[str, Any], name: str) -> Path:
         """Write a download file shaped like the CLI's `--json` output; each result gets its own folder."""
@@ -287,8 +305,7 @@ class VlmoApp:
         folder.mkdir()
         path = folder / f"{payload['task']}.json"
         data = {"model": self.model_name, "image": name, **payload}
-        path.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
-        return path
+        return write_output(path, json.dumps(data, ensure_ascii=False, indent=1), force=False)
 
 
 def _labels(labels: str) -> list[str]:
@@ -416,14 +433,18 @@ def build_ui(app: VlmoApp) -> gradio.Blocks:
             with shown_as_ui_error(gr):
                 yield from app.ocr(img, options=sampling_options(*s))
 
-        def located(run: Callable[..., Located]) -> Callable[..., tuple[Any, ...]]:
-            def handler(img: UIImage, labels: str, *s: Any) -> tuple[Any, ...]:
+        def located(task: Literal["detect", "segment"]) -> Callable[..., Iterator[tuple[Any, ...]]]:
+            # A generator that yields "no change" after every generated token: Gradio stops iterating (and closes
+            # it, which stops generation) once the client has gone, instead of finishing a request nobody awaits.
+            def handler(img: UIImage, labels: str, *s: Any) -> Iterator[tuple[Any, ...]]:
                 with shown_as_ui_error(gr):
-                    result = run(img, labels, options=sampling_options(*s))
+                    steps = app.located_steps(task, img, labels, sampling_options(*s))
+                    result = yield from _unchanged_per_step(steps, (gr.skip(), gr.skip(), gr.skip()))
                 if not result.rows:
                     gr.Info("no objects found")
-                return result.image, result.rows, str(result.json_path)
+                yield result.image, result.rows, str(result.json_path)
 
+            handler.__name__ = f"on_{task}"
             return handler
 
         image.upload(on_upload, [image], [image], preprocess=False, concurrency_limit=None, concurrency_id="check")
@@ -433,13 +454,32 @@ def build_ui(app: VlmoApp) -> gradio.Blocks:
         ocr_run.click(on_ocr, [image, *sampling], ocr_out, **model_events)
         for trigger in (det_run.click, det_labels.submit):
             trigger(
-                located(app.detect), [image, det_labels, *sampling], [det_image, det_table, det_json], **model_events
+                located("detect"),
+                [image, det_labels, *sampling],
+                [det_image, det_table, det_json],
+                **model_events,
             )
         for trigger in (seg_run.click, seg_labels.submit):
             trigger(
-                located(app.segment), [image, seg_labels, *sampling], [seg_image, seg_table, seg_json], **model_events
+                located("segment"),
+                [image, seg_labels, *sampling],
+                [seg_image, seg_table, seg_json],
+                **model_events,
             )
     return demo
+
+
+def _unchanged_per_step(
+    steps: Generator[None, None, Located], unchanged: tuple[Any, ...]
+) -> Generator[tuple[Any, ...], None, Located]:
+    """Yield `unchanged` for every step of `steps` and return its result; closing this closes `steps`."""
+    with closing(steps):
+        while True:
+            try:
+                next(steps)
+            except StopIteration as end:
+                return end.value
+            yield unchanged
 
 
 def _examples(gr: Any, app: VlmoApp, task: Task, inputs: list[Any]) -> None:

@@ -38,6 +38,8 @@ from vlmo.cli_options import (
 from vlmo.finetune_config import FinetuneConfig
 
 if TYPE_CHECKING:
+    from vlmo.detection import Detection
+    from vlmo.segmentation import Segmentation
     from vlmo.tasks import Prompt
 
 app = typer.Typer(
@@ -115,7 +117,23 @@ def ask(
         if len(images) < 2:
             raise CliUsageError('give an image and a question, e.g. vlmo ask photo.jpg "what is this?"')
         *images, question = images
+        if _is_image_file(question):
+            raise CliUsageError(
+                f"{question} looks like an image, not a question; pass the question with -q, or quote it "
+                '(vlmo ask a.jpg b.jpg -q "what is this?")'
+            )
     _texts(run, images, tasks.ask(question, lang), json_out, stream)
+
+
+def _is_image_file(text: str) -> bool:
+    """Whether `text` names an existing file with an image extension Pillow knows (.png, .jpg, …)."""
+    from PIL import Image
+
+    path = Path(text)
+    try:
+        return path.suffix.lower() in Image.registered_extensions() and path.is_file()
+    except (OSError, ValueError):  # a "question" too long or odd to be a path
+        return False
 
 
 @app.command(epilog="Examples:\n\n  vlmo caption photo.jpg\n\n  vlmo caption photo.jpg --detail long --lang fr")
@@ -203,15 +221,19 @@ def _locate(
         raise CliUsageError(f"no such file for --mask-decoder: {mask_decoder}")
     pil = load_image(image)
     vlm = run.load()
-    found: list[Any]
+    found: list[Detection] | list[Segmentation]
+    masks: list[Segmentation] = []  # segment only
     if task == "detect":
-        found = vlm.detect(pil, labels, **run.options)
-        boxes = found
+        found = boxes = vlm.detect(pil, labels, **run.options)
     else:
-        found = vlm.segment(pil, labels, mask_decoder=mask_decoder, **run.options)
-        boxes = [s.to_detection() for s in found]
+        found = masks = vlm.segment(pil, labels, mask_decoder=mask_decoder, **run.options)
+        boxes = [s.to_detection() for s in masks]
     if out is not None:
-        (draw_detections(pil, found) if task == "detect" else draw_segmentations(pil, found)).save(out)
+        from vlmo.outputs import atomic_path, image_format
+
+        drawn = draw_detections(pil, boxes) if task == "detect" else draw_segmentations(pil, masks)
+        with atomic_path(out, force=force) as tmp:  # never a half image, never a file that appeared meanwhile
+            drawn.save(tmp, format=image_format(out))
         stderr.print(f"saved {out}")
     if json_out:
         payload = tasks.located_payload(task, pil.size, found)
@@ -220,21 +242,17 @@ def _locate(
     if not found:
         stderr.print("no objects found")
     for i, d in enumerate(boxes):
-        area = f"\t{int(found[i].mask.sum())}" if task == "segment" else ""
+        area = f"\t{int(masks[i].mask.sum())}" if task == "segment" else ""
         typer.echo(f"{d.label}\t" + "\t".join(f"{v:.1f}" for v in d.box) + area)
 
 
 def _check_output(out: Path | None, force: bool) -> None:
     if out is None:
         return
-    from PIL import Image
+    from vlmo.outputs import check_output, image_format
 
-    if out.suffix.lower() not in Image.registered_extensions():
-        raise CliUsageError(f"cannot save images as {out.suffix or 'a file without extension'}; use .png or .jpg")
-    if out.exists() and not force:
-        raise CliUsageError(f"{out} already exists; pass --force to overwrite it or choose another --out")
-    if not out.parent.is_dir():
-        raise CliUsageError(f"no such directory for --out: {out.parent}")
+    check_output(out, force, what="--out")
+    image_format(out)
 
 
 @app.command(
@@ -259,8 +277,9 @@ def finetune(
 ) -> None:
     """Fine-tune a model (LoRA by default) on JSONL or VQAv2 data; prints the final model's path."""
     from vlmo.finetune import finetune as run_finetune
+    from vlmo.outputs import check_output_dir
 
-    out = Path(config["out"])
+    out = check_output_dir(config["out"], what="--out")
     if out.exists() and any(out.iterdir()) and config["resume"] is None and not force:
         raise CliUsageError(f"{out} is not empty; pass --resume CHECKPOINT to continue, --force, or another --out")
     train = tuple(part.strip() for part in config.pop("train").split(",") if part.strip())
@@ -305,8 +324,12 @@ def eval_vqav2(
 
     if mode not in ("official", "normalize_all"):
         raise CliUsageError(f"unknown --mode {mode!r}; use official or normalize_all")
-    if out is not None and out.exists() and not force:
-        raise CliUsageError(f"{out} already exists; pass --force to overwrite it or choose another --out")
+    if out is not None:  # the report and the results file beside it, before the model loads
+        from vlmo.eval import results_path_for
+        from vlmo.outputs import check_output
+
+        check_output(out, force, what="--out", make_parents=True)
+        check_output(results_path_for(out), force, what="--out", make_parents=True)
     if batch_size < 1 or (limit is not None and limit < 1):
         raise CliUsageError("--batch-size and --limit must be at least 1")
     examples = load_vqav2(questions, annotations, images)[:limit]
@@ -316,10 +339,10 @@ def eval_vqav2(
         examples,
         batch_size=batch_size,
         max_new_tokens=run.max_tokens or 10,
-        mode=mode,  # type: ignore[arg-type]
+        mode=mode,  # type: ignore[arg-type]  # a str option for Typer, checked against the modes above
     )
     if out is not None:
-        written = report.write(out)
+        written = report.write(out, force=force)
         stderr.print("saved " + " and ".join(str(p) for p in written))
     if json_out:
         _emit_json(report.to_json())

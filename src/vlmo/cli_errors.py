@@ -1,8 +1,9 @@
 """One table from exceptions to one-line messages and exit codes, for the CLI.
 
-Exit codes: 2 for usage errors (something typed can be fixed: arguments, options, input files, an output that
-exists), 1 for runtime failures (model, hub, disk, memory), 130 for Ctrl-C. The traceback is shown only with
-VLMO_DEBUG=1. Messages of `VlmoError`s already end with what to do next; the table adds hints for the others.
+Exit codes: 2 for usage errors (something typed can be fixed: arguments, options, input files, an output path that
+exists, is a folder or a broken link: `vlmo.outputs.OutputPathError`), 1 for runtime failures (model, hub, disk,
+memory, an output that could not be written: `vlmo.outputs.OutputError`), 130 for Ctrl-C. The traceback is shown
+only with VLMO_DEBUG=1. Messages of `VlmoError`s already end with what to do next; the table adds hints for the others.
 """
 
 from __future__ import annotations
@@ -39,7 +40,20 @@ def _oom(e: BaseException) -> str:
 
 
 def _disk(e: BaseException) -> str:
+    """A full disk: the file it hit when known, and the Hugging Face cache advice only for the cache."""
+    name = getattr(e, "filename", None)
+    if name is not None and not _in_hf_cache(str(name)):
+        return f"could not write {name}: no space left on device; free some space"
     return f"no space left on device ({e}); free some space or point HF_HUB_CACHE at a larger disk"
+
+
+def _in_hf_cache(name: str) -> bool:
+    from huggingface_hub import constants
+
+    try:
+        return os.path.realpath(name).startswith(os.path.realpath(constants.HF_HUB_CACHE) + os.sep)
+    except (OSError, ValueError):
+        return False
 
 
 def _permission(e: BaseException) -> str:

@@ -54,7 +54,7 @@ class VisionConfig:
 
     @property
     def grid(self) -> int:
-        """Patches per side: a valid (unpadded) convolution drops any remainder, e.g. 70 px / 14 = 5."""
+        """Patches per side, e.g. 224 px / 14 = 16 (image_size is a multiple of patch_size: __post_init__)."""
         return self.image_size // self.patch_size
 
     @property
@@ -74,6 +74,11 @@ class VisionConfig:
         if self.grid < 1:
             raise ConfigError(
                 f"vision_config.image_size ({self.image_size}) is smaller than patch_size ({self.patch_size})"
+            )
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"vision_config.image_size ({self.image_size}) is not a multiple of vision_config.patch_size "
+                f"({self.patch_size}): the image would not split into whole patches"
             )
 
 
@@ -276,7 +281,7 @@ class PaliGemmaConfig:
         vision = _vision_from_hf(d.get("vision_config"))
         # transformers ties the head by the *top-level* flag (PreTrainedModel reads the PaliGemma config).
         text = replace(_text_from_hf(d.get("text_config")), tie_word_embeddings=rd.bool("tie_word_embeddings", True))
-        projection_dim = rd.int("projection_dim", 2048)
+        projection_dim = rd.int("projection_dim", 2048, positive=True)
         eos = d.get("eos_token_id", (d.get("text_config") or {}).get("eos_token_id", 1))
         eos_list = eos if isinstance(eos, list | tuple) else [eos]
         eos_ids = tuple(_Fields({"eos_token_id": e}, "").int("eos_token_id", 1) for e in eos_list)
@@ -325,13 +330,13 @@ def _vision_from_hf(v: dict[str, Any] | None) -> VisionConfig:
         raise ConfigError(f"config.json field 'vision_config.model_type' is {mt!r}; expected 'siglip_vision_model'")
     # SiglipVisionConfig class defaults (ViT-B/16) apply to any field the file leaves out.
     return VisionConfig(
-        hidden_size=rv.int("hidden_size", 768),
-        intermediate_size=rv.int("intermediate_size", 3072),
-        num_layers=rv.int("num_hidden_layers", 12),
-        num_heads=rv.int("num_attention_heads", 12),
-        num_channels=rv.int("num_channels", 3),
-        image_size=rv.int("image_size", 224),
-        patch_size=rv.int("patch_size", 16),
+        hidden_size=rv.int("hidden_size", 768, positive=True),
+        intermediate_size=rv.int("intermediate_size", 3072, positive=True),
+        num_layers=rv.int("num_hidden_layers", 12, positive=True),
+        num_heads=rv.int("num_attention_heads", 12, positive=True),
+        num_channels=rv.int("num_channels", 3, positive=True),
+        image_size=rv.int("image_size", 224, positive=True),
+        patch_size=rv.int("patch_size", 16, positive=True),
         layer_norm_eps=rv.float("layer_norm_eps", 1e-6),
         gelu_approximate=_gelu_kind(v.get("hidden_act", "gelu_pytorch_tanh"), "vision_config.hidden_act"),
         has_unused_head=rv.bool("vision_use_head", True),  # SiglipVisionConfig's default is True
@@ -351,13 +356,15 @@ def _text_from_hf(t: dict[str, Any] | None) -> TextConfig:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise ConfigError(f"config.json field 'text_config.rope_parameters.rope_type' is {rope_type!r}; only 'default'")
-    rope_theta = _Fields(rope, "text_config.rope_parameters.").float("rope_theta", rt.float("rope_theta", 10000.0))
+    rope_theta = _Fields(rope, "text_config.rope_parameters.").float(
+        "rope_theta", rt.float("rope_theta", 10000.0, positive=True), positive=True
+    )
     common: dict[str, Any] = dict(
         arch=mt,
         rms_norm_eps=rt.float("rms_norm_eps", 1e-6),
         rope_theta=rope_theta,
-        max_position_embeddings=rt.int("max_position_embeddings", 8192),
-        head_dim=rt.int("head_dim", 256),
+        max_position_embeddings=rt.int("max_position_embeddings", 8192, positive=True),
+        head_dim=rt.int("head_dim", 256, positive=True),
     )
     if mt == "gemma":
         act = t.get("hidden_act", "gelu_pytorch_tanh")
@@ -366,7 +373,7 @@ def _text_from_hf(t: dict[str, Any] | None) -> TextConfig:
     else:
         _require_tanh(t.get("hidden_activation", "gelu_pytorch_tanh"), "text_config.hidden_activation")
     for key, (name, gemma_default, gemma2_default) in _TEXT_SHAPE.items():
-        common[name] = rt.int(key, gemma_default if mt == "gemma" else gemma2_default)
+        common[name] = rt.int(key, gemma_default if mt == "gemma" else gemma2_default, positive=True)
     if mt == "gemma":
         return TextConfig(**common)
     num_layers = common["num_layers"]
@@ -377,10 +384,10 @@ def _text_from_hf(t: dict[str, Any] | None) -> TextConfig:
         if lt not in ("full_attention", "sliding_attention"):
             raise ConfigError(f"config.json field 'text_config.layer_types' has unknown entry {lt!r}")
     return TextConfig(
-        query_pre_attn_scalar=rt.float("query_pre_attn_scalar", 256),
+        query_pre_attn_scalar=rt.float("query_pre_attn_scalar", 256, positive=True),
         attn_logit_softcapping=rt.opt_float("attn_logit_softcapping", 50.0),
         final_logit_softcapping=rt.opt_float("final_logit_softcapping", 30.0),
-        sliding_window=rt.opt_int("sliding_window", 4096),
+        sliding_window=rt.opt_int("sliding_window", 4096, positive=True),
         layer_types=tuple(layer_types),
         **common,
     )
@@ -405,10 +412,18 @@ class _Fields:
     def __init__(self, d: dict[str, Any], where: str) -> None:
         self.d, self.where = d, where
 
-    def _get(self, key: str, default: Any, kind: type, optional: bool = False) -> Any:
+    def _get(self, key: str, default: Any, kind: type, optional: bool = False, positive: bool = False) -> Any:
         value = self.d.get(key)
         if value is None:
             return None if optional and key in self.d else default
+        number = self._typed(key, value, kind)
+        if positive and not number > 0:
+            raise ConfigError(
+                f"config.json field '{self.where}{key}' is {value!r}; expected a positive {kind.__name__}"
+            )
+        return number
+
+    def _typed(self, key: str, value: Any, kind: type) -> Any:
         if isinstance(value, bool) and kind is not bool:
             value = "bool"
         try:
@@ -425,18 +440,22 @@ class _Fields:
                 f"config.json field '{self.where}{key}' is {self.d.get(key)!r}; expected a {kind.__name__}"
             ) from None
 
-    def int(self, key: str, default: int) -> int:
-        return self._get(key, default, int)
+    # `positive=True` for sizes, counts and scales: the one place a zero or negative one is refused, so it never
+    # reaches a division, a tensor shape or torch (whose warnings would come before the error).
+    def int(self, key: str, default: int, positive: bool = False) -> int:
+        return self._get(key, default, int, positive=positive)
 
-    def float(self, key: str, default: float) -> float:
-        return self._get(key, default, float)
+    def float(self, key: str, default: float, positive: bool = False) -> float:
+        return self._get(key, default, float, positive=positive)
 
     def bool(self, key: str, default: bool) -> bool:
         return self._get(key, default, bool)
 
     # `builtins.` because the methods above shadow the builtin names inside this class body.
-    def opt_int(self, key: str, default: builtins.int | None) -> builtins.int | None:
-        return self._get(key, default, int, optional=True)
+    def opt_int(self, key: str, default: builtins.int | None, positive: builtins.bool = False) -> builtins.int | None:
+        return self._get(key, default, int, optional=True, positive=positive)
 
-    def opt_float(self, key: str, default: builtins.float | None) -> builtins.float | None:
-        return self._get(key, default, float, optional=True)
+    def opt_float(
+        self, key: str, default: builtins.float | None, positive: builtins.bool = False
+    ) -> builtins.float | None:
+        return self._get(key, default, float, optional=True, positive=positive)

@@ -94,6 +94,12 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], mode: AccuracyMode = "
 # The evaluation
 
 
+def results_path_for(path: str | os.PathLike[str]) -> Path:
+    """Where `VQAReport.write(path)` puts the results file by default: `<stem>_results.json` beside `path`."""
+    report_file = Path(path)
+    return report_file.with_name(f"{report_file.stem}_results.json")
+
+
 @dataclass(frozen=True)
 class VQAPrediction:
     """The model's answer to one question (stripped, as generated) and its VQA accuracy in [0, 1]."""
@@ -179,18 +185,32 @@ class VQAReport:
         }
 
     def write(
-        self, path: str | os.PathLike[str], results_path: str | os.PathLike[str] | None = None
+        self,
+        path: str | os.PathLike[str],
+        results_path: str | os.PathLike[str] | None = None,
+        *,
+        force: bool = True,
     ) -> tuple[Path, Path]:
-        """Write `to_json()` to `path` and `results()` to `results_path` (default: `<stem>_results.json` beside
-        `path`), creating folders as needed. Returns both paths."""
+        """Write `to_json()` to `path` and `results()` to `results_path` (default: `results_path_for(path)`),
+        creating folders as needed. Returns both paths.
+
+        Each file is written whole or not at all (`vlmo.outputs`). `force=False` replaces neither file: an existing
+        one is an `OutputPathError`, and the report is removed again if the results file cannot be created.
+        """
+        from vlmo.outputs import write_output
+
         report_file = Path(path)
-        default = report_file.with_name(f"{report_file.stem}_results.json")
-        results_file = Path(results_path) if results_path is not None else default
+        results_file = Path(results_path) if results_path is not None else results_path_for(report_file)
         if results_file.resolve() == report_file.resolve():
             raise InputError(f"the report and the results file would both be {report_file}; pick another name")
-        for file, doc in ((report_file, self.to_json()), (results_file, self.results())):
-            file.parent.mkdir(parents=True, exist_ok=True)
-            file.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        docs = [json.dumps(doc, indent=1, ensure_ascii=False) + "\n" for doc in (self.to_json(), self.results())]
+        write_output(report_file, docs[0], force=force, make_parents=True)
+        try:
+            write_output(results_file, docs[1], force=force, make_parents=True)
+        except BaseException:
+            if not force:  # created by us a moment ago: leave no half pair behind
+                report_file.unlink(missing_ok=True)
+            raise
         return report_file, results_file
 
     def format_table(self) -> str:

@@ -20,22 +20,29 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from vlmo.data.collate import Collator, TrainBatch
 from vlmo.data.examples import Dataset, JsonlDataset, VQAv2Dataset
-from vlmo.errors import InputError
+from vlmo.errors import CheckpointError, InputError
 from vlmo.finetune_config import DATA_CHOICE, FinetuneConfig
+from vlmo.outputs import atomic_dir
+from vlmo.weights.safetensors_io import open_tensors
+
+if TYPE_CHECKING:
+    from vlmo.api import VLMo
+    from vlmo.nn.lora import LoRAConfig
+    from vlmo.nn.paligemma import PaliGemma
 
 
 @dataclass
@@ -84,7 +91,7 @@ def shard(net: SuffixLoss, d: Dist) -> None:
         raise InputError("--fsdp shards over several processes: start the run with torchrun --nproc-per-node N")
     from torch.distributed.fsdp import fully_shard
 
-    for layer in [*net.model.vision.layers, *net.model.text.layers]:  # type: ignore[union-attr]
+    for layer in [*net.model.vision.layers, *net.model.text.layers]:
         fully_shard(layer)
     fully_shard(net)
 
@@ -108,19 +115,19 @@ def _all_sum(value: torch.Tensor, d: Dist) -> torch.Tensor:
 # -- what trains -------------------------------------------------------------------------------------------------
 
 
-def select_trainable(model: nn.Module, cfg: FinetuneConfig) -> list[tuple[str, nn.Parameter]]:
+def select_trainable(model: PaliGemma, cfg: FinetuneConfig) -> list[tuple[str, nn.Parameter]]:
     """Freeze everything, then unfreeze (or add, for LoRA) the parts `cfg.train` names. Returns them by name."""
     model.requires_grad_(False)
     if "lora" in cfg.train:
         from vlmo.nn.lora import apply_lora, lora_parameters
 
-        apply_lora(model, lora_config(cfg))  # type: ignore[arg-type]
-        for p in lora_parameters(model):  # type: ignore[arg-type]
+        apply_lora(model, lora_config(cfg))
+        for p in lora_parameters(model):
             p.requires_grad_(True)
     if "full" in cfg.train:
         model.requires_grad_(True)
-    if "projector" in cfg.train or model.cfg.projector.kind != "linear":  # type: ignore[union-attr]
-        model.projector.requires_grad_(True)  # type: ignore[union-attr]  # a new branch must train to matter
+    if "projector" in cfg.train or model.cfg.projector.kind != "linear":
+        model.projector.requires_grad_(True)  # a new branch must train to matter
     if "attention" in cfg.train:  # the decoder's q/k/v/o projections, whole
         for name, module in model.named_modules():
             if name.startswith("text.layers.") and name.endswith(".attn"):
@@ -131,13 +138,13 @@ def select_trainable(model: nn.Module, cfg: FinetuneConfig) -> list[tuple[str, n
     return trainable
 
 
-def lora_config(cfg: FinetuneConfig):  # noqa: ANN201 - LoRAConfig, imported lazily
+def lora_config(cfg: FinetuneConfig) -> LoRAConfig:
     from vlmo.nn.lora import LoRAConfig
 
     return LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, include_vision=cfg.lora_vision)
 
 
-def warmup_cosine(warmup: int, total: int) -> Any:
+def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
     """LR factor: linear from 1/(warmup+1) up to 1 over `warmup` steps, then cosine down to 0 at `total`."""
 
     def factor(step: int) -> float:
@@ -191,7 +198,7 @@ def load_dataset(cfg: FinetuneConfig) -> Dataset:
 class SuffixLoss(nn.Module):
     """The training objective as a module, so DistributedDataParallel can wrap it (its hooks run in forward)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: PaliGemma) -> None:
         super().__init__()
         self.model = model
 
@@ -223,12 +230,13 @@ def finetune(cfg: FinetuneConfig, dataset: Dataset | None = None) -> FinetuneRes
     if cfg.projector != model.cfg.projector.kind:
         model.use_projector(cfg.projector)
     trainable = select_trainable(model, cfg)
-    net: nn.Module = SuffixLoss(model)
+    objective = SuffixLoss(model)
+    net: nn.Module = objective  # DistributedDataParallel may wrap it below
     if cfg.fsdp:
         with torch.no_grad():  # FSDP frees and re-allocates parameter storage: it cannot own a file mapping
             for p in model.parameters():
                 p.data = p.data.clone()
-        shard(net, d)  # parameters become sharded DTensors: collect them again for the optimizer
+        shard(objective, d)  # parameters become sharded DTensors: collect them again for the optimizer
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in trainable]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -264,9 +272,10 @@ def finetune(cfg: FinetuneConfig, dataset: Dataset | None = None) -> FinetuneRes
         loss = float(_all_sum(step_loss, d) / total.clamp(min=1))
         result.losses.append(loss)
         samples = cfg.batch_size * d.world * cfg.grad_accum
-        bar.update(step, loss, scheduler.get_last_lr()[0], samples / (time.perf_counter() - started))
+        lr = float(scheduler.get_last_lr()[0])  # typed float | Tensor; a Python float for our AdamW
+        bar.update(step, loss, lr, samples / (time.perf_counter() - started))
         if d.main:
-            _log(out, step, loss, scheduler.get_last_lr()[0])
+            _log(out, step, loss, lr)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 save_checkpoint(out / f"checkpoint-{step}", model, trainable, optimizer, scheduler, step, cfg)
     bar.close()
@@ -332,9 +341,11 @@ def save_checkpoint(
     step: int,
     cfg: FinetuneConfig,
 ) -> None:
-    """Trainable weights (safetensors) + optimizer, scheduler and RNG state (tensors only) + the run config."""
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({n: p.detach().cpu().contiguous() for n, p in trainable}, str(path / "trainable.safetensors"))
+    """Trainable weights (safetensors) + optimizer, scheduler and RNG state (tensors only) + the run config.
+
+    The folder is filled under a temporary name and renamed into place (`vlmo.outputs.atomic_dir`): a checkpoint
+    is complete or absent, never half written, and a failed write leaves an earlier checkpoint of that name intact.
+    """
     state = {
         "step": step,
         "optimizer": optimizer.state_dict(),
@@ -342,8 +353,11 @@ def save_checkpoint(
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-    torch.save(state, path / "training_state.pt")
-    (path / "finetune_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
+    with atomic_dir(path) as tmp:
+        save_file({n: p.detach().cpu().contiguous() for n, p in trainable}, str(tmp / "trainable.safetensors"))
+        with open(tmp / "training_state.pt", "wb") as f:  # a file object: a full disk is an OSError, not a RuntimeError
+            torch.save(state, f)
+        (tmp / "finetune_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
@@ -351,15 +365,18 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     weights, state_file = path / "trainable.safetensors", path / "training_state.pt"
     if not weights.is_file() or not state_file.is_file():
         raise InputError(f"{path} is not a vlmo training checkpoint (no trainable.safetensors/training_state.pt)")
-    tensors = load_file(str(weights))
+    tensors = open_tensors(weights)  # validated, like every safetensors file vlmo reads
     params = dict(model.named_parameters())
     wrong = [n for n in tensors if n not in params or not params[n].requires_grad]
     if wrong:
         raise InputError(f"{path} trains other parameters ({', '.join(wrong[:3])}); resume with the same --train")
+    reshaped = [n for n, t in tensors.items() if t.shape != params[n].shape]
+    if reshaped:
+        raise InputError(f"{path} holds {reshaped[0]} with another shape than this model's; resume the same model")
+    state = _read_training_state(state_file)  # before any weight is touched: a refused state changes nothing
     with torch.no_grad():
         for name, tensor in tensors.items():
             params[name].copy_(tensor)
-    state = torch.load(state_file, map_location="cpu", weights_only=True)  # tensors and plain data only
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng_cpu"])
@@ -368,7 +385,39 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     return int(state["step"])
 
 
-def export(model: nn.Module, vlm: Any, cfg: FinetuneConfig, path: Path) -> Path:
+_STATE_KEYS = ("step", "optimizer", "scheduler", "rng_cpu", "rng_cuda")
+
+
+def _read_training_state(state_file: Path) -> dict[str, Any]:
+    """`training_state.pt` as `save_checkpoint` wrote it: tensors and plain data only (`weights_only=True`); anything
+    else, a pickle that would run code above all, is a one-line `CheckpointError`, never unpickled."""
+    import pickle
+    import re
+
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        message = " ".join(str(e).split())
+        if "Weights only load failed" in message:  # the restricted unpickler met a global: code, or a class
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+            what = f"it names {found.group(1)}" if found else "it holds more than tensors and plain data"
+            raise CheckpointError(
+                f"{state_file} is not a vlmo training state (refused to unpickle it: {what}); resume only from "
+                "checkpoints vlmo wrote"
+            ) from None
+        reason = message.split(". ")[0] or "empty or truncated"  # not a torch file at all: garbage, cut short
+        raise CheckpointError(
+            f"{state_file} is not a vlmo training state (unreadable: {reason}); resume from another checkpoint"
+        ) from None
+    if not isinstance(state, dict) or not all(k in state for k in _STATE_KEYS):
+        raise CheckpointError(
+            f"{state_file} is not a vlmo training state (it lacks {', '.join(_STATE_KEYS)}); resume from another "
+            "checkpoint"
+        )
+    return state
+
+
+def export(model: PaliGemma, vlm: VLMo, cfg: FinetuneConfig, path: Path) -> Path:
     """The trained model in a loadable form. LoRA (with or without the projector) gives a PEFT-format adapter; a
     linear projector travels in it as PEFT's `modules_to_save`, a Dense Connector one in vlmo's files beside it.
     Anything else gives a full checkpoint (LoRA merged) that `VLMo.from_pretrained` loads."""
@@ -380,11 +429,15 @@ def export(model: nn.Module, vlm: Any, cfg: FinetuneConfig, path: Path) -> Path:
         from vlmo.weights.adapters import save_adapter
 
         lora = lora_config(cfg)
-        if "projector" in cfg.train and model.cfg.projector.kind == "linear":  # type: ignore[union-attr]
+        if "projector" in cfg.train and model.cfg.projector.kind == "linear":
             lora = replace(lora, modules_to_save=("multi_modal_projector",))
-        return save_adapter(model, path, lora, base_model=cfg.model)  # type: ignore[arg-type]
+        with atomic_dir(path) as tmp:  # the folder appears whole or not at all
+            save_adapter(model, tmp, lora, base_model=cfg.model)
+        return path
     if "lora" in cfg.train:
         from vlmo.nn.lora import remove_lora
 
-        remove_lora(model, merge=True)  # type: ignore[arg-type]
-    return save_checkpoint(model, path, vlm.source)  # type: ignore[arg-type]
+        remove_lora(model, merge=True)
+    with atomic_dir(path) as tmp:
+        save_checkpoint(model, tmp, vlm.source)
+    return path

@@ -2,25 +2,30 @@
 
 This module knows nothing about text: it takes token-id tensors and yields token ids. `api.py` builds strings on top.
 Sampling order is top-k → temperature → top-p, from an explicit, seedable `torch.Generator`.
+
+Limits (docs/reliability.md): `check_token_budget` is the one token-budget rule, that the prompt and the new tokens
+fit the model's context; `check_seed` the one seed rule, that a seed fits torch's 64-bit generator.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+import operator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import SupportsIndex, TypedDict, TypeVar
 
 import torch
 
-from vlmo.errors import GenerationConfigError
+from vlmo.errors import GenerationConfigError, InputError
 from vlmo.nn.paligemma import PaliGemma
 
 
 class GenerateOptions(TypedDict, total=False):
     """The keyword options every generating call accepts (`VLMo.generate`, the task methods, `stream`).
 
-    A missing `max_new_tokens` means the task's default (`vlmo.tasks`); `seed` makes sampling reproducible.
+    A missing `max_new_tokens` means the task's default (`vlmo.tasks`); either must fit the model's context with
+    the prompt (`check_token_budget`). `seed` (0 to 2**64 - 1) makes sampling reproducible.
     """
 
     max_new_tokens: int
@@ -63,7 +68,11 @@ class SamplingConfig:
 
     @classmethod
     def from_options(cls, options: GenerateOptions, default_max_new_tokens: int) -> SamplingConfig:
-        """The validated config for `options`, with the task's default length where none is given."""
+        """The validated config for `options`, with the task's default length where none is given.
+
+        The seed is checked here too (`check_seed`), so that every option fails before any work.
+        """
+        check_seed(options.get("seed"))
         return cls(
             max_new_tokens=options.get("max_new_tokens", default_max_new_tokens),
             do_sample=options.get("do_sample", False),
@@ -92,14 +101,56 @@ def select_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    """A generator seeded for reproducible sampling, or None to use torch's global RNG."""
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
+
+
+def check_seed(seed: object) -> int | None:
+    """`seed` as an int, or None; GenerationConfigError unless it is a whole number from 0 to 2**64 - 1."""
     if seed is None:
         return None
-    return torch.Generator(device=device).manual_seed(int(seed))
+    value = None
+    if not isinstance(seed, bool) and isinstance(seed, SupportsIndex):
+        try:
+            value = operator.index(seed)  # ints (numpy's too), not floats or text
+        except TypeError:
+            pass
+    if value is None or not 0 <= value <= SEED_MAX:
+        shown = repr(seed) if len(repr(seed)) <= 40 else repr(seed)[:37] + "..."
+        raise GenerationConfigError(f"seed must be a whole number from 0 to 2**64 - 1 ({SEED_MAX}), got {shown}")
+    return value
 
 
-@torch.inference_mode()
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A generator seeded for reproducible sampling (`check_seed`), or None to use torch's global RNG."""
+    value = check_seed(seed)
+    if value is None:
+        return None
+    return torch.Generator(device=device).manual_seed(value)
+
+
+def check_token_budget(prompt_length: int, max_new_tokens: int, context: int) -> None:
+    """The token budget, one rule for every generating call: prompt + max_new_tokens ≤ the model's context.
+
+    `prompt_length`: positions of the (padded) prompt, image tokens included; `context`: the text config's
+    `max_position_embeddings`. A request beyond it is **refused, never clamped** (a silently shortened answer would
+    look like a finished one): InputError when the prompt alone leaves no room, GenerationConfigError naming the
+    largest max_new_tokens that fits otherwise. Checked before anything is allocated.
+    """
+    if prompt_length >= context:
+        raise InputError(
+            f"the prompt takes {prompt_length} of the model's {context} positions, leaving none to generate; "
+            "shorten the question or prompt"
+        )
+    if prompt_length + max_new_tokens > context:
+        raise GenerationConfigError(
+            f"the prompt takes {prompt_length} of the model's {context} positions; "
+            f"max_new_tokens may be at most {context - prompt_length}"
+        )
+
+
+Steps = Generator[tuple[torch.Tensor, torch.Tensor], None, None]
+
+
 def generate_steps(
     model: PaliGemma,
     input_ids: torch.Tensor,
@@ -109,7 +160,7 @@ def generate_steps(
     eos_ids: Sequence[int],
     pad_id: int,
     generator: torch.Generator | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+) -> Steps:
     """Yield, step by step, every row's next token int64[B] and whether it continues the row's text, bool[B].
 
     input_ids/attention_mask: int64[B, T], left-padded prompts; image_features: dt[B, N, D] from
@@ -118,16 +169,40 @@ def generate_steps(
     The loop stops when every row is done or after `cfg.max_new_tokens` steps. So a row ended with `<eos>` exactly
     when its last `live` is False, and was cut short by `max_new_tokens` otherwise: this is the one place that
     tracks finished rows.
+
+    The token budget (`check_token_budget`) is checked when this is called, before the cache is allocated; work
+    starts at the first step. Closing the generator (`.close()`) ends it at once: no further decode step runs.
     """
-    b, t = input_ids.shape
-    cache = model.new_cache(b, t + cfg.max_new_tokens)
-    logits, state = model.prefill(input_ids, image_features, attention_mask, cache)
-    eos = torch.tensor(list(eos_ids), device=input_ids.device, dtype=torch.long)
-    done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-    for step in range(cfg.max_new_tokens):
-        token = select_next(logits, cfg, generator).masked_fill(done, pad_id)
-        done = done | torch.isin(token, eos)
-        yield token, ~done
-        if bool(done.all()) or step == cfg.max_new_tokens - 1:
-            return
-        logits = model.decode(token, state)
+    check_token_budget(input_ids.shape[1], cfg.max_new_tokens, model.cfg.text.max_position_embeddings)
+
+    @torch.inference_mode()
+    def steps() -> Steps:
+        b, t = input_ids.shape
+        cache = model.new_cache(b, t + cfg.max_new_tokens)
+        logits, state = model.prefill(input_ids, image_features, attention_mask, cache)
+        eos = torch.tensor(list(eos_ids), device=input_ids.device, dtype=torch.long)
+        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        for step in range(cfg.max_new_tokens):
+            token = select_next(logits, cfg, generator).masked_fill(done, pad_id)
+            done = done | torch.isin(token, eos)
+            yield token, ~done
+            if bool(done.all()) or step == cfg.max_new_tokens - 1:
+                return
+            logits = model.decode(token, state)
+
+    return steps()
+
+
+R = TypeVar("R")
+
+
+def drain(steps: Generator[None, None, R]) -> R:
+    """Run a stepwise generator (`VLMo.detect_steps`, the app's handlers, …) to its end; its return value.
+
+    A stepwise generator yields None after every generated token so that its caller can stop it midway (by closing
+    it); a caller that wants only the result drains it."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return end.value

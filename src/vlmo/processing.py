@@ -2,9 +2,10 @@
 
 Both halves reproduce transformers 5.24 bit for bit: `preprocess_images` matches `SiglipImageProcessorPil`
 (the PIL backend; the torchvision backend's bicubic differs slightly), and `TextProcessor.encode` builds the
-same ids as `PaliGemmaProcessor`. Two deliberate differences on the image side: EXIF orientation is applied by
-default, and any Pillow mode is converted to RGB (the hub `preprocessor_config.json` says
-`do_convert_rgb: null`, which makes transformers fail on grayscale and RGBA inputs).
+same ids as `PaliGemmaProcessor`. Three deliberate differences on the image side: EXIF orientation is applied
+by default, any Pillow mode is converted to RGB (the hub `preprocessor_config.json` says
+`do_convert_rgb: null`, which makes transformers fail on grayscale and RGBA inputs), and 16-bit and 32-bit
+images are scaled to 8 bits by their range where transformers clips them.
 
 Axes: B batch, T tokens, N image tokens per image, H/W image height/width in pixels.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,7 +37,9 @@ def load_image(image: ImageInput, exif_transpose: bool = True) -> Image.Image:
 
     EXIF orientation is applied first (a phone photo comes out upright); transformers does not do this, so
     pass `exif_transpose=False` to feed the model exactly what transformers would. Transparency is composited
-    onto white. Pixels are decoded here, so a truncated file fails now and not halfway through a batch.
+    onto white. 16-bit and 32-bit images are scaled to 8 bits by their range (`_to_8bit`), where Pillow's and
+    transformers' conversion clips them (mostly white). Pixels are decoded here, so a truncated file fails now
+    and not halfway through a batch.
     """
     if isinstance(image, Image.Image):
         name, opened = "the given PIL image", image
@@ -80,11 +84,49 @@ def _decode(source: Image.Image | io.BytesIO | Path, name: str) -> Image.Image:
     return image
 
 
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """An "L" image for a 16-bit or 32-bit one (modes I;16, I;16B, I;16L, I;16N, I, F); others unchanged.
+
+    Scaled by range, as image viewers show such images, never clipped (Pillow's `convert` clips to 0–255, so a
+    16-bit image comes out nearly all white): 16-bit integers by their full range (v / 257, rounded); 32-bit
+    integers and floats by their own min..max (NaN and ±inf count as the ends; a constant image keeps its value,
+    clipped to 0–255). Transparency of such images (a tRNS value) is not kept.
+    """
+    full_range = image.mode.startswith("I;16")
+    if not full_range and image.mode not in ("I", "F"):
+        return image
+    if image.width == 0 or image.height == 0:
+        return Image.new("L", image.size)
+    if full_range:
+        # Read the 16-bit words ourselves: Pillow's convert("I") clips I;16N to 0–255.
+        big = image.mode == "I;16B" or (image.mode == "I;16N" and sys.byteorder == "big")
+        pairs = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(-1, 2).to(torch.float64)
+        values = pairs[:, 1] + 256 * pairs[:, 0] if big else pairs[:, 0] + 256 * pairs[:, 1]
+    else:
+        dtype = torch.int32 if image.mode == "I" else torch.float32
+        values = torch.frombuffer(bytearray(image.tobytes()), dtype=dtype).to(torch.float64)
+    finite = values.isfinite()
+    if full_range:
+        low, high = 0.0, 65535.0
+    elif bool(finite.any()):
+        low, high = float(values[finite].min()), float(values[finite].max())
+    else:
+        low = high = 0.0
+    values = values.nan_to_num(nan=low, posinf=high, neginf=low)
+    if high > low:
+        values = (values - low) * (255.0 / (high - low))
+    pixels = bytearray(values.numel())
+    torch.frombuffer(pixels, dtype=torch.uint8).copy_(values.round().clamp(0, 255))
+    return Image.frombytes("L", image.size, bytes(pixels))
+
+
 def _to_rgb(image: Image.Image, name: str = "the image") -> Image.Image:
     """RGB copy of `image`, compositing any transparency onto white, as transformers' `convert_to_rgb` does.
 
     "Transparency" means an alpha band, or a `transparency` entry in `image.info` (palette or tRNS colour).
+    16-bit and 32-bit images are first scaled to 8 bits by their range (`_to_8bit`).
     """
+    image = _to_8bit(image)
     try:
         if "A" in image.getbands() or image.info.get("transparency") is not None:
             rgba = image.convert("RGBA")
@@ -244,13 +286,33 @@ class TextProcessor:
         """Load a `tokenizer.json`."""
         if not Path(path).is_file():
             raise CheckpointError(f"no tokenizer file at {path}; download the model's tokenizer.json")
-        return cls(Tokenizer.from_file(str(path)), num_image_tokens, image_token)
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exception for every bad file
+            reason = " ".join(str(e).split())
+            raise CheckpointError(
+                f"{path} is not a valid tokenizer.json ({reason}); download the model's tokenizer.json again"
+            ) from None
+        if tokenizer.get_vocab_size() == 0:
+            raise CheckpointError(f"{path} has no vocabulary; download the model's tokenizer.json again")
+        try:
+            return cls(tokenizer, num_image_tokens, image_token)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
 
     def _token_id(self, token: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
         if token_id is None:
             raise CheckpointError(f"tokenizer has no {token!r} token; use the PaliGemma tokenizer.json")
         return token_id
+
+    def _token_text(self, token_id: int) -> str:
+        token = self.tokenizer.id_to_token(token_id)
+        if token is None:
+            raise CheckpointError(f"tokenizer has no token with id {token_id}; use the PaliGemma tokenizer.json")
+        return token
 
     def prompt_text(self, prompt: str) -> str:
         """The prefix string before tokenization, e.g. `"<image>"×N + "<bos>caption en\\n"`.
@@ -260,7 +322,7 @@ class TextProcessor:
         """
         if not isinstance(prompt, str):
             raise InputError(f"prompts must be strings, got {type(prompt).__name__}")
-        bos = self.tokenizer.id_to_token(self.bos_id)
+        bos = self._token_text(self.bos_id)
         if self.image_token not in prompt:
             text = self.image_token + bos + prompt + "\n"
         else:
@@ -290,7 +352,7 @@ class TextProcessor:
                 raise InputError(f"got {len(prompts)} prompts but {len(suffixes)} suffixes; pass one suffix per prompt")
             if not all(isinstance(s, str) for s in suffixes):
                 raise InputError("suffixes must be strings")
-        eos = self.tokenizer.id_to_token(self.eos_id)
+        eos = self._token_text(self.eos_id)
         rows: list[tuple[list[int], list[int]]] = []
         for i, prompt in enumerate(prompts):
             # Prefix and suffix are tokenized separately, as transformers does with `text_pair`.

@@ -25,7 +25,7 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from vlmo.detection import detect_prompt, encode_boxes
 from vlmo.errors import InputError
@@ -120,14 +120,17 @@ def write_jsonl(examples: Iterable[Mapping[str, Any]], path: str | os.PathLike[s
 
     The format `vlmo.data.examples.JsonlDataset` reads (`{"image", "prefix", "suffix"}` per line).
     """
-    file = Path(path)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    with file.open("w", encoding="utf-8") as f:
-        for i, example in enumerate(examples):
-            if not isinstance(example, Mapping):
-                raise InputError(f"example {i} is a {type(example).__name__}, not a dict; pass dicts")
-            f.write(json.dumps(dict(example), ensure_ascii=False) + "\n")
-    return file
+    from vlmo.outputs import write_output
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8") as f:
+            for i, example in enumerate(examples):
+                if not isinstance(example, Mapping):
+                    raise InputError(f"example {i} is a {type(example).__name__}, not a dict; pass dicts")
+                f.write(json.dumps(dict(example), ensure_ascii=False) + "\n")
+
+    # whole or not at all: a bad example or a full disk leaves an existing file as it was
+    return write_output(path, write, make_parents=True)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -262,7 +265,7 @@ def _labels_that_fit(present: list[str], found: list[_Object], budget: int, rng:
     return [label for label in present if label in kept]
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -270,4 +273,4 @@ def _int(record: dict[str, Any], key: str, where: str) -> int:
     value = record.get(key)
     if not _is_int(value):
         raise InputError(f'{where}: "{key}" must be an integer, got {value!r}')
-    return value  # type: ignore[return-value]
+    return value

@@ -140,8 +140,9 @@ def init_weights(model: PaliGemma, loc_ids: list[int], std: float = 0.02) -> Non
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
             nn.init.normal_(module.weight, 0.0, std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
+            bias = getattr(module, "bias", None)  # nn.Embedding has none
+            if bias is not None:
+                nn.init.zeros_(bias)
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
@@ -195,11 +196,18 @@ def write_initial_checkpoint(out: Path, spec: DemoSpec = DemoSpec(), seed: int =
     """A freshly initialised checkpoint directory (config.json, model.safetensors, tokenizer.json,
     preprocessor_config.json) that `VLMo.from_pretrained` and `finetune` load."""
     tok = build_tokenizer(VOCABULARY)
+
+    def token_id(token: str) -> int:
+        found = tok.token_to_id(token)
+        if found is None:
+            raise ValueError(f"the demo tokenizer has no {token!r} token")
+        return found
+
     vocab = (tok.get_vocab_size() + 63) // 64 * 64  # padded like the real 257216-row table
-    config = hf_config(spec, vocab, tok.token_to_id("<image>"))
+    config = hf_config(spec, vocab, token_id("<image>"))
     torch.manual_seed(seed)
     model = PaliGemma(PaliGemmaConfig.from_hf(config))
-    init_weights(model, [tok.token_to_id(t) for t in LOC_TOKENS])
+    init_weights(model, [token_id(t) for t in LOC_TOKENS])
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (out / "preprocessor_config.json").write_text(
@@ -295,11 +303,14 @@ def _copy_side_files(src: Path, dst: Path) -> None:
 
 def store_half(src: Path, dst: Path) -> Path:
     """Copy a float32 checkpoint as float16 (half the bytes; `load_model` casts back to the requested dtype)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
+
+    from vlmo.weights.safetensors_io import open_tensors
 
     _copy_side_files(src, dst)
     tensors = {
-        k: (v.half() if v.is_floating_point() else v) for k, v in load_file(str(src / "model.safetensors")).items()
+        k: (v.half() if v.is_floating_point() else v.clone())
+        for k, v in open_tensors(src / "model.safetensors").items()
     }
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
     return dst
@@ -329,7 +340,8 @@ def train(
             vision_report = json.loads((start / "pretraining.json").read_text(encoding="utf-8"))
         else:
             vision_report = pretrain_vision(init, start, recipe)
-    stages = [("run", recipe.steps, recipe.lr, recipe.warmup_steps, {})]
+    Stage = tuple[str, int, float, int, dict[str, Any]]  # name, steps, lr, warmup, ShapesDataset arguments
+    stages: list[Stage] = [("run", recipe.steps, recipe.lr, recipe.warmup_steps, {})]
     if recipe.focus_steps:
         focus = {"mix": FOCUS_MIX, "hard_negatives": recipe.focus_hard_negatives, "stream": "focus"}
         stages.append(("focus", recipe.focus_steps, recipe.focus_lr, min(100, recipe.focus_steps // 10), focus))

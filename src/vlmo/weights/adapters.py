@@ -49,11 +49,13 @@ from vlmo.jsonfile import read_json
 from vlmo.nn import lora
 from vlmo.nn.lora import LoRAConfig, LoRALinear, adaptable_layers, lora_modules, untie_head
 from vlmo.nn.paligemma import PaliGemma
+from vlmo.outputs import atomic_path, write_output
 from vlmo.weights.hub import (
     ModelNotFoundError,
     OfflineError,
     check_repo_id,
     hub_errors,
+    hub_requests,
     looks_like_path,
     progress_bars,
     repo_label,
@@ -253,13 +255,16 @@ def save_adapter(
     config = _peft_config(cfg, _target_modules(model, set(mods)), rank_pattern, alpha_pattern, base_model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
-    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    # Each file whole or not at all (vlmo.outputs): a failed write leaves the previous adapter's file in place.
+    write_output(out / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True))
+    with atomic_path(out / ADAPTER_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     extra = projector_to_hf(model.cfg.projector)
     if extra is not None:  # a Dense Connector projector: PEFT has no place for it, so it sits beside the adapter
-        (out / PROJECTOR_CONFIG).write_text(json.dumps(extra, indent=2) + "\n", encoding="utf-8")
+        write_output(out / PROJECTOR_CONFIG, json.dumps(extra, indent=2) + "\n")
         state = {k: v.detach().contiguous().cpu() for k, v in model.projector.state_dict().items()}
-        save_file(state, str(out / PROJECTOR_WEIGHTS), metadata={"format": "pt"})
+        with atomic_path(out / PROJECTOR_WEIGHTS) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
     return out
 
 
@@ -417,17 +422,27 @@ def _cached_adapter(repo_id: str, revision: str | None) -> Path | None:
 
 def _download_adapter(repo_id: str, revision: str | None, token: str | bool | None, show: bool) -> Path:
     where = repo_label(repo_id, revision)
-    info = HfApi().model_info(repo_id, revision=revision, token=token)
-    files = {s.rfilename for s in info.siblings or []}
-    if ADAPTER_CONFIG not in files:
-        raise CheckpointError(f"{where} has no {ADAPTER_CONFIG}: is it a PEFT adapter repo?")
-    if ADAPTER_WEIGHTS not in files:
-        raise CheckpointError(_no_safetensors(where, PICKLE_WEIGHTS in files))
-    with progress_bars(show) as bar_class:
-        paths = [
-            Path(hf_hub_download(repo_id, f, revision=revision, token=token, tqdm_class=bar_class(f)))
-            for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
-        ]
+    with hub_requests() as timeouts:  # timeouts and quiet retries, as for models
+        info = HfApi().model_info(repo_id, revision=revision, token=token, timeout=timeouts.metadata)
+        files = {s.rfilename for s in info.siblings or []}
+        if ADAPTER_CONFIG not in files:
+            raise CheckpointError(f"{where} has no {ADAPTER_CONFIG}: is it a PEFT adapter repo?")
+        if ADAPTER_WEIGHTS not in files:
+            raise CheckpointError(_no_safetensors(where, PICKLE_WEIGHTS in files))
+        with progress_bars(show) as bar_class:
+            paths = [
+                Path(
+                    hf_hub_download(
+                        repo_id,
+                        f,
+                        revision=revision,
+                        token=token,
+                        tqdm_class=bar_class(f),
+                        etag_timeout=timeouts.metadata,
+                    )
+                )
+                for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+            ]
     if paths[0].parent != paths[1].parent:  # the branch moved between the two files
         raise CheckpointError(f"the download of {where} is incomplete: run the same command again")
     return paths[0].parent
@@ -638,7 +653,7 @@ def _match_tensors(
     if not found:
         raise CheckpointError(f"{where} holds no lora_A/lora_B tensors")
 
-    params = dict(model.named_parameters())
+    params: dict[str, torch.Tensor] = dict(model.named_parameters())
     if model.text.lm_head is None:
         params["text.lm_head.weight"] = model.text.embed.weight  # transformers' tied lm_head.weight
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, int, float]] = {}
@@ -684,7 +699,7 @@ def _assign_full(model: PaliGemma, full: dict[str, torch.Tensor]) -> None:
             if embed is not None:
                 text.embed.weight.copy_(embed)
             if head is not None:
-                text.lm_head.weight.copy_(head)
+                text.lm_head.get_parameter("weight").copy_(head)
     params = dict(model.named_parameters())
     for name, tensor in full.items():
         params[name].copy_(tensor)

@@ -11,22 +11,31 @@ Files go to the standard Hugging Face cache, and huggingface_hub reads its own e
 HF_HUB_CACHE, HF_TOKEN, HF_HUB_OFFLINE, HF_ENDPOINT); this module sets none of it. A model that is already
 cached resolves with no network access at all. Failures become `VlmoError`s whose one-line message ends
 with what to do next.
+
+Every hub request vlmo makes (here, in `weights.adapters` and in `weights.vqvae`) runs inside `hub_requests()`:
+it has a timeout (`hub_timeouts()`: HF_HUB_ETAG_TIMEOUT, HF_HUB_DOWNLOAD_TIMEOUT), so a hub that never answers
+ends in the one-line "could not reach" error, and huggingface_hub's warnings on the way there are not shown.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import logging
+import math
 import os
 import sys
+import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any, ClassVar
 
 import httpx2  # huggingface_hub >= 2 talks HTTP through httpx2, whose transport errors reach us unwrapped
-from huggingface_hub import HfApi, constants, hf_hub_download, scan_cache_dir
+from huggingface_hub import HfApi, constants, file_download, hf_hub_download, scan_cache_dir
 from huggingface_hub.errors import (
     CacheNotFound,
     EntryNotFoundError,
@@ -53,17 +62,27 @@ from tqdm.std import tqdm
 
 from vlmo.errors import CheckpointError, OptionError, VlmoError
 from vlmo.jsonfile import read_json
-from vlmo.weights.files import CONFIG_FILE, INDEX_FILE, OPTIONAL_FILES, SINGLE_FILE, TOKENIZER_FILE
+from vlmo.weights.files import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    OPTIONAL_FILES,
+    SINGLE_FILE,
+    TOKENIZER_FILE,
+    check_shard_name,
+)
 
 __all__ = [
     "BUILT_IN_MODELS",
     "DiskFullError",
     "DownloadError",
     "GatedModelError",
+    "HubTimeouts",
     "ModelNotFoundError",
     "OfflineError",
     "cache_location",
     "cached_models",
+    "hub_requests",
+    "hub_timeouts",
     "resolve_model",
 ]
 
@@ -136,12 +155,13 @@ def resolve_model(
     if is_path or (name and Path(name).is_dir()):
         return _local_checkpoint(Path(name).expanduser())
     repo_id = check_repo_id(name)
-    with hub_errors(repo_id, revision, cache_dir):
+    hint = _built_in_hint()
+    with hub_errors(repo_id, revision, cache_dir, hint=hint):
         cached = _cached_snapshot(repo_id, revision, cache_dir)
         if cached is not None:
             return cached
         if constants.is_offline_mode():
-            raise OfflineError(_offline_message(repo_id, revision, cache_dir))
+            raise OfflineError(_offline_message(repo_id, revision, cache_dir, hint=hint))
         return _download(repo_id, revision, token, cache_dir, want_progress(progress))
 
 
@@ -234,11 +254,13 @@ def _incomplete(snapshot: Path, repo_id: str) -> str | None:
 
 
 def _shard_names(index: Path, repo_id: str) -> list[str]:
+    """The shard files the index lists, each a plain file name inside the snapshot (`check_shard_name`): a
+    `../x` or `/x` is refused before anything is looked up or downloaded under that name."""
     fix = f"if the repo's copy is fine, run `hf cache rm model/{repo_id}`, then the same command again"
     weight_map = read_json(index, hint=fix).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index} has no readable 'weight_map': {fix}")
-    return sorted(set(weight_map.values()))
+    return sorted({check_shard_name(name, f"{INDEX_FILE} of {repo_id}") for name in weight_map.values()})
 
 
 def _files_to_fetch(where: str, repo_files: set[str]) -> list[str]:
@@ -268,26 +290,32 @@ def _download(
     # then goes through hf_hub_download: resumed after a dropped connection, moved into the cache only when
     # complete, and found offline next time.
     where = repo_label(repo_id, revision)
-    info = HfApi().model_info(repo_id, revision=revision, token=token)
-    repo_files = {s.rfilename for s in info.siblings or []}
-    names = _files_to_fetch(where, repo_files)
-    logger.info("downloading %s to %s", where, _cache_path(cache_dir))
-    with progress_bars(show) as bar_class:
+    with hub_requests() as timeouts:
+        info = HfApi().model_info(repo_id, revision=revision, token=token, timeout=timeouts.metadata)
+        repo_files = {s.rfilename for s in info.siblings or []}
+        names = _files_to_fetch(where, repo_files)
+        logger.info("downloading %s to %s", where, _cache_path(cache_dir))
+        with progress_bars(show) as bar_class:
 
-        def fetch(name: str) -> Path:
-            bar = bar_class(name)
-            path = hf_hub_download(
-                repo_id, name, revision=revision, token=token, cache_dir=_hub_cache_dir(cache_dir), tqdm_class=bar
-            )
-            return Path(path)
+            def fetch(name: str) -> Path:
+                path = hf_hub_download(
+                    repo_id,
+                    name,
+                    revision=revision,
+                    token=token,
+                    cache_dir=_hub_cache_dir(cache_dir),
+                    tqdm_class=bar_class(name),
+                    etag_timeout=timeouts.metadata,
+                )
+                return Path(path)
 
-        paths = [fetch(name) for name in names]
-        if names[-1] == INDEX_FILE:
-            shards = _shard_names(paths[-1], repo_id)
-            absent = [s for s in shards if s not in repo_files]
-            if absent:
-                raise CheckpointError(f"{where}: {INDEX_FILE} lists {absent[0]}, which is not in the repo")
-            paths += [fetch(shard) for shard in shards]
+            paths = [fetch(name) for name in names]
+            if names[-1] == INDEX_FILE:
+                shards = _shard_names(paths[-1], repo_id)
+                absent = [s for s in shards if s not in repo_files]
+                if absent:
+                    raise CheckpointError(f"{where}: {INDEX_FILE} lists {absent[0]}, which is not in the repo")
+                paths += [fetch(shard) for shard in shards]
     snapshot = paths[0].parent
     problem = _incomplete(snapshot, repo_id)
     if problem is not None:  # e.g. the branch moved between two files, which then sit in two snapshots
@@ -312,8 +340,11 @@ def _hub_cache_dir(cache_dir: PathArg | None) -> Path | None:
 
 
 @contextmanager
-def hub_errors(repo_id: str, revision: str | None, cache_dir: PathArg | None) -> Iterator[None]:
-    """Turn huggingface_hub, httpx2 and disk errors into vlmo errors. Subclasses must come first."""
+def hub_errors(repo_id: str, revision: str | None, cache_dir: PathArg | None, *, hint: str = "") -> Iterator[None]:
+    """Turn huggingface_hub, httpx2 and disk errors into vlmo errors. Subclasses must come first.
+
+    `hint` ends the offline and could-not-reach messages (e.g. `_built_in_hint()`).
+    """
     where = repo_label(repo_id, revision)
     page = f"{constants.ENDPOINT}/{repo_id}"
     try:
@@ -337,10 +368,14 @@ def hub_errors(repo_id: str, revision: str | None, cache_dir: PathArg | None) ->
         raise DownloadError(f"the hub answered HTTP {status} for {where}: wait, then run it again") from e
     except (OfflineModeIsEnabled, LocalEntryNotFoundError) as e:
         if constants.is_offline_mode():
-            raise OfflineError(_offline_message(repo_id, revision, cache_dir)) from e
-        raise DownloadError(_unreachable(where)) from e
-    except (httpx2.ConnectError, httpx2.ConnectTimeout) as e:
-        raise DownloadError(_unreachable(where)) from e
+            raise OfflineError(_offline_message(repo_id, revision, cache_dir, hint=hint)) from e
+        # huggingface_hub wraps a failed metadata request (refused, timed out) in LocalEntryNotFoundError
+        timed_out = isinstance(e.__cause__, httpx2.TimeoutException)
+        raise DownloadError(_unreachable(where, timed_out=timed_out, hint=hint)) from e
+    except httpx2.ConnectError as e:
+        raise DownloadError(_unreachable(where, hint=hint)) from e
+    except httpx2.TimeoutException as e:  # no answer (or no more bytes) within hub_timeouts(), retries included
+        raise DownloadError(_unreachable(where, timed_out=True, hint=hint)) from e
     except httpx2.TransportError as e:
         raise DownloadError(
             f"the connection dropped while fetching {where} ({type(e).__name__}): "
@@ -359,18 +394,27 @@ def hub_errors(repo_id: str, revision: str | None, cache_dir: PathArg | None) ->
         raise
 
 
-def _offline_message(repo_id: str, revision: str | None, cache_dir: PathArg | None) -> str:
+def _offline_message(repo_id: str, revision: str | None, cache_dir: PathArg | None, *, hint: str = "") -> str:
     return (
         f"{repo_label(repo_id, revision)} is not (completely) in the cache {_cache_path(cache_dir)} and "
-        f"HF_HUB_OFFLINE is set: run `vlmo download {repo_id}` while online, or unset HF_HUB_OFFLINE"
+        f"HF_HUB_OFFLINE is set: run `vlmo download {repo_id}` while online, or unset HF_HUB_OFFLINE{hint}"
     )
 
 
-def _unreachable(where: str) -> str:
+def _unreachable(where: str, *, timed_out: bool = False, hint: str = "") -> str:
+    """The one message for a hub that cannot be reached: refused, no route, or no answer in time."""
+    why = ""
+    if timed_out:
+        why = " (no answer in time; HF_HUB_ETAG_TIMEOUT and HF_HUB_DOWNLOAD_TIMEOUT set how long to wait)"
     return (
-        f"could not reach {constants.ENDPOINT} for {where}, which is not cached: "
-        "check your connection (or HF_ENDPOINT), then run the same command again"
+        f"could not reach {constants.ENDPOINT} for {where}, which is not cached{why}: "
+        f"check your connection (or HF_ENDPOINT), then run the same command again{hint}"
     )
+
+
+def _built_in_hint() -> str:
+    """Ends the offline and could-not-reach messages of models: what works without the network."""
+    return f"; the built-in model {' or '.join(sorted(BUILT_IN_MODELS))} works offline"
 
 
 def _status(error: HfHubHTTPError) -> int | None:
@@ -386,6 +430,129 @@ def _refused(repo_id: str, page: str, status: int | None, *, gated: bool) -> str
             "or use a token with read access (`hf auth login` or HF_TOKEN)"
         )
     return f"{repo_id} {what}: accept the licence at {page}, then run `hf auth login` or set HF_TOKEN"
+
+
+# Network.
+
+METADATA_TIMEOUT = 10.0  # seconds to wait for model info or a file's metadata (HF_HUB_ETAG_TIMEOUT)
+DOWNLOAD_TIMEOUT = 20.0  # seconds of silence in the middle of a file download (HF_HUB_DOWNLOAD_TIMEOUT)
+
+
+@dataclass(frozen=True)
+class HubTimeouts:
+    """How many seconds a hub request may go without an answer before it fails."""
+
+    metadata: float  # model info, file metadata (the HEAD before each download)
+    download: float  # between two reads of a file being downloaded
+
+
+def hub_timeouts() -> HubTimeouts:
+    """The timeouts of every hub request vlmo makes, read from the environment at each call.
+
+    huggingface_hub's own variables, so one setting serves both: HF_HUB_ETAG_TIMEOUT (default 10 s) and
+    HF_HUB_DOWNLOAD_TIMEOUT (default 20 s), in seconds (huggingface_hub, which reads them too when imported, takes
+    whole seconds only). A value that is not a positive number is a `VlmoError`, not silently ignored.
+    """
+    return HubTimeouts(
+        metadata=_seconds("HF_HUB_ETAG_TIMEOUT", METADATA_TIMEOUT),
+        download=_seconds("HF_HUB_DOWNLOAD_TIMEOUT", DOWNLOAD_TIMEOUT),
+    )
+
+
+def _seconds(variable: str, default: float) -> float:
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return default
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise VlmoError(f"{variable}={text!r} is not a number of seconds: set it to e.g. {default:g}, or unset it")
+    return seconds
+
+
+@contextmanager
+def hub_requests() -> Iterator[HubTimeouts]:
+    """The scope of every hub request vlmo makes; yields `hub_timeouts()` to pass where huggingface_hub takes a
+    timeout (`HfApi.model_info(timeout=)`, `hf_hub_download(etag_timeout=)`).
+
+    Inside it, huggingface_hub also gets them where it takes no argument: the read timeout of a file download,
+    and the longer timeout (60 s) it gives the metadata request it retries when nothing is cached. And it is
+    quiet: no "Not enough free disk space" warning, no "Trying to resume download..." or "Retrying in 1s" line
+    per retry; a failure ends in vlmo's one-line error, a dropped download resumes silently, and vlmo's own
+    progress bars still show. Nothing changes at import; the last caller to leave restores everything.
+    """
+    timeouts = hub_timeouts()
+    with _HUB_SCOPE.entered(timeouts):
+        yield timeouts
+
+
+class _DropWarnings(logging.Filter):
+    """On huggingface_hub's download and HTTP loggers: drops their WARNING lines (retries, resumes); errors pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno != logging.WARNING
+
+
+# The loggers of huggingface_hub's retry messages (file_download: "Trying to resume download...", utils._http:
+# "Retrying in 1s [Retry 1/5]"). A logger's filter sees only what is logged on that very logger, so they are
+# named one by one rather than through their parent "huggingface_hub".
+_QUIET_LOGGERS = ("huggingface_hub.file_download", "huggingface_hub.utils._http")
+_FREE_SPACE_WARNING = r"Not enough free disk space"  # huggingface_hub's warnings.warn before a download
+
+
+class _Scope:
+    """The settings of `hub_requests()`, shared by nested and concurrent callers: the first to enter applies
+    them, the last to leave restores what was there."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._undo: list[Callable[[], None]] = []
+
+    @contextmanager
+    def entered(self, timeouts: HubTimeouts) -> Iterator[None]:
+        with self._lock:
+            if self._depth == 0:
+                self._apply(timeouts)
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    while self._undo:
+                        self._undo.pop()()
+
+    def _apply(self, timeouts: HubTimeouts) -> None:
+        # Module settings huggingface_hub reads at call time (from its environment at import, otherwise).
+        settings = [
+            (constants, "HF_HUB_ETAG_TIMEOUT", timeouts.metadata),
+            (constants, "HF_HUB_DOWNLOAD_TIMEOUT", timeouts.download),
+            (file_download, "_ETAG_RETRY_TIMEOUT", timeouts.metadata),
+        ]
+        for owner, name, value in settings:
+            if hasattr(owner, name):  # a later huggingface_hub may drop one; the others still apply
+                self._set(owner, name, value)
+        caught = warnings.catch_warnings()
+        caught.__enter__()
+        self._undo.append(lambda: caught.__exit__(None, None, None))
+        warnings.filterwarnings("ignore", message=_FREE_SPACE_WARNING, category=UserWarning)
+        quiet = _DropWarnings()
+        for name in _QUIET_LOGGERS:
+            hub_logger = logging.getLogger(name)
+            hub_logger.addFilter(quiet)
+            self._undo.append(functools.partial(hub_logger.removeFilter, quiet))
+
+    def _set(self, owner: object, name: str, value: object) -> None:
+        old = getattr(owner, name)
+        setattr(owner, name, value)
+        self._undo.append(lambda: setattr(owner, name, old))
+
+
+_HUB_SCOPE = _Scope()
 
 
 # Progress.

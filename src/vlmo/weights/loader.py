@@ -18,7 +18,7 @@ from vlmo.config import PaliGemmaConfig
 from vlmo.errors import CheckpointError, ConfigError
 from vlmo.jsonfile import read_json
 from vlmo.nn.paligemma import PaliGemma
-from vlmo.weights.files import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
+from vlmo.weights.files import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, check_shard_name
 from vlmo.weights.keys import KeyMap
 from vlmo.weights.safetensors_io import open_tensors, release_pages
 
@@ -38,8 +38,10 @@ def weight_files(model_dir: Path) -> list[Path]:
         weight_map = read_json(model_dir / INDEX_FILE).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{model_dir / INDEX_FILE} has no 'weight_map'; download it again")
-        shards = [model_dir / name for name in sorted(set(weight_map.values()))]
-        missing = [p.name for p in shards if not p.is_file()]
+        # Only plain names inside the directory: an index naming ../../x or /etc/x is refused, not followed.
+        names = {check_shard_name(name, model_dir / INDEX_FILE) for name in weight_map.values()}
+        shards = [model_dir / name for name in sorted(names)]
+        missing = [str(p.relative_to(model_dir)) for p in shards if not p.is_file()]
         if missing:
             raise CheckpointError(f"{model_dir} lacks shard(s) {', '.join(missing[:3])} listed in {INDEX_FILE}")
         return shards

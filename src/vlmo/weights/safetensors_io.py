@@ -3,8 +3,10 @@
 The format is an 8-byte little-endian header length, a JSON header `{name: {dtype, shape, data_offsets}}`, then raw
 little-endian tensor bytes. Tensors are made with `torch.frombuffer` over a copy-on-write map of the file, so
 loading a checkpoint in its stored dtype costs no second copy in memory: pages are read from disk on first touch
-and stay shared with the page cache. Everything is validated (header, dtypes, offsets against the file size) so a
-truncated or corrupt file is a clear `CheckpointError`, not a crash. Nothing is ever unpickled.
+and stay shared with the page cache. Everything is validated (header, dtypes, each tensor's byte count against its
+shape, and the byte ranges tiling the data area exactly: no overlap, no gap, no trailing bytes, as the format
+requires) so a truncated or corrupt file is a clear `CheckpointError`, not a crash or two tensors on the same bytes.
+Nothing is ever unpickled. Every `.safetensors` file vlmo reads comes through `open_tensors` here.
 """
 
 from __future__ import annotations
@@ -61,8 +63,14 @@ def read_header(path: Path) -> dict[str, dict]:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
         try:
             dtype = DTYPES[info["dtype"]]
-            begin, end = (int(x) for x in info["data_offsets"])
-            expected = math.prod(int(d) for d in info["shape"]) * dtype.itemsize
+            begin, end = info["data_offsets"]
+            shape = info["shape"]
+            # JSON integers only, as the reference reader demands, and no negative dimension
+            if not isinstance(shape, list) or not all(type(x) is int for x in (begin, end, *shape)):
+                raise ValueError
+            if any(d < 0 for d in shape):
+                raise ValueError
+            expected = math.prod(shape) * dtype.itemsize
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: tensor {name!r} has an invalid entry; download the file again") from None
         if not 0 <= begin <= end or end - begin != expected:
@@ -71,7 +79,38 @@ def read_header(path: Path) -> dict[str, dict]:
             raise CheckpointError(
                 f"{path} is truncated ({size} bytes, tensor {name!r} ends at byte {8 + n + end}); download it again"
             )
+    _check_layout(path, header, data_size)
     return header
+
+
+def _check_layout(path: Path, header: dict[str, dict], data_size: int) -> None:
+    """The tensors' byte ranges, in offset order, must tile the data area exactly: none overlaps another, each
+    starts where the one before it ends (the first at 0), and the last ends at the end of the file. This is what
+    the format requires and what the reference reader enforces; two tensors on the same bytes would otherwise both
+    load. Overlaps are looked for first: they are the reason for the check, a gap is mere damage."""
+    ranges = sorted((*header[k]["data_offsets"], k) for k in header)
+    reach, owner = 0, None  # the furthest byte any earlier tensor covers, and that tensor
+    for begin, end, name in ranges:
+        if begin < reach:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} at data bytes [{begin}, {end}) overlaps tensor {owner!r}, which ends at "
+                f"{reach}; the file is corrupt or was not written by a safetensors writer"
+            )
+        if end > reach:
+            reach, owner = end, name
+    position = 0
+    for begin, end, name in ranges:
+        if begin != position:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} starts at data byte {begin} but the tensors before it end at {position} "
+                f"(a gap of {begin - position} bytes); the file is corrupt, download it again"
+            )
+        position = end
+    if position != data_size:
+        last = f"its last tensor {ranges[-1][2]!r}" if ranges else "its (empty) tensor table"
+        raise CheckpointError(
+            f"{path} has {data_size - position} bytes after {last}; the file is corrupt, download it again"
+        )
 
 
 def open_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

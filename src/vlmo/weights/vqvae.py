@@ -14,7 +14,6 @@ import errno
 import logging
 import math
 import os
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -37,7 +36,15 @@ from torch import nn
 
 from vlmo.errors import CheckpointError
 from vlmo.nn.vqvae import VQVAEDecoder, VQVAEEncoder
-from vlmo.weights.hub import DiskFullError, DownloadError, GatedModelError, ModelNotFoundError, OfflineError
+from vlmo.outputs import OutputError, atomic_path
+from vlmo.weights.hub import (
+    DiskFullError,
+    DownloadError,
+    GatedModelError,
+    ModelNotFoundError,
+    OfflineError,
+    hub_requests,
+)
 from vlmo.weights.loader import few_names
 from vlmo.weights.safetensors_io import open_tensors
 
@@ -120,19 +127,13 @@ def _vae_tensors(path: PathArg | None, cache_dir: PathArg | None) -> tuple[dict[
 
 
 def _save_converted(tensors: dict[str, torch.Tensor], target: Path) -> None:
-    """Write atomically (temp file + rename), so a crash never leaves a half file that looks converted."""
+    """Write atomically (vlmo.outputs: temp file, fsync, rename), so a crash never leaves a half file that looks
+    converted."""
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".vae-oid-", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"format": "pt", "source": f"{VAE_REPO} (space) {VAE_FILENAME}"})
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
+        with atomic_path(target, make_parents=True) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt", "source": f"{VAE_REPO} (space) {VAE_FILENAME}"})
+    except (OSError, OutputError) as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFullError(f"no space left to write {target}: free some space or set VLMO_CACHE") from e
         logger.warning("could not cache the converted mask decoder at %s (%s); it will be converted again", target, e)
         return
@@ -253,14 +254,19 @@ def _download_vae() -> Path:
     """`vae-oid.npz` from the Space, via the Hugging Face cache (found there offline once downloaded)."""
     where = f"{VAE_FILENAME} from the Space {VAE_REPO}"
     local = "or pass the path of a local vae-oid.npz to load_mask_decoder()"
+    unreachable = f"could not reach {constants.ENDPOINT} for {where}: check your connection, {local}"
     try:
-        return Path(hf_hub_download(repo_id=VAE_REPO, filename=VAE_FILENAME, repo_type="space"))
+        with hub_requests() as timeouts:  # timeouts and quiet retries, as for models
+            path = hf_hub_download(
+                repo_id=VAE_REPO, filename=VAE_FILENAME, repo_type="space", etag_timeout=timeouts.metadata
+            )
+        return Path(path)
     except (OfflineModeIsEnabled, LocalEntryNotFoundError) as e:
         if constants.is_offline_mode():
             raise OfflineError(
                 f"{where} is not in the cache and HF_HUB_OFFLINE is set: run once online to cache it, {local}"
             ) from e
-        raise DownloadError(f"could not reach {constants.ENDPOINT} for {where}: check your connection, {local}") from e
+        raise DownloadError(unreachable) from e
     except (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError) as e:
         raise ModelNotFoundError(
             f"{where} was not found on {constants.ENDPOINT}: get vae-oid.npz elsewhere (big_vision: "
@@ -273,6 +279,8 @@ def _download_vae() -> Path:
         if status in (401, 403):
             raise GatedModelError(f"the hub refused {where} (HTTP {status}): check your token (HF_TOKEN)") from e
         raise DownloadError(f"the hub answered HTTP {status} for {where}: wait, then run it again") from e
+    except (httpx2.ConnectError, httpx2.TimeoutException) as e:  # no answer within hub_timeouts(), retries included
+        raise DownloadError(unreachable) from e
     except httpx2.TransportError as e:
         raise DownloadError(f"the connection dropped while fetching {where}: run it again to resume") from e
     except OSError as e:

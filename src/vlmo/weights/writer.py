@@ -12,6 +12,7 @@ from vlmo.config import projector_to_hf
 from vlmo.errors import InputError
 from vlmo.jsonfile import read_json
 from vlmo.nn.paligemma import PaliGemma
+from vlmo.outputs import atomic_path, write_output
 from vlmo.weights.files import CONFIG_FILE, OPTIONAL_FILES, SINGLE_FILE, TOKENIZER_FILE
 from vlmo.weights.keys import KeyMap
 from vlmo.weights.loader import NOT_A_CHECKPOINT
@@ -35,8 +36,8 @@ def save_weights(model: PaliGemma, out_dir: str | Path) -> Path:
     keymap = KeyMap(model.cfg.text.arch)
     tensors = {keymap.to_hf(name): t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     path = Path(out_dir) / SINGLE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    with atomic_path(path, make_parents=True) as tmp:  # a failed write leaves the old file, not a truncated one
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     return path
 
 
@@ -53,9 +54,10 @@ def save_checkpoint(model: PaliGemma, out_dir: str | Path, source: str | Path) -
     extra = projector_to_hf(model.cfg.projector)
     if extra is not None:
         config["vlmo_projector"] = extra
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    write_output(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     for name in (TOKENIZER_FILE, *OPTIONAL_FILES):
         if (source / name).is_file():
-            shutil.copy(source / name, out / name)
+            with atomic_path(out / name) as tmp:
+                shutil.copy(source / name, tmp)
     save_weights(model, out)
     return out
