@@ -137,6 +137,11 @@ def test_warmup_then_cosine() -> None:
         ({"vqa_questions": "q.json"}, "--data"),  # both kinds of data files
         ({"data": None, "vqa_questions": "q.json"}, "--vqa-annotations"),  # half the VQAv2 layout
         ({"lr": 0.0}, "lr"),
+        ({"lr": float("nan")}, "lr must be a number > 0, got nan"),
+        ({"lr": float("inf")}, "lr"),
+        ({"max_grad_norm": float("nan")}, "max_grad_norm"),
+        ({"weight_decay": float("nan")}, "weight_decay"),
+        ({"lora_dropout": 1.0}, "lora_dropout"),
     ],
 )
 def test_config_errors(kw: dict, words: str, tmp_path: Path) -> None:
@@ -432,3 +437,14 @@ def test_resume_reads_trainable_weights_through_the_validated_reader(tmp_path: P
     (tmp_path / "training_state.pt").write_bytes(b"never read")
     with pytest.raises(CheckpointError, match="overlaps"):
         load_checkpoint(tmp_path, model, optimizer, scheduler)
+
+
+def test_cli_finetune_refuses_a_nan_learning_rate(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from vlmo.cli import app
+
+    args = ["finetune", "--model", "vlmo/shapes", "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "run")]
+    done = CliRunner().invoke(app, [*args, "--lr", "nan"])
+    assert done.exit_code == 2 and done.output.strip() == "error: lr must be a number > 0, got nan"
+    assert not (tmp_path / "run").exists()

@@ -3,6 +3,7 @@ derive `vlmo finetune`'s options from it without loading torch; the training its
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -71,8 +72,16 @@ class FinetuneConfig:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.fsdp and (self.resume is not None or self.save_every):
             raise InputError("--fsdp runs save the final model only: drop --resume and --save-every, or use DDP")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.save_every < 0 or self.max_grad_norm <= 0:
-            raise InputError("lr and max_grad_norm must be > 0; warmup_steps and save_every must be ≥ 0")
+        for name in ("lr", "max_grad_norm", "lora_alpha"):
+            if not _finite(getattr(self, name)) or getattr(self, name) <= 0:
+                raise InputError(f"{name} must be a number > 0, got {getattr(self, name)!r}")
+        for name in ("weight_decay", "lora_dropout"):
+            if not _finite(getattr(self, name)) or getattr(self, name) < 0:
+                raise InputError(f"{name} must be a number ≥ 0, got {getattr(self, name)!r}")
+        if not self.lora_dropout < 1:
+            raise InputError(f"lora_dropout must be below 1, got {self.lora_dropout!r}")
+        if self.warmup_steps < 0 or self.save_every < 0:
+            raise InputError("warmup_steps and save_every must be ≥ 0")
         vqa = (self.vqa_questions, self.vqa_annotations, self.vqa_images)
         if any(v is not None for v in vqa) and (self.data is not None or None in vqa):
             raise InputError(DATA_CHOICE)
@@ -86,3 +95,8 @@ class FinetuneConfig:
 DATA_CHOICE = (
     "give training data either as --data FILE.jsonl or as all of --vqa-questions, --vqa-annotations and --vqa-images"
 )
+
+
+def _finite(value: object) -> bool:
+    """A real number that is neither NaN nor infinite (`--lr nan` would train into NaN weights)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
