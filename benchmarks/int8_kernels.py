@@ -78,7 +78,7 @@ def main() -> None:
             q, scale = per_row(torch.randn(n, k) * 0.02)
             x = torch.randn(rows, k)
             for name, (prep, fn) in candidates(q, scale).items():
-                total[name] = total.get(name, 0.0) + timed(lambda fn=fn: fn(x), 20 if rows < 64 else 5)
+                total[name] = total.get(name, 0.0) + timed(lambda fn=fn, x=x: fn(x), 20 if rows < 64 else 5)
                 prepare[name] = prepare.get(name, 0.0) + prep
         results[f"rows={rows} ms per layer"] = {name: round(t * 1e3, 3) for name, t in total.items()}
         results["prepare ms per layer"] = {name: round(t * 1e3, 1) for name, t in prepare.items()}
