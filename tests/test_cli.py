@@ -526,3 +526,13 @@ def test_help_does_not_import_torch() -> None:
     code = "import sys, vlmo, vlmo.cli; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_no_numpy_warning_on_a_clean_install() -> None:
+    """Without numpy (not one of vlmo's dependencies) torch warns on import; vlmo's users must not see it."""
+    hide_numpy = "import sys; sys.modules['numpy'] = None; "
+    bare = subprocess.run([sys.executable, "-c", hide_numpy + "import torch"], capture_output=True, text=True)
+    assert "Failed to initialize NumPy" in bare.stderr  # the warning this test is about, as torch gives it
+    code = hide_numpy + "import vlmo, vlmo.cli; from vlmo import VLMo; import torch; print(torch.ones(1).sum())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr

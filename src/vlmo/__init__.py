@@ -7,9 +7,14 @@ model does.
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0.dev0"
+
+# torch warns "Failed to initialize NumPy" on import when numpy is not installed. vlmo never hands tensors to numpy,
+# so on a clean install (no numpy) that warning is noise before every answer; only this one message is hidden.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
 _EXPORTS = {
     "VLMo": "vlmo.api",
