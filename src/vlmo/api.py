@@ -54,7 +54,6 @@ from vlmo.segmentation import Segmentation, parse_segmentations
 from vlmo.tasks import CaptionDetail, Prompt
 from vlmo.weights.hub import resolve_model
 from vlmo.weights.policy import choose_quantization, load_for_inference, load_processors
-from vlmo.weights.vqvae import load_mask_decoder
 
 T = TypeVar("T")
 PromptInput = str | Prompt
@@ -323,6 +322,8 @@ class VLMo:
         **options: Unpack[GenerateOptions],
     ) -> Generator[None, None, list[Segmentation] | list[list[Segmentation]]]:
         """`segment` one generated token at a time, as `detect_steps` is `detect`: closing it stops generation."""
+        from vlmo.weights.vqvae import load_mask_decoder  # only segment needs it (and its hub code)
+
         prompt = tasks.segment(labels)
         key = None if mask_decoder is None else str(mask_decoder)
         if key not in self._mask_decoders:

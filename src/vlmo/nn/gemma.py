@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vlmo.config import TextConfig
+from vlmo.nn.embedding import embedding
 from vlmo.nn.kv_cache import KVCache
 
 
@@ -200,7 +201,7 @@ class Gemma(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed = embedding(cfg.vocab_size, cfg.hidden_size)
         sliding = [t == "sliding_attention" for t in cfg.layer_types] or [False] * cfg.num_layers
         self.layers = nn.ModuleList(DecoderLayer(cfg, s) for s in sliding)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

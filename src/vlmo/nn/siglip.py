@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmo.config import VisionConfig
+from vlmo.nn.embedding import embedding
 
 
 class VisionAttention(nn.Module):
@@ -64,7 +65,7 @@ class SiglipVision(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
-        self.pos_embed = nn.Embedding(cfg.num_patches, cfg.hidden_size)
+        self.pos_embed = embedding(cfg.num_patches, cfg.hidden_size)
         self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_layers))
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import errno
+import functools
 import logging
 import math
 import os
@@ -147,22 +148,28 @@ def _shapes(cls: type[nn.Module]) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in cls().state_dict().items()}
 
 
-_DECODER = _shapes(VQVAEDecoder)
-_ENCODER = _shapes(VQVAEEncoder)
-_KNOWN = {**_DECODER, **_ENCODER}
+@functools.cache
+def _expected() -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """The decoder's and the encoder's tensor shapes, worked out on first use: building the modules (even on the
+    meta device) makes torch import sympy, over half a second that `import vlmo` should not pay."""
+    return _shapes(VQVAEDecoder), _shapes(VQVAEEncoder)
+
+
 _IGNORED = ("_vq_vae._ema_cluster_size", "_vq_vae._ema_w")
 
 
 def _validated(tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    unexpected = sorted(k for k in tensors if k not in _KNOWN and k not in _IGNORED)
-    missing = [k for k in _DECODER if k not in tensors]
-    encoder_only = [k for k in _ENCODER if k not in _DECODER]
+    decoder, encoder = _expected()
+    known = {**decoder, **encoder}
+    unexpected = sorted(k for k in tensors if k not in known and k not in _IGNORED)
+    missing = [k for k in decoder if k not in tensors]
+    encoder_only = [k for k in encoder if k not in decoder]
     if any(k in tensors for k in encoder_only):  # the encoder is optional, but then complete
         missing += [k for k in encoder_only if k not in tensors]
     wrong = [
-        f"{k} {tuple(tensors[k].shape)} (expected {_KNOWN[k]})"
-        for k in _KNOWN
-        if k in tensors and tuple(tensors[k].shape) != _KNOWN[k]
+        f"{k} {tuple(tensors[k].shape)} (expected {known[k]})"
+        for k in known
+        if k in tensors and tuple(tensors[k].shape) != known[k]
     ]
     problems = []
     if missing:
@@ -173,12 +180,12 @@ def _validated(tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch
         problems.append(f"wrong shape {few_names(wrong)}")
     if problems:
         raise CheckpointError(f"{source} is not the vae-oid mask VQ-VAE: {'; '.join(problems)}")
-    not_float = sorted(k for k in tensors if k in _KNOWN and not tensors[k].is_floating_point())
+    not_float = sorted(k for k in tensors if k in known and not tensors[k].is_floating_point())
     if not_float:
         raise CheckpointError(
             f"{source}: {few_names(not_float)} must be floating point, got {tensors[not_float[0]].dtype}"
         )
-    return {k: tensors[k].to(torch.float32).contiguous() for k in _KNOWN if k in tensors}
+    return {k: tensors[k].to(torch.float32).contiguous() for k in known if k in tensors}
 
 
 # The .npz reader: a zip of `<name>.npy` members; each .npy is the magic b"\x93NUMPY", a version (major,
