@@ -536,3 +536,17 @@ def test_no_numpy_warning_on_a_clean_install() -> None:
     code = hide_numpy + "import vlmo, vlmo.cli; from vlmo import VLMo; import torch; print(torch.ones(1).sum())"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_an_answer_does_not_import_torch_compiler_or_sympy() -> None:
+    """Loading a model and answering needs neither torch's compiler nor sympy (each costs a second of start-up):
+    meta-device construction must not initialise weights, and `import vlmo.api` must not build the mask decoder."""
+    code = (
+        "import sys; from vlmo import VLMo\n"
+        "vlm = VLMo.from_pretrained('vlmo/shapes', device='cpu')\n"
+        "from PIL import Image; vlm.ask(Image.new('RGB', (224, 224), 'white'), 'how many shapes?')\n"
+        "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
