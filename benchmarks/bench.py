@@ -3,6 +3,8 @@
     python benchmarks/bench.py --size tiny                          # seconds; checks the harness
     python benchmarks/bench.py --size paligemma-3b --runs 3         # the numbers in docs/benchmarks.md
     python benchmarks/bench.py --size paligemma2-3b --modes vlmo-int8,hf-bfloat16
+    python benchmarks/bench.py --size paligemma-3b --device cuda --checkpoint-dtype bfloat16 \
+        --modes vlmo-bfloat16,hf-bfloat16                           # on a GPU (benchmarks/gpu.sh)
 
 Each measurement is a fresh process (so peak RSS is the whole process's, load included) that loads the model,
 then answers one request: a 640×480 image and a 12-token prompt, greedy, exactly `--new-tokens` tokens (no early
@@ -13,6 +15,12 @@ transformers' float32 and bfloat16 rows. The checkpoint is written once into `--
 
 Modes: vlmo-float32, vlmo-bfloat16, vlmo-int8 (`quantize="int8"`), vlmo-auto (vlmo's defaults), hf-float32,
 hf-bfloat16 (transformers' PaliGemmaForConditionalGeneration + PaliGemmaProcessor, its default sdpa attention).
+
+`--device cuda` runs the models on the GPU (vlmo-int8 is CPU-only). Times are taken after
+`torch.cuda.synchronize()`, and each process answers the request twice: the first answer pays CUDA's one-time
+start-up (kernel loading, cuBLAS handles) and is reported as `cold_ttft_s`/`cold_e2e8_s`; the other metrics are
+the second answer's (the vision tower runs again: vlmo's image cache is cleared). Peak GPU memory is
+`torch.cuda.max_memory_allocated()` (`peak_gpu_gb`). On the CPU each process answers once, as before.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_MODES = "vlmo-auto,vlmo-float32,vlmo-bfloat16,vlmo-int8,hf-float32,hf-bfloat16"
 PROMPT = "answer en what is written on the sign next to the red car in this picture?"
 METRICS = ("load_s", "peak_rss_gb", "ttft_s", "decode_tok_s", "e2e8_s")
+CUDA_METRICS = ("peak_gpu_gb", "cold_ttft_s", "cold_e2e8_s")
 
 
 def test_image():  # noqa: ANN201 - PIL type
@@ -45,30 +54,44 @@ def test_image():  # noqa: ANN201 - PIL type
     return Image.frombytes("RGB", (640, 480), bytes(pixels.flatten().tolist()))
 
 
-def worker(mode: str, model_dir: str, new_tokens: int, threads: int) -> dict[str, Any]:
+def worker(mode: str, model_dir: str, new_tokens: int, threads: int, device: str = "cpu") -> dict[str, Any]:
     """One measurement in this process (see module docstring); returns the metrics and what the model holds."""
     import torch
 
     torch.set_num_threads(threads)
     engine, _, kind = mode.partition("-")
     image = test_image()
+    cuda = device == "cuda"
+    requests = 2 if cuda else 1  # on a GPU: a cold answer, then the measured one
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
     started = time.perf_counter()
-    times: list[float] = []
+    answers: list[tuple[float, list[float]]] = []  # per answer: its start and each token's time
     if engine == "vlmo":
         from vlmo import VLMo
         from vlmo.generation import SamplingConfig, generate_steps
 
         options: dict[str, Any] = {"quantize": "int8"} if kind == "int8" else {"dtype": kind}
-        vlm = VLMo.from_pretrained(model_dir, device="cpu", progress=False, **options)
+        vlm = VLMo.from_pretrained(model_dir, device=device, progress=False, **options)
+        sync()
         load = time.perf_counter() - started
         weights = _held_bytes(vlm.model)
-        t0 = time.perf_counter()
-        features = vlm.encode_images([image])
-        batch = vlm.text.encode([PROMPT])
-        steps = generate_steps(vlm.model, batch.input_ids, batch.attention_mask, features,
-                             SamplingConfig(max_new_tokens=new_tokens), [], vlm.text.pad_id)  # fmt: skip
-        for _ in steps:
-            times.append(time.perf_counter())
+        for _ in range(requests):
+            vlm.image_cache.clear()
+            times: list[float] = []
+            t0 = time.perf_counter()
+            features = vlm.encode_images([image])
+            batch = vlm.text.encode([PROMPT])
+            ids, mask = batch.input_ids.to(vlm.device), batch.attention_mask.to(vlm.device)
+            steps = generate_steps(vlm.model, ids, mask, features, SamplingConfig(max_new_tokens=new_tokens), [],
+                                   vlm.text.pad_id)  # fmt: skip
+            for _ in steps:
+                sync()
+                times.append(time.perf_counter())
+            answers.append((t0, times))
         described = f"{vlm.dtype}".removeprefix("torch.") + (" + int8" if kind in ("int8", "auto") and
                                                               _quantized(vlm.model) else "")  # fmt: skip
     elif engine == "hf":
@@ -76,30 +99,44 @@ def worker(mode: str, model_dir: str, new_tokens: int, threads: int) -> dict[str
 
         dtype = getattr(torch, kind)
         model = transformers.PaliGemmaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
+        if cuda:
+            model.to(device)
         proc = transformers.PaliGemmaProcessor(
             image_processor=transformers.models.siglip.SiglipImageProcessorPil.from_pretrained(model_dir),
             tokenizer=transformers.GemmaTokenizer(tokenizer_file=str(Path(model_dir) / "tokenizer.json")),
         )
+        sync()
         load = time.perf_counter() - started
         weights = sum({t.data_ptr(): t.nbytes for t in model.state_dict().values()}.values())  # tied head once
 
         class Clock(transformers.LogitsProcessor):
+            def __init__(self, times: list[float]) -> None:
+                self.times = times
+
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-                times.append(time.perf_counter())
+                sync()
+                self.times.append(time.perf_counter())
                 return scores
 
-        t0 = time.perf_counter()
-        inputs = proc(images=image, text=PROMPT, return_tensors="pt")
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        with torch.inference_mode():
-            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                           logits_processor=[Clock()], pad_token_id=0)  # fmt: skip
+        for _ in range(requests):
+            times = []
+            t0 = time.perf_counter()
+            inputs = proc(images=image, text=PROMPT, return_tensors="pt")
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+            if cuda:
+                inputs = inputs.to(device)
+            with torch.inference_mode():
+                model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                               logits_processor=[Clock(times)], pad_token_id=0)  # fmt: skip
+            answers.append((t0, times))
         described = kind
     else:
         raise SystemExit(f"unknown mode {mode!r}")
-    if len(times) != new_tokens:
-        raise SystemExit(f"{mode}: produced {len(times)} tokens, expected {new_tokens}")
-    return {
+    for _, times in answers:
+        if len(times) != new_tokens:
+            raise SystemExit(f"{mode}: produced {len(times)} tokens, expected {new_tokens}")
+    t0, times = answers[-1]
+    result = {
         "mode": mode,
         "holds": described,
         "load_s": load,
@@ -109,6 +146,14 @@ def worker(mode: str, model_dir: str, new_tokens: int, threads: int) -> dict[str
         "decode_tok_s": (new_tokens - 1) / (times[-1] - times[0]),
         "e2e8_s": times[min(7, new_tokens - 1)] - t0,
     }
+    if cuda:
+        cold_t0, cold = answers[0]
+        result |= {
+            "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9,
+            "cold_ttft_s": cold[0] - cold_t0,
+            "cold_e2e8_s": cold[min(7, new_tokens - 1)] - cold_t0,
+        }
+    return result
 
 
 def peak_rss() -> int:
@@ -145,7 +190,7 @@ def _held_bytes(model: Any) -> int:
 
 def run_one(mode: str, model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", mode, "--model-dir", str(model_dir),
-           "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]  # fmt: skip
+           "--new-tokens", str(args.new_tokens), "--threads", str(args.threads), "--device", args.device]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{done.stderr[-3000:]}")
@@ -157,30 +202,38 @@ def summarize(results: list[dict[str, Any]], modes: list[str]) -> dict[str, dict
     for mode in modes:
         rows = [r for r in results if r["mode"] == mode]
         if rows:
-            out[mode] = {k: statistics.median(r[k] for r in rows) for k in (*METRICS, "weights_gb")}
+            keys = (*METRICS, "weights_gb", *(k for k in CUDA_METRICS if k in rows[0]))
+            out[mode] = {k: statistics.median(r[k] for r in rows) for k in keys}
             out[mode]["holds"] = rows[0]["holds"]  # type: ignore[assignment]
     return out
 
 
 def table(summary: dict[str, dict[str, Any]]) -> str:
+    """The markdown table of docs/benchmarks.md; with CUDA results, peak GPU memory and the cold first answer too."""
+    gpu = any("peak_gpu_gb" in m for m in summary.values())
+    extra = " peak GPU GB | cold TTFT s | cold 8-token answer s |" if gpu else ""
     lines = [
         "| mode | weights held | load s | peak RSS GB | TTFT s | decode tok/s | 8-token answer s "
-        "| e2e ÷ hf fp32 | TTFT ÷ hf fp32 | decode × hf bf16 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| e2e ÷ hf fp32 | TTFT ÷ hf fp32 | decode × hf bf16 |" + extra,
+        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * 3 * gpu,
     ]
     f32, b16 = summary.get("hf-float32"), summary.get("hf-bfloat16")
+    d = 3 if gpu else 2  # decimals of the answer times: a GPU answers in tens of milliseconds
     for mode, m in summary.items():
         e2e = f"{m['e2e8_s'] / f32['e2e8_s']:.2f}" if f32 else "–"
         ttft = f"{m['ttft_s'] / f32['ttft_s']:.2f}" if f32 else "–"
         dec = f"{m['decode_tok_s'] / b16['decode_tok_s']:.2f}" if b16 else "–"
-        lines.append(
+        line = (
             f"| {mode} | {m['holds']}, {m['weights_gb']:.2f} GB | {m['load_s']:.2f} | {m['peak_rss_gb']:.2f} "
-            f"| {m['ttft_s']:.2f} | {m['decode_tok_s']:.2f} | {m['e2e8_s']:.2f} | {e2e} | {ttft} | {dec} |"
+            f"| {m['ttft_s']:.{d}f} | {m['decode_tok_s']:.2f} | {m['e2e8_s']:.{d}f} | {e2e} | {ttft} | {dec} |"
         )
+        if gpu:
+            line += f" {m['peak_gpu_gb']:.2f} | {m['cold_ttft_s']:.3f} | {m['cold_e2e8_s']:.3f} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
-def environment(threads: int) -> dict[str, Any]:
+def environment(threads: int, device: str = "cpu") -> dict[str, Any]:
     import torch
 
     env: dict[str, Any] = {
@@ -191,6 +244,8 @@ def environment(threads: int) -> dict[str, Any]:
         "cores": os.cpu_count(),
         "threads": threads,
     }
+    if device == "cuda":
+        env |= {"device": "cuda", "gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda}
     try:
         import transformers
 
@@ -201,6 +256,18 @@ def environment(threads: int) -> dict[str, Any]:
 
     env["vlmo"] = vlmo.__version__
     return env
+
+
+def check_cuda(modes: list[str]) -> None:
+    """Exit with one line when `--device cuda` cannot run here or a mode cannot run on a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        why = "this PyTorch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise SystemExit(f"bench.py: --device cuda: {why} (torch {torch.__version__}); use --device cpu")
+    cpu_only = [m for m in modes if m == "vlmo-int8"]
+    if cpu_only:
+        raise SystemExit(f"bench.py: --device cuda: {', '.join(cpu_only)} runs on the CPU only; drop it from --modes")
 
 
 def _cpu_name() -> str:
@@ -220,17 +287,23 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="rounds over all modes (medians)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens per answer (≥ 8)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the models run (default cpu)")
+    parser.add_argument("--checkpoint-dtype", choices=("float32", "bfloat16"),
+                        help="dtype the checkpoint is written in (default: as on the hub for --size)")  # fmt: skip
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "vlmo-bench")
-    parser.add_argument("--out", type=Path, help="JSON results file (default: benchmarks/results/<size>.json)")
+    parser.add_argument("--out", type=Path, help="JSON results file (default: benchmarks/results/<size>.json, "
+                        "<size>-cuda.json with --device cuda)")  # fmt: skip
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.model_dir, args.new_tokens, args.threads)))
+        print(json.dumps(worker(args.worker, args.model_dir, args.new_tokens, args.threads, args.device)))
         return
     if args.new_tokens < 8:
         parser.error("--new-tokens must be at least 8 (the 8-token answer is one of the metrics)")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if args.device == "cuda":
+        check_cuda(modes)
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -239,8 +312,11 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from checkpoints import write_checkpoint
 
-    print(f"checkpoint {args.size} in {args.cache / args.size} …", file=sys.stderr)
-    model_dir = write_checkpoint(args.size, args.cache / args.size)
+    name = args.size if args.checkpoint_dtype is None else f"{args.size}-{args.checkpoint_dtype}"
+    print(f"checkpoint {name} in {args.cache / name} …", file=sys.stderr)
+    model_dir = write_checkpoint(args.size, args.cache / name, dtype=args.checkpoint_dtype, device=args.device)
+    out = args.out or HERE / "results" / (f"{args.size}-cuda.json" if args.device == "cuda" else f"{args.size}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for run in range(args.runs):
         for mode in modes:
@@ -248,13 +324,13 @@ def main() -> None:
             print(f"run {run + 1}/{args.runs} {mode}: " + ", ".join(f"{k} {r[k]:.3g}" for k in METRICS),
                   file=sys.stderr, flush=True)  # fmt: skip
             results.append(r)
-    summary = summarize(results, modes)
-    report = {"size": args.size, "command": " ".join(sys.argv), "new_tokens": args.new_tokens,
-              "environment": environment(args.threads), "summary": summary, "runs": results}  # fmt: skip
-    out = args.out or HERE / "results" / f"{args.size}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(table(summary))
+        # Written after every round: a run cut short by a time limit still leaves its finished rounds.
+        summary = summarize(results, modes)
+        report = {"size": args.size, "command": " ".join(sys.argv), "new_tokens": args.new_tokens,
+                  "environment": environment(args.threads, args.device), "summary": summary,
+                  "runs": results}  # fmt: skip
+        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(table(summarize(results, modes)))
     print(f"results: {out}", file=sys.stderr)
 
 

@@ -8,6 +8,10 @@ writing the 3B checkpoints needs about one shard (≤ 2 GB) of memory.
 Sizes: `tiny` (seconds), `paligemma-3b` (google/paligemma-3b-*-224 shapes, stored float32 as on the hub) and
 `paligemma2-3b` (google/paligemma2-3b-*-224 shapes, stored bfloat16 as on the hub). The tokenizer is vlmo's small
 test tokenizer (the real one is gated); the embedding keeps the real 257216 rows.
+
+`dtype` stores another dtype than the hub's (bfloat16 halves what a float32 size writes and loads), and
+`device="cuda"` draws the random tensors on the GPU (seconds instead of a minute; different numbers, same
+distribution), for the GPU benchmark (benchmarks/gpu.sh).
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ def _vision(width: int, layers: int, heads: int, mlp: int, patch: int, image: in
     }
 
 
-def config_for(size: str, image_token: int) -> dict[str, Any]:
-    """config.json (transformers layout) of a benchmark size."""
+def config_for(size: str, image_token: int, stored: str | None = None) -> dict[str, Any]:
+    """config.json (transformers layout) of a benchmark size; `stored` overrides the hub's stored dtype."""
     if size == "tiny":
         text = {"model_type": "gemma", "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
                 "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 64, "vocab_size": 4096}  # fmt: skip
@@ -55,6 +59,7 @@ def config_for(size: str, image_token: int) -> dict[str, Any]:
         vision, dtype = _vision(1152, 27, 16, 4304, 14, 224, 2304), "bfloat16"
     else:
         raise SystemExit(f"unknown size {size!r}; use tiny, paligemma-3b or paligemma2-3b")
+    dtype = stored or dtype
     text |= {"hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 8192, "torch_dtype": dtype}
     return {
         "model_type": "paligemma",
@@ -72,8 +77,10 @@ def config_for(size: str, image_token: int) -> dict[str, Any]:
     }
 
 
-def write_checkpoint(size: str, out: Path, seed: int = 0) -> Path:
-    """Write (once) the checkpoint of `size` into `out`; a complete directory is reused as it is."""
+def write_checkpoint(size: str, out: Path, seed: int = 0, dtype: str | None = None, device: str = "cpu") -> Path:
+    """Write (once) the checkpoint of `size` into `out`; a complete directory is reused as it is.
+
+    `dtype`: "float32" or "bfloat16" instead of the size's hub dtype; `device`: where the tensors are drawn."""
     if (out / "done").is_file():
         return out
     from vlmo.config import PaliGemmaConfig
@@ -83,21 +90,21 @@ def write_checkpoint(size: str, out: Path, seed: int = 0) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
-    config = config_for(size, tok.token_to_id("<image>"))
+    config = config_for(size, tok.token_to_id("<image>"), dtype)
     cfg = PaliGemmaConfig.from_hf(config)
-    dtype = getattr(torch, config["torch_dtype"])
+    stored = getattr(torch, config["torch_dtype"])
     with torch.device("meta"):
         shapes = {name: tuple(t.shape) for name, t in PaliGemma(cfg).state_dict().items()}
     keymap = KeyMap(cfg.text.arch)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device).manual_seed(seed)
     shards: list[dict[str, torch.Tensor]] = [{}]
     used = 0
     for name, shape in shapes.items():
         # Weights N(0, 0.02) like an initialised model; norms small offsets around Gemma's 1 + w and LayerNorm's 1.
-        t = torch.randn(shape, generator=g, dtype=torch.float32).mul_(0.02)
+        t = torch.randn(shape, generator=g, dtype=torch.float32, device=device).mul_(0.02)
         if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "post_norm.weight")):
             t = t if name.startswith("text.") else t.add_(1.0)
-        t = t.to(dtype)
+        t = t.to(stored).cpu()
         if used + t.nbytes > SHARD_BYTES and shards[-1]:
             shards.append({})
             used = 0
@@ -113,7 +120,7 @@ def write_checkpoint(size: str, out: Path, seed: int = 0) -> Path:
         save_file(shard, str(out / file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, file))
         shard.clear()
-    total = sum(torch.Size(s).numel() * dtype.itemsize for s in shapes.values())
+    total = sum(torch.Size(s).numel() * stored.itemsize for s in shapes.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
