@@ -19,11 +19,13 @@ from vlmo.testing import build_tokenizer, preprocessor_config
 
 @pytest.fixture(autouse=True)
 def _isolate_hf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep every test away from the user's Hugging Face cache and token (a private cache in tmp_path/"hf"), and
-    from the caller's VLMO_* settings."""
+    """Keep every test away from the user's Hugging Face cache and token (a private cache in tmp_path/"hf"), from
+    the user's prepared-weights cache (VLMO_CACHE: a private one in tmp_path/"vlmo-cache"), and from the caller's
+    other VLMO_* settings."""
     isolate_hf(monkeypatch, tmp_path / "hf")
-    for name in ("VLMO_MODEL", "VLMO_DEBUG", "VLMO_CACHE"):
+    for name in ("VLMO_MODEL", "VLMO_DEBUG"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("VLMO_CACHE", str(tmp_path / "vlmo-cache"))
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ from vlmo.segmentation import Segmentation, parse_segmentations
 from vlmo.tasks import CaptionDetail, Prompt
 from vlmo.weights.hub import resolve_model
 from vlmo.weights.policy import choose_quantization, load_for_inference, load_processors
+from vlmo.weights.prepared import source_name
 
 T = TypeVar("T")
 PromptInput = str | Prompt
@@ -86,6 +87,7 @@ class VLMo:
         adapter: str | os.PathLike[str] | None = None,
         adapter_revision: str | None = None,
         quantize: str | None = "auto",
+        cache: bool = True,
     ) -> VLMo:
         """Load a checkpoint: a local directory (`config.json`, safetensors weights, `tokenizer.json`) or a hub id
         such as "google/paligemma-3b-mix-224" (downloaded once into the Hugging Face cache, then used offline).
@@ -98,6 +100,8 @@ class VLMo:
         quantized while loading so the float weights are never all in memory; "none" keeps the weights in `dtype`;
         "auto" (default) is int8 on a CPU when `dtype` is "auto" too, none otherwise (`vlmo.weights.policy` says
         why). For bit-level agreement with transformers, ask for `dtype="float32"`.
+        `cache`: keep int8 (and float16-held) weights in the prepared-weights cache, so a checkpoint is quantized
+        on its first load only (`VLMO_CACHE`, default the user cache folder; `vlmo.weights.prepared`).
         """
         if not isinstance(model, str | os.PathLike):
             raise InputError(
@@ -115,6 +119,8 @@ class VLMo:
             adapter=adapter,
             adapter_revision=adapter_revision,
             token=token,
+            cache=cache,
+            source=source_name(model),
         )
         text, image_config = load_processors(path, net.cfg)
         return cls(net, text, image_config, path)

@@ -350,6 +350,52 @@ def eval_vqav2(
         typer.echo(report.format_table())
 
 
+cache_app = typer.Typer(
+    help="List or remove prepared (int8 / float16) weights kept so a checkpoint is quantized once.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("ls", epilog="Examples:\n\n  vlmo cache ls\n\n  vlmo cache ls --json")
+def cache_ls(json_out: JsonOut = False) -> None:
+    """List the prepared-weights cache: one row per entry (model, mode, size, last used), its location and total."""
+    import time
+
+    from vlmo.weights.prepared import cache_root, entries
+
+    found = entries()
+    total = sum(e.bytes for e in found)
+    if json_out:
+        _emit_json({"cache": str(cache_root()), "bytes": total, "entries": [e.to_json() for e in found]})
+        return
+    for e in found:
+        used = "?" if e.last_used is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
+        typer.echo(f"{e.source}\t{e.mode}\t{e.bytes / 1e9:.2f} GB\t{used}")
+    typer.echo(f"cache: {cache_root()} ({len(found)} entries, {total / 1e9:.2f} GB)")
+
+
+@cache_app.command("rm", epilog="Examples:\n\n  vlmo cache rm google/paligemma-3b-mix-224\n\n  vlmo cache rm --all")
+def cache_rm(
+    model: Annotated[
+        str | None,
+        typer.Argument(metavar="MODEL", help="Remove every entry of this model (as `vlmo cache ls` names it)."),
+    ] = None,
+    all_entries: Annotated[bool, typer.Option("--all", help="Remove every entry.")] = False,
+) -> None:
+    """Remove prepared weights: all entries of MODEL, or all of them with --all."""
+    from vlmo.weights.prepared import remove
+
+    if (model is None) == (not all_entries):
+        raise CliUsageError("give a MODEL or --all, e.g. vlmo cache rm google/paligemma-3b-mix-224")
+    gone = remove(None if all_entries else model)
+    if model is not None and not gone:
+        raise CliUsageError(f"no prepared weights of {model} in the cache; see vlmo cache ls")
+    for e in gone:
+        typer.echo(f"removed {e.source} ({e.mode}, {e.bytes / 1e9:.2f} GB)")
+
+
 @app.command(
     "app",
     epilog=(

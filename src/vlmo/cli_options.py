@@ -97,6 +97,11 @@ MODEL = (
         ],
         "auto",
     ),
+    _option(
+        "cache",
+        Annotated[bool, typer.Option("--cache/--no-cache", help="Use the prepared-weights cache (default).")],
+        True,
+    ),
 )
 MAX_TOKENS = (
     _option(
@@ -154,6 +159,7 @@ class Run:
     device: str = "auto"
     dtype: str = "auto"
     quantize: str = "auto"
+    cache: bool = True
     max_tokens: int | None = None
     sample: bool = False
     temperature: float = 1.0
@@ -193,6 +199,7 @@ class Run:
                 revision=self.revision,
                 adapter=self.adapter,
                 quantize=self.quantize,
+                cache=self.cache,
             )
 
 

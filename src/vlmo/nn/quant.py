@@ -3,8 +3,9 @@
 What is quantized, and why:
 - **Every linear layer of the vision tower and the decoder** (SigLIP q/k/v/o/fc1/fc2, Gemma q/k/v/o/gate/up/down)
   and **the output head**: weights int8 with one scale per output row (symmetric, absmax/127); inputs quantized on
-  the fly, one scale per call (fbgemm's dynamic int8 linear, `torch.ops.quantized.linear_dynamic`; 8-bit on CPUs
-  with VNNI, 7-bit elsewhere, see `REDUCE_RANGE`). These layers hold > 99 % of the bytes and the FLOPs. Decode
+  the fly by fbgemm's dynamic int8 linear (`torch.ops.quantized.linear_dynamic`; 8-bit on CPUs with VNNI, 7-bit
+  elsewhere, see `REDUCE_RANGE`), each row over its own range (`Int8Linear`), so that a row's result never depends
+  on the other rows of its batch. These layers hold > 99 % of the bytes and the FLOPs. Decode
   reads every weight once per token, so a quarter of the fp32 bytes is up to 4× the tokens/s; prefill runs on the
   int8 GEMM, which is also faster than fp32 on AVX-512 VNNI.
 - **The embedding table** (tied to the head): int8 rows with a per-row scale; a lookup dequantizes only the rows it
@@ -80,13 +81,43 @@ def _pack(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> to
         return torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.float().contiguous())
 
 
+def normalize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: float[..., K] → (x' float32[M, K], lo float32[M, 1], span float32[M, 1]), M rows of K, with
+    x ≈ lo + span · x': each row mapped onto [0, 1] by its own min (lo) and max − min (span), both ends hit exactly;
+    a constant row (zeros included) becomes zeros, with span 1 (see `Int8Linear`).
+
+    Exactness: x' = (x − lo) / span. For x = max the subtraction is the very operation that gave span, so x' = 1
+    exactly; x = lo gives 0; and rounding is monotonic, so no element lands outside [0, 1]."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).float()
+    lo, hi = torch.aminmax(x2, dim=1, keepdim=True)
+    span = hi - lo
+    span.masked_fill_(span == 0, 1.0)  # a constant row: x − lo is exactly 0 everywhere
+    rows = torch.empty(x2.shape[0], k, dtype=torch.float32)  # one buffer, written in place: no copy, no cat
+    torch.sub(x2, lo, out=rows)
+    return rows.div_(span), lo, span
+
+
 class Int8Linear(nn.Module):
-    """y = x · (q · scale)ᵀ + b with fbgemm's dynamic int8 GEMM. x: float32[..., K] → float32[..., N]. CPU only."""
+    """y = x · (q · scale)ᵀ + b with fbgemm's dynamic int8 GEMM. x: float32[..., K] → float32[..., N]. CPU only.
+
+    Every row of x is quantized over its own range, so that a row's result is the same, bit for bit, alone or in any
+    batch. fbgemm's dynamic mode takes one quantization range per call (the min and max of the whole input), which
+    would let one bright image or one outlier token coarsen the rounding of every other row. So each row is mapped
+    onto exactly [0, 1] first (`normalize_rows`: x ≈ lo + span · x', its own min to 0 and max to 1, exactly), which
+    makes the range fbgemm sees [0, 1] in every call: its quantization parameters never change, and each row is
+    rounded on its own. Then y = span · (x' · Wᵀ) + lo · Σ_k W[:, k] + b, in float (the bias is added here, not in
+    the packed op, since it must not be scaled). A row's own min..max is never wider than the whole call's, so
+    int8's error stays the same or shrinks (docs/benchmarks.md: "int8 and bfloat16 rows independent of their
+    batch")."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.in_features, self.out_features = q.shape[1], q.shape[0]
-        self._packed = _pack(q, scale, bias)
+        self._packed = _pack(q, scale, None)
+        # Σ_k of each dequantized weight row (float64 sum, exact for int8), times each input row's lo in forward
+        self._row_sums = (q.sum(dim=1, dtype=torch.float64) * scale.double()).float()
+        self._bias = None if bias is None else bias.detach().float().clone()
 
     @classmethod
     def from_float(cls, linear: nn.Linear, release: Callable[[torch.Tensor], None] = lambda t: None) -> Int8Linear:
@@ -94,13 +125,17 @@ class Int8Linear(nn.Module):
         return cls(q, scale, None if linear.bias is None else linear.bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float().contiguous()
-        y = torch.ops.quantized.linear_dynamic(x2, self._packed, REDUCE_RANGE)
-        return y.view(*shape[:-1], self.out_features)
+        y = self.apply_rows(*normalize_rows(x))
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def apply_rows(self, rows: torch.Tensor, lo: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+        """`normalize_rows`' output → float32[M, N]."""
+        y = torch.ops.quantized.linear_dynamic(rows, self._packed, REDUCE_RANGE)
+        y.mul_(span).addcmul_(lo, self._row_sums)
+        return y if self._bias is None else y.add_(self._bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row, dynamic inputs"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row, inputs per row"
 
 
 class Int8Head(nn.Module):
@@ -113,7 +148,9 @@ class Int8Head(nn.Module):
         self.blocks = nn.ModuleList(_packed((q[i : i + block], scale[i : i + block], None) for i in starts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([b(x) for b in self.blocks], dim=-1)
+        rows = normalize_rows(x)  # once for all blocks
+        y = torch.cat([b.apply_rows(*rows) for b in self.blocks if isinstance(b, Int8Linear)], dim=-1)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _packed(jobs: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> list[Int8Linear]:
@@ -215,9 +252,15 @@ class Float16Linear(nn.Module):
     """A linear layer of a CPU bfloat16 model whose weight is held in float16 (same 2 bytes, 3 more mantissa bits).
 
     Why: on x86 CPUs PyTorch's float16 matrix-vector kernel streams weights about twice as fast as its bfloat16
-    one (docs/benchmarks.md), and decode is one matrix-vector product per layer. Prefill and batches (more than one
-    row) convert the weight to bfloat16 and use the bfloat16 GEMM, which is the fast one for many rows.
-    x: bf16[..., K] → bf16[..., N]. A float16 result that overflows (|y| > 65504) is recomputed in float32.
+    one (docs/benchmarks.md), and decode is one matrix-vector product per layer.
+
+    The path depends on the positions per sequence (x's second-to-last dimension; a 2-D x counts as one position per
+    row), never on the batch size, so that batching does not change a row's numbers: decode (one position per
+    sequence, any number of sequences) multiplies by the float16 weight; prefill (several positions) converts the
+    weight to bfloat16 for the bfloat16 GEMM, the fast one for many rows on CPUs with native bf16. Which rows share
+    a call does not matter on the CPU measured (PyTorch's float16 and bfloat16 products gave each row the same bits
+    alone and in batches of up to 300 rows; docs/benchmarks.md, "int8 and bfloat16 rows independent of their batch").
+    x: bf16[..., K] → bf16[..., N]. A float16 row that overflows (|y| > 65504) is recomputed alone in float32.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -227,11 +270,16 @@ class Float16Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[:-1].numel() == 1:
-            y = F.linear(x.to(torch.float16), self.weight16)
-            if not bool(torch.isfinite(y).all()):
-                y = F.linear(x.float(), self.weight16.float())
-            y = y.to(x.dtype)
+        if x.dim() < 3 or x.shape[-2] == 1:
+            y16 = F.linear(x.to(torch.float16), self.weight16)
+            y = y16.to(x.dtype)
+            finite = torch.isfinite(y16).all(dim=-1)
+            if not bool(finite.all()):
+                # one row at a time: float32 GEMMs of several rows round differently from one row's
+                flat, bad = y.view(-1, self.out_features), (~finite).reshape(-1).nonzero().flatten().tolist()
+                w32, x2 = self.weight16.float(), x.reshape(-1, self.in_features)
+                for i in bad:
+                    flat[i] = F.linear(x2[i : i + 1].float(), w32)[0].to(x.dtype)
         else:
             y = F.linear(x, self.weight16.to(x.dtype))
         return y if self.bias is None else y + self.bias

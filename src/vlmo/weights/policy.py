@@ -77,29 +77,62 @@ def load_for_inference(
     adapter: str | os.PathLike[str] | None = None,
     adapter_revision: str | None = None,
     token: str | bool | None = None,
+    cache: bool = True,
+    source: str | None = None,
 ) -> PaliGemma:
     """The checkpoint in `path` on `device`, with `adapter` merged, in the weight format the policy chooses.
 
-    `dtype` is the compute dtype (float32 for int8); `quantize` comes from `choose_quantization`.
+    `dtype` is the compute dtype (float32 for int8); `quantize` comes from `choose_quantization`. `cache`: the
+    modes that transform the weights (int8; float16-held when the checkpoint is not float16 already) read them
+    from the prepared-weights cache, writing it on the first load (`weights/prepared.py`); `source` names the
+    model in the cache's listing (default: `path`).
     """
     # bfloat16 on a CPU holds its linear weights in float16 (nn/quant.py, Float16Linear: faster decode).
     half_weights = quantize is None and device.type == "cpu" and dtype == torch.bfloat16
     # Quantizing starts from the stored (mmapped) weights: casting first would put a float copy in memory.
     load_dtype = None if quantize else torch.float16 if half_weights else dtype
-    net = load_model(path, dtype=load_dtype, device=device)
+    adapter_dir = None
     if adapter is not None:
-        from vlmo.nn.lora import remove_lora
-        from vlmo.weights.adapters import load_adapter
+        from vlmo.weights.adapters import resolve_adapter
 
-        load_adapter(net, adapter, revision=adapter_revision, token=token)
-        remove_lora(net, merge=True)
-    if quantize == "int8":
-        _quantize_int8(net, mapped_embedding=adapter is None)
-    elif half_weights:
-        from vlmo.nn.quant import hold_float16
+        adapter_dir = resolve_adapter(adapter, revision=adapter_revision, token=token)
 
-        hold_float16(net, torch.bfloat16)
-    return net
+    def base() -> PaliGemma:
+        net = load_model(path, dtype=load_dtype, device=device)
+        if adapter_dir is not None:
+            from vlmo.nn.lora import remove_lora
+            from vlmo.weights.adapters import load_adapter
+
+            load_adapter(net, adapter_dir)
+            remove_lora(net, merge=True)
+        return net
+
+    def finish(net: PaliGemma) -> PaliGemma:
+        if quantize == "int8":
+            _quantize_int8(net, mapped_embedding=adapter_dir is None)
+        elif half_weights:
+            from vlmo.nn.quant import hold_float16
+
+            hold_float16(net, torch.bfloat16)
+        return net
+
+    mode: Literal["int8", "float16"] | None = "int8" if quantize == "int8" else "float16" if half_weights else None
+    if cache and mode is not None and (mode == "int8" or adapter_dir is not None or not _stored_float16(path)):
+        from vlmo.weights.prepared import load_cached
+
+        return load_cached(
+            path, mode, adapter_dir=adapter_dir, source=source or str(path.resolve()), base=base, finish=finish
+        )
+    return finish(base())
+
+
+def _stored_float16(path: Path) -> bool:
+    """Whether every floating-point tensor of the checkpoint is stored in float16 (from the headers alone)."""
+    from vlmo.weights.loader import weight_files
+    from vlmo.weights.safetensors_io import read_header
+
+    dtypes = {info["dtype"] for file in weight_files(path) for info in read_header(file).values()}
+    return not dtypes & {"F32", "F64", "BF16"}
 
 
 def load_processors(path: Path, cfg: PaliGemmaConfig) -> tuple[TextProcessor, ImageProcessorConfig]:
