@@ -13,6 +13,9 @@ token), decode tokens/s after the first token, and the end-to-end time of an 8-t
 the 8th token). Modes run alternately (`--runs` rounds), and the table shows medians and ratios against
 transformers' float32 and bfloat16 rows. The checkpoint is written once into `--cache` (`checkpoints.py`).
 
+What a CLI user feels end to end (process start to the printed answer, first and second call with the prepared-
+weights cache) is measured by `cold_start.py` beside this file.
+
 Modes: vlmo-float32, vlmo-bfloat16, vlmo-int8 (`quantize="int8"`), vlmo-auto (vlmo's defaults), hf-float32,
 hf-bfloat16 (transformers' PaliGemmaForConditionalGeneration + PaliGemmaProcessor, its default sdpa attention).
 
