@@ -153,16 +153,26 @@ class Int8Head(nn.Module):
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def _packed(jobs: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> list[Int8Linear]:
+Job = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def _packed(jobs: Iterable[Job], after: Callable[[Job], None] = lambda job: None) -> list[Int8Linear]:
     """`Int8Linear(q, scale, bias)` for each job, in order, packing on one thread per core: fbgemm's packing is
     single-threaded and most of a 3B model's load time (≈ 5 s per billion weights), and it releases the GIL. Jobs
-    are drawn lazily, at most one per thread ahead, so only a few int8 matrices wait in memory at a time."""
+    are drawn lazily, at most one per thread ahead, so only a few int8 matrices wait in memory at a time; `after(job)`
+    runs as soon as a job's layer is built (e.g. to hand a mapped q's pages back to the OS: the layer holds a copy)."""
     workers = max(1, torch.get_num_threads())
     out: list[Int8Linear] = []
+
+    def build(job: Job) -> Int8Linear:
+        layer = Int8Linear(*job)
+        after(job)
+        return layer
+
     with ThreadPoolExecutor(workers) as pool:
         pending: deque[Future[Int8Linear]] = deque()
         for job in jobs:
-            pending.append(pool.submit(Int8Linear, *job))
+            pending.append(pool.submit(build, job))
             while len(pending) > workers:
                 out.append(pending.popleft().result())
         out.extend(f.result() for f in pending)
