@@ -5,8 +5,10 @@
     vlm.generate("photo.jpg", "caption en")             # -> "a cat sitting on a sofa"
     vlm.generate(["a.jpg", "b.jpg"], ["ocr", "ocr"])     # -> a list, run as one batch
 
-This module ties `weights/` (checkpoint → model), `processing.py` (image/text → tensors) and `generation.py`
-(tensors → token ids) together; it holds no model maths itself.
+This module ties `weights/` (checkpoint → model, loading policy), `tasks.py` (prompts), `processing.py`
+(image/text → tensors) and `generation.py` (tensors → token ids) together; it holds no model maths and builds no
+prompt itself. Task methods also come stepwise (`detect_steps`, `segment_steps`; `stream` for text), so that a
+caller can stop a request midway by closing it.
 """
 
 from __future__ import annotations
