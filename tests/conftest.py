@@ -6,6 +6,9 @@ Tests never download anything. A checkpoint is built once per session per config
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,19 @@ import torch
 
 from fake_hub import isolate_hf
 from vlmo.testing import build_tokenizer, preprocessor_config
+
+_SESSION_CACHE = tempfile.mkdtemp(prefix="vlmo-test-cache-")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A private prepared-weights cache for the whole session, set before any fixture runs: module- and
+    session-scoped fixtures load models before the per-test isolation below applies, and no test may write into
+    the user's cache."""
+    os.environ["VLMO_CACHE"] = _SESSION_CACHE
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

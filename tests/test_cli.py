@@ -536,6 +536,13 @@ def test_no_numpy_warning_on_a_clean_install() -> None:
     code = hide_numpy + "import vlmo, vlmo.cli; from vlmo import VLMo; import torch; print(torch.ones(1).sum())"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stderr == "", done.stderr
+    # and a whole answer, the first (writing the prepared-weights cache) and the second (reading it), without numpy
+    answer = hide_numpy + "from vlmo.cli import main; main()"
+    example = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
+    args = ["ask", str(example), "what color is the circle?", "--model", "vlmo/shapes"]
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", answer, *args], capture_output=True, text=True, timeout=120)
+        assert (done.returncode, done.stdout, done.stderr) == (0, "yellow\n", "")
 
 
 def test_an_answer_does_not_import_torch_compiler_or_sympy() -> None:

@@ -38,6 +38,7 @@ that fails (disk full, read-only cache) is one warning line; the model still loa
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -412,7 +413,13 @@ def _write_safetensors(path: Path, specs: list[_Spec], tensors: Iterator[torch.T
         for s, t in zip(specs, tensors, strict=True):
             if t.dtype != s.dtype or tuple(t.shape) != s.shape:
                 raise RuntimeError(f"prepared tensor {s.name} is {t.dtype} {tuple(t.shape)}, planned {s}")
-            f.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            f.write(_raw_bytes(t.detach().contiguous()))
+
+
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy and without numpy (not one of vlmo's dependencies).
+    The view is valid while `t` lives; the caller writes it at once."""
+    return memoryview((ctypes.c_ubyte * t.nbytes).from_address(t.data_ptr())).cast("B") if t.nbytes else memoryview(b"")
 
 
 @contextmanager
