@@ -557,3 +557,13 @@ def test_an_answer_does_not_import_torch_compiler_or_sympy() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_a_closed_pipe_is_not_an_error() -> None:
+    """`vlmo info | head -1`: when the reader goes away, vlmo stops quietly (exit 141, as for SIGPIPE)."""
+    code = "import sys; sys.argv = ['vlmo', 'info']; from vlmo.cli import main; main()"
+    reader = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert reader.stdout is not None and reader.stderr is not None
+    reader.stdout.close()  # before vlmo prints anything: `vlmo info` imports torch first
+    stderr = reader.stderr.read().decode()
+    assert reader.wait(timeout=120) == 141 and stderr == "", stderr

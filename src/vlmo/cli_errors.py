@@ -134,5 +134,18 @@ class ErrorHandlingGroup(TyperGroup):
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise typer.Exit(130) from None
+        except BrokenPipeError:
+            # The reader went away (`vlmo info | head -3`): nothing to report, as for any Unix filter. stdout goes to
+            # /dev/null so that flushing it at exit does not fail again; 141 is the shell's code for SIGPIPE.
+            _stdout_to_devnull()
+            raise typer.Exit(141) from None
         except Exception as e:  # noqa: BLE001 - this is the one place that turns errors into messages
             raise typer.Exit(report(e)) from None
+
+
+def _stdout_to_devnull() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real stdout (CliRunner's is a buffer): nothing is flushed to a pipe then
+        pass
