@@ -278,3 +278,35 @@ def test_cli_cache_ls_and_rm(ckpt: Path, adapter: Path) -> None:
     load(ckpt)
     gone = runner.invoke(app, ["cache", "rm", "--all"])
     assert gone.exit_code == 0 and len(gone.stdout.splitlines()) == 1 and cached() == []
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_first_load_shows_a_one_time_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    """On a terminal, the load that prepares weights says so once; the next load (from the cache) does not."""
+    import select
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
+    env = {**os.environ, "VLMO_CACHE": str(tmp_path / "cache"), "COLUMNS": "120", "TERM": "xterm"}
+    code = "from vlmo.cli import main; main()"
+    args = ["ask", str(example), "what color is the circle?", "--model", "vlmo/shapes"]
+
+    def run() -> tuple[str, str]:
+        master, slave = os.openpty()  # stderr is a terminal, stdout a pipe (the answer)
+        done = subprocess.run([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=slave, env=env)
+        os.close(slave)
+        shown = b""
+        while select.select([master], [], [], 0.5)[0]:
+            try:
+                chunk = os.read(master, 1 << 16)
+            except OSError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+        os.close(master)
+        return done.stdout.decode(), shown.decode(errors="replace")
+
+    first, second = run(), run()
+    assert first[0] == second[0] == "yellow\n"
+    assert "Preparing int8 weights (once for this checkpoint)" in first[1]
+    assert "Preparing" not in second[1]
