@@ -208,6 +208,19 @@ class MappedEmbedding(nn.Module):
         return F.embedding(ids, self.table).float()
 
 
+def quantized_linears(model: PaliGemma) -> list[tuple[nn.Module, str, str, nn.Linear]]:
+    """(parent, attribute, full name, layer) of every linear layer int8 mode quantizes (the vision tower's and the
+    decoder's), in a fixed order: `quantize_int8` and the prepared-weights cache (`weights/prepared.py`) share it."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return [
+        (parent, name, f"{names[id(parent)]}.{name}", child)
+        for stack in (model.vision.layers, model.text.layers)
+        for parent in stack.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear)
+    ]
+
+
 def quantize_int8(
     model: nn.Module, release: Callable[[torch.Tensor], None] = lambda t: None, mapped_embedding: bool = False
 ) -> nn.Module:
@@ -242,18 +255,12 @@ def quantize_int8(
     # `Gemma.embed` is typed as the float model's nn.Embedding; quantization swaps in another module on purpose.
     text.embed, text.lm_head = embed, head  # type: ignore[assignment]
     del q, scale, table  # not held past here unless the int8 embedding keeps them (500 MB for PaliGemma)
-    linears = [
-        (parent, name, child)
-        for stack in (model.vision.layers, model.text.layers)
-        for parent in stack.modules()
-        for name, child in parent.named_children()
-        if isinstance(child, nn.Linear)
-    ]
+    linears = quantized_linears(model)
     jobs = (
         (*_quantize_rows(child.weight.detach(), release), None if child.bias is None else child.bias.detach())
-        for _, _, child in linears
+        for _, _, _, child in linears
     )
-    for (parent, name, _), layer in zip(linears, _packed(jobs), strict=True):
+    for (parent, name, _, _), layer in zip(linears, _packed(jobs), strict=True):
         setattr(parent, name, layer)
     return model.float()
 

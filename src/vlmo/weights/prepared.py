@@ -234,25 +234,13 @@ def _checkpoint_embedding(model_dir: Path, cfg: Any) -> torch.Tensor:
     return table
 
 
-def _linears(net: PaliGemma) -> list[tuple[nn.Module, str, str, nn.Linear]]:
-    """(parent, attribute, full name, layer) of every linear layer `quantize_int8` quantizes, in its order."""
-    names = {id(m): n for n, m in net.named_modules()}
-    return [
-        (parent, name, f"{names[id(parent)]}.{name}", child)
-        for stack in (net.vision.layers, net.text.layers)
-        for parent in stack.modules()
-        for name, child in parent.named_children()
-        if isinstance(child, nn.Linear)
-    ]
-
-
 def _build_int8(
     net: PaliGemma,
     take: Callable[[str, torch.dtype | None, tuple[int, ...]], torch.Tensor],
     table: torch.Tensor | None,
 ) -> None:
     """Replace the meta model's layers by int8 ones built from the entry's q/scale (as `quantize_int8` builds them)."""
-    from vlmo.nn.quant import Int8Embedding, Int8Head, MappedEmbedding, _packed
+    from vlmo.nn.quant import Int8Embedding, Int8Head, MappedEmbedding, _packed, quantized_linears
 
     torch.backends.quantized.engine = "fbgemm"
     text = net.text
@@ -271,7 +259,7 @@ def _build_int8(
     text.embed, text.lm_head = embed, head  # type: ignore[assignment]  # as in quantize_int8
     if not isinstance(embed, Int8Embedding):
         release_pages(q)  # the head is packed (a copy), and no embedding reads these pages: before the linears
-    linears = _linears(net)
+    linears = quantized_linears(net)
     jobs = []
     for _, _, full, layer in linears:
         n, k = layer.weight.shape
@@ -300,7 +288,7 @@ def _int8_plan(
 ) -> tuple[list[_Spec], Callable[[Callable[[torch.Tensor], None]], Iterator[torch.Tensor]], int]:
     """What an int8 entry holds (names, dtypes, shapes, in file order), a generator of the tensors in that order
     (quantizing one weight at a time), and how many float weights it quantizes (for the progress bar)."""
-    from vlmo.nn.quant import _quantize_rows
+    from vlmo.nn.quant import _quantize_rows, quantized_linears
 
     text = net.text
     table = text.embed.weight.detach()
@@ -316,7 +304,7 @@ def _int8_plan(
         ]
         quantized.append(table)
     covered = {"text.embed.weight", "text.lm_head.weight"}
-    linears = _linears(net)
+    linears = quantized_linears(net)
     for _, _, full, layer in linears:
         n, k = layer.weight.shape
         specs += [_Spec(f"{full}.q", torch.int8, (n, k)), _Spec(f"{full}.scale", torch.float32, (n,))]
