@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Generator, Sequence
 from contextlib import closing
 from pathlib import Path
-from typing import TypeVar, overload
+from typing import Literal, TypeVar, overload
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -330,20 +330,74 @@ class VLMo:
         **options: Unpack[GenerateOptions],
     ) -> Generator[None, None, list[Segmentation] | list[list[Segmentation]]]:
         """`segment` one generated token at a time, as `detect_steps` is `detect`: closing it stops generation."""
+        prompt = tasks.segment(labels)
+        decoder = self._mask_decoder(mask_decoder)
+        parse = lambda text, size: parse_segmentations(text, size, decoder)  # noqa: E731
+        return (yield from self._locate(image, prompt, options, parse))
+
+    def _mask_decoder(self, mask_decoder: str | os.PathLike[str] | None) -> VQVAEDecoder:
+        """The VQ-VAE mask decoder `segment` uses, loaded on first use and kept (`vlmo.weights.vqvae`)."""
         from vlmo.weights.vqvae import load_mask_decoder  # only segment needs it (and its hub code)
 
-        prompt = tasks.segment(labels)
         key = None if mask_decoder is None else str(mask_decoder)
         if key not in self._mask_decoders:
             self._mask_decoders[key] = load_mask_decoder(mask_decoder)
-        decoder = self._mask_decoders[key]
+        return self._mask_decoders[key]
+
+    def parse_located(
+        self,
+        task: Literal["detect", "segment"],
+        text: str,
+        size: tuple[int, int],
+        ended: bool,
+        *,
+        mask_decoder: str | os.PathLike[str] | None = None,
+    ) -> list[Detection] | list[Segmentation]:
+        """A `detect` / `segment` answer's objects, as `detect` and `segment` return them, for a caller that ran
+        the generation itself (the server's engine): `text` is the generated answer for an image of `size`
+        (w, h) in pixels, `ended` whether `<eos>` ended it. When it did not, the last object may be cut short and
+        is dropped, as `detect` does."""
+        found: list[Detection] | list[Segmentation]
+        if task == "detect":
+            found = parse_detections(text, size)
+        elif task == "segment":
+            found = parse_segmentations(text, size, self._mask_decoder(mask_decoder))
+        else:
+            raise InputError(f"parse_located takes task 'detect' or 'segment', got {task!r}")
+        return _drop_cut(found, ended)
+
+    def locate(
+        self,
+        images: Sequence[ImageInput],
+        prompts: Sequence[Prompt],
+        *,
+        mask_decoder: str | os.PathLike[str] | None = None,
+        **options: Unpack[GenerateOptions],
+    ) -> list[list[Detection]] | list[list[Segmentation]]:
+        """`detect` or `segment` for a batch in which every image has its own labels, run as one padded batch.
+
+        `prompts`: one `tasks.detect(...)` per image, or one `tasks.segment(...)` per image (one task per call).
+        Returns a list of objects per image, as `detect` / `segment` do for a list of images. For callers whose
+        rows carry their own labels, such as `vlmo batch` reading a manifest.
+        """
+        kinds = {p.task if isinstance(p, Prompt) else None for p in prompts}
+        if kinds not in ({"detect"}, {"segment"}):
+            raise InputError("locate takes one task's prompts: a list of tasks.detect(...) or of tasks.segment(...)")
+        if not isinstance(images, list | tuple) or len(images) != len(prompts):
+            raise InputError("locate takes a list of images and a list of prompts of the same length")
+        # A list of images in, so a list per image out (`_locate`'s other case, one image, cannot happen here).
+        if kinds == {"detect"}:
+            detections = drain(self._locate(list(images), list(prompts), options, parse_detections))
+            return detections  # type: ignore[return-value]
+        decoder = self._mask_decoder(mask_decoder)
         parse = lambda text, size: parse_segmentations(text, size, decoder)  # noqa: E731
-        return (yield from self._locate(image, prompt, options, parse))
+        segmentations = drain(self._locate(list(images), list(prompts), options, parse))
+        return segmentations  # type: ignore[return-value]
 
     def _locate(
         self,
         image: ImageInput | Sequence[ImageInput],
-        prompt: Prompt,
+        prompt: Prompt | Sequence[Prompt],
         options: GenerateOptions,
         parse: Callable[[str, tuple[int, int]], list[T]],
     ) -> Generator[None, None, list[T] | list[list[T]]]:
@@ -351,10 +405,7 @@ class VLMo:
         images, prompts, batched = _pair_up(image, prompt)
         loaded = [load_image(im) for im in images]
         answers = yield from self._run_steps(loaded, prompts, options)
-        out = []
-        for im, (text, ended) in zip(loaded, answers, strict=True):
-            found = parse(text, im.size)
-            out.append(found if ended or not found else found[:-1])  # the last object may be cut short
+        out = [_drop_cut(parse(text, im.size), ended) for im, (text, ended) in zip(loaded, answers, strict=True)]
         return out if batched else out[0]
 
     # -- the loop under every task ---------------------------------------------------------------------------
@@ -437,6 +488,11 @@ class VLMo:
     def _encode_pils(self, images: Sequence[Image.Image]) -> torch.Tensor:
         pixels = preprocess_images(list(images), self.image_config)
         return self.model.encode_images(pixels.to(self.device))
+
+
+def _drop_cut(found: list[T], ended: bool) -> list[T]:
+    """A located answer's objects; without `<eos>` at its end, the last one may be cut short and is dropped."""
+    return found if ended or not found else found[:-1]
 
 
 def _as_lists(steps: Steps) -> RowSteps:

@@ -194,6 +194,42 @@ class PaliGemma(nn.Module):
         return self.text.logits(h[:, -1])
 
 
+def regroup(parts: list[tuple[DecodeState, torch.Tensor]], capacity_after: int) -> DecodeState:
+    """A new decode state holding the chosen rows of several states, for a batch whose rows come and go.
+
+    parts: (state, rows int64[R]) pairs; the result holds every part's rows, in order. `capacity_after`: how many
+    more tokens any row may still need, so the new cache has room for them. Rows keep their right alignment (every
+    row's last token in the last filled slot, as left padding gives at prefill): each part's slots are shifted so
+    that its rows end at the new `length`, and leading slots that none of the chosen rows uses are dropped. A row's
+    tokens stay contiguous and keep their position ids, so its attention sees exactly the keys it saw before;
+    only masked-out slots differ (docs/architecture.md, "Continuous batching").
+    """
+    spans = []
+    for state, rows in parts:
+        used = state.key_valid[rows, : state.length].any(dim=0)
+        first = int(used.nonzero()[0]) if bool(used.any()) else state.length
+        spans.append(state.length - first)
+    length = max(spans)
+    cache0 = parts[0][0].cache
+    layers, _, heads, _, head_dim = cache0.k.shape
+    batch = sum(int(rows.numel()) for _, rows in parts)
+    cache = KVCache(layers, batch, length + capacity_after, heads, head_dim, cache0.k.dtype, cache0.k.device)
+    device = cache0.k.device
+    key_valid = torch.zeros(batch, cache.max_len, dtype=torch.bool, device=device)
+    token_type = torch.ones(batch, cache.max_len, dtype=torch.long, device=device)
+    next_pos = torch.cat([state.next_pos[rows] for state, rows in parts])
+    row = 0
+    for (state, rows), span in zip(parts, spans, strict=True):
+        n, old = int(rows.numel()), slice(state.length - span, state.length)
+        new, out = slice(length - span, length), slice(row, row + n)
+        cache.k[:, out, :, new] = state.cache.k[:, rows][:, :, :, old]
+        cache.v[:, out, :, new] = state.cache.v[:, rows][:, :, :, old]
+        key_valid[out, new] = state.key_valid[rows][:, old]
+        token_type[out, new] = state.token_type[rows][:, old]
+        row += n
+    return DecodeState(cache, key_valid, token_type, length, next_pos)
+
+
 def positions_from_mask(valid: torch.Tensor) -> torch.Tensor:
     """bool[B, T] → int64[B, T]: 1, 2, 3, … over real tokens (pads get 1; they are masked anyway)."""
     pos = valid.long().cumsum(-1)
