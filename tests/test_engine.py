@@ -62,26 +62,26 @@ def _alone(vlm: VLMo, images: list[Image.Image]) -> list[str]:
     ],
 )
 @pytest.mark.parametrize("name", ["gqa", "gemma2"])
-@pytest.mark.parametrize("max_batch_size", [3, 8])
 def test_rows_joining_and_leaving_answer_as_each_request_alone(
-    tiny_checkpoints: dict[str, Path], name: str, options: dict[str, str], max_batch_size: int
+    tiny_checkpoints: dict[str, Path], name: str, options: dict[str, str]
 ) -> None:
     vlm = VLMo.from_pretrained(tiny_checkpoints[name], device="cpu", **options)
     images = [make() for make in IMAGES]
     alone = _alone(vlm, images)
     assert len(set(alone)) > 3
-    vlm.image_cache.clear()
-    engine = Engine(vlm, max_batch_size=max_batch_size)
-    jobs = [engine.submit(images[i], tasks.raw(p), {"max_new_tokens": n}) for i, p, n in REQUESTS]
-    batch_sizes: list[int] = []
-    engine.start()
-    while any(not j._done for j in jobs):
-        batch_sizes.append(engine.running)
-        time.sleep(0.001)
-    results = [job.result() for job in jobs]
-    engine.shutdown()
-    assert [r.text for r in results] == alone
-    assert max(batch_sizes) > 1  # they really ran together
+    for max_batch_size in (3, 8):  # 3: requests wait, then join a batch midway; 8: all start together
+        vlm.image_cache.clear()
+        engine = Engine(vlm, max_batch_size=max_batch_size)
+        jobs = [engine.submit(images[i], tasks.raw(p), {"max_new_tokens": n}) for i, p, n in REQUESTS]
+        batch_sizes: list[int] = []
+        engine.start()
+        while any(not j._done for j in jobs):
+            batch_sizes.append(engine.running)
+            time.sleep(0.001)
+        results = [job.result() for job in jobs]
+        engine.shutdown()
+        assert [r.text for r in results] == alone, max_batch_size
+        assert max(batch_sizes) > 1  # they really ran together
 
 
 def test_events_usage_and_finish_reasons(taught_checkpoint: Path) -> None:
