@@ -89,3 +89,34 @@ def test_ask_wants_text(vlm: VLMo, question: object) -> None:
     with pytest.raises(InputError) as info:
         vlm.ask(solid(RED), question)  # type: ignore[arg-type]
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "task", "prompt"),
+    [
+        ("What is in this picture?", "ask", "answer en What is in this picture?"),  # free text is a question
+        ("  how   many cats? ", "ask", "answer en how many cats?"),
+        ("Describe the dog", "ask", "answer en Describe the dog"),  # task words are lowercase
+        ("caption en", "caption", "caption en"),  # a task prefix is a prompt as it is
+        ("describe fr", "caption", "describe fr"),
+        ("cap en", "caption", "cap en"),
+        ("ocr", "ocr", "ocr"),
+        ("answer fr où est le chat ?", "ask", "answer fr où est le chat ?"),
+        ("question en red", "generate", "question en red"),
+        ("detect cat;dog", "detect", "detect cat ; dog"),  # normalised as tasks.detect does, with its length
+        ("segment  red car ", "segment", "segment red car"),
+        ("detection of cats", "ask", "answer en detection of cats"),  # the whole first word must match
+    ],
+)
+def test_chat_text_becomes_a_prompt_by_one_rule(text: str, task: str, prompt: str) -> None:
+    from vlmo import tasks
+
+    assert tasks.from_chat_text(text) == tasks.Prompt(task, prompt)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("text", ["", "   ", "detect", "detect cat ; ", "segment <loc0001>", None])
+def test_chat_text_that_is_no_prompt_is_an_input_error(text: object) -> None:
+    from vlmo import tasks
+
+    with pytest.raises(InputError):
+        tasks.from_chat_text(text)  # type: ignore[arg-type]

@@ -331,12 +331,14 @@ class VLMo:
     ) -> Generator[None, None, list[Segmentation] | list[list[Segmentation]]]:
         """`segment` one generated token at a time, as `detect_steps` is `detect`: closing it stops generation."""
         prompt = tasks.segment(labels)
-        decoder = self._mask_decoder(mask_decoder)
+        decoder = self.mask_decoder(mask_decoder)
         parse = lambda text, size: parse_segmentations(text, size, decoder)  # noqa: E731
         return (yield from self._locate(image, prompt, options, parse))
 
-    def _mask_decoder(self, mask_decoder: str | os.PathLike[str] | None) -> VQVAEDecoder:
-        """The VQ-VAE mask decoder `segment` uses, loaded on first use and kept (`vlmo.weights.vqvae`)."""
+    def mask_decoder(self, mask_decoder: str | os.PathLike[str] | None = None) -> VQVAEDecoder:
+        """The VQ-VAE mask decoder `segment` uses (a local `vae-oid.npz` / .safetensors, or None for the default,
+        downloaded once), loaded on first use and kept (`vlmo.weights.vqvae`). A server calls it at start-up so
+        that a decoder it cannot have is one error before any generation."""
         from vlmo.weights.vqvae import load_mask_decoder  # only segment needs it (and its hub code)
 
         key = None if mask_decoder is None else str(mask_decoder)
@@ -357,14 +359,11 @@ class VLMo:
         the generation itself (the server's engine): `text` is the generated answer for an image of `size`
         (w, h) in pixels, `ended` whether `<eos>` ended it. When it did not, the last object may be cut short and
         is dropped, as `detect` does."""
-        found: list[Detection] | list[Segmentation]
         if task == "detect":
-            found = parse_detections(text, size)
-        elif task == "segment":
-            found = parse_segmentations(text, size, self._mask_decoder(mask_decoder))
-        else:
-            raise InputError(f"parse_located takes task 'detect' or 'segment', got {task!r}")
-        return _drop_cut(found, ended)
+            return _drop_cut(parse_detections(text, size), ended)
+        if task == "segment":
+            return _drop_cut(parse_segmentations(text, size, self.mask_decoder(mask_decoder)), ended)
+        raise InputError(f"parse_located takes task 'detect' or 'segment', got {task!r}")
 
     def locate(
         self,
@@ -389,7 +388,7 @@ class VLMo:
         if kinds == {"detect"}:
             detections = drain(self._locate(list(images), list(prompts), options, parse_detections))
             return detections  # type: ignore[return-value]
-        decoder = self._mask_decoder(mask_decoder)
+        decoder = self.mask_decoder(mask_decoder)
         parse = lambda text, size: parse_segmentations(text, size, decoder)  # noqa: E731
         segmentations = drain(self._locate(list(images), list(prompts), options, parse))
         return segmentations  # type: ignore[return-value]

@@ -19,12 +19,9 @@ Several questions about one image, in any tab, reuse its encoded features: the m
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import signal
-import socket
-import sys
 import tempfile
 import threading
 import time
@@ -44,6 +41,7 @@ from vlmo.generation import GenerateOptions, SamplingConfig, drain
 from vlmo.outputs import atomic_path, write_output
 from vlmo.processing import load_image
 from vlmo.segmentation import Segmentation, draw_segmentations
+from vlmo.serving import check_port, load_model, say, warn_if_exposed
 
 if TYPE_CHECKING:
     import gradio
@@ -556,13 +554,8 @@ def serve(
     if mask_decoder is not None and not Path(mask_decoder).is_file():
         raise InputError(f"no such file for --mask-decoder: {mask_decoder}")
     _check_upload_limit(max_upload_mb)
-    _check_port(host, port)
-    say = _stderr_line
-    say(f"Loading {model_name} …")
-    began = time.perf_counter()
-    vlm = load()
-    dtype_name = str(vlm.dtype).removeprefix("torch.") + (" + int8 weights" if vlm.quantized else "")
-    say(f"Loaded {model_name} on {vlm.device} ({dtype_name}) in {time.perf_counter() - began:.1f} s")
+    check_port(host, port)
+    vlm = load_model(load, model_name)
     app = VlmoApp(vlm, model_name=model_name, mask_decoder=mask_decoder)
     with _sigterm_as_interrupt():
         try:
@@ -571,8 +564,7 @@ def serve(
             app.close()
             raise
         try:
-            if not _is_loopback(host):
-                say(f"warning: listening on {host}: anyone who can reach this machine can use the app (no login)")
+            warn_if_exposed(host, "the app (no login)")
             if share:
                 say("warning: --share makes the app public through Gradio's relay; anyone with the link can use it")
             say(f"vlmo app running at {running.url} (Ctrl-C to stop)")
@@ -602,35 +594,6 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def _check_upload_limit(max_upload_mb: int) -> None:
     if isinstance(max_upload_mb, bool) or not isinstance(max_upload_mb, int) or max_upload_mb < 1:
         raise InputError(f"the upload limit (--max-upload-mb) must be a whole number ≥ 1, got {max_upload_mb!r}")
-
-
-def _check_port(host: str, port: int | None) -> None:
-    """Fail before the (slow) model load when the port is out of range or taken."""
-    if port is None:
-        return
-    if not 0 < port < 65536:
-        raise InputError(f"--port must be between 1 and 65535, got {port}")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server itself does
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            why = exc.strerror or exc
-            raise InputError(f"cannot listen on {host}:{port} ({why}); pass another --port or --host") from None
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _stderr_line(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 __all__ = [

@@ -94,6 +94,45 @@ def raw(prompt: str) -> Prompt:
     return Prompt("generate", prompt)
 
 
+# The words that start a PaliGemma task prompt (the mix and pt checkpoints' prefixes), and the task each one is.
+CHAT_TASK_WORDS: dict[str, TaskName] = {
+    "answer": "ask",
+    "question": "generate",  # `question en {answer}`: write a question that the answer answers
+    "caption": "caption",
+    "describe": "caption",
+    "cap": "caption",
+    "ocr": "ocr",
+    "detect": "detect",
+    "segment": "segment",
+}
+
+
+def from_chat_text(text: str, lang: str = "en") -> Prompt:
+    """A chat message's text (the server's `/v1/chat/completions`) as a prompt, by one rule:
+
+    - text whose first word is exactly a task word (`CHAT_TASK_WORDS`, lowercase: `caption en`, `ocr`,
+      `answer fr où est le chat ?`, `detect cat ; dog`) is a PaliGemma prompt and used as it is (`detect` and
+      `segment` normalised and checked as `detect` / `segment` do, with their longer default lengths);
+    - any other text is a question: `answer {lang} {text}` (`ask`), so "What is in this picture?" just works.
+
+    PaliGemma has no chat template: it was trained on these prefixes only, so free text sent as it is would get
+    an answer to a prompt it never saw. A question that starts with a task word ("describe the dog's collar")
+    therefore goes to the model as that task's prompt; write it as `answer en describe the dog's collar` to ask it.
+    """
+    if not isinstance(text, str):
+        raise InputError(f"the message text must be text, got {type(text).__name__}")
+    stripped = text.strip()
+    first, rest = (stripped.split(maxsplit=1) + ["", ""])[:2]
+    task = CHAT_TASK_WORDS.get(first)
+    if task is None:
+        return ask(text, lang)
+    if task == "detect":
+        return detect(rest)
+    if task == "segment":
+        return segment(rest)
+    return Prompt(task, stripped)
+
+
 def split_labels(labels: str | Sequence[str]) -> list[str]:
     """ "cat ; dog" or ["cat", "dog"] → the list of labels (checked by `detect` / `segment`)."""
     if isinstance(labels, str):
@@ -130,6 +169,7 @@ def located_payload(
 
 __all__ = [
     "CAPTION_PREFIXES",
+    "CHAT_TASK_WORDS",
     "DEFAULT_MAX_NEW_TOKENS",
     "MASK_ENCODING",
     "CaptionDetail",
@@ -138,6 +178,7 @@ __all__ = [
     "ask",
     "caption",
     "detect",
+    "from_chat_text",
     "lang_code",
     "located_payload",
     "ocr",

@@ -1,0 +1,294 @@
+"""The server's app object driven in this process (`vlmo.server.create_app`, through httpx's ASGI transport), for
+what the subprocess tests of tests/test_serve.py cannot set up cheaply: the taught model's segmentation masks, a
+full queue, and remote images from a local HTTP server. Also the `vlmo serve` command's checks before loading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import http.server
+import io
+import json
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import RED
+from vlmo import VLMo, tasks
+from vlmo.cli import app as cli_app
+from vlmo.demo.shapes import make_scene, render
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi", reason="pip install 'vlmo[serve]'")
+pytest.importorskip("prometheus_client", reason="pip install 'vlmo[serve]'")
+
+from vlmo.engine import Engine  # noqa: E402
+from vlmo.server import ServerSettings, create_app  # noqa: E402
+from vlmo.server_errors import validation_message  # noqa: E402
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_uri(image: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png(image)).decode()
+
+
+async def call(app: Any, requests: list[tuple[str, str, dict[str, Any]]]) -> list[Any]:
+    """Send the requests at once to `app` (an ASGI app: its engine is started by the caller)."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as client:
+        return await asyncio.gather(*(client.request(m, path, json=body) for m, path, body in requests))
+
+
+@pytest.fixture
+def shapes_app() -> Iterator[Any]:
+    """An app on vlmo/shapes whose engine runs one request at a time and lets one wait."""
+    engine = Engine(VLMo.from_pretrained("vlmo/shapes"), max_batch_size=1, max_queue=1)
+    engine.start()
+    try:
+        yield create_app(engine, ServerSettings(model_name="shapes", max_image_mb=1, allow_remote_images=True))
+    finally:
+        engine.shutdown(cancel=True)
+
+
+def test_segment_masks_are_coco_rle_as_the_cli_prints_them(taught_checkpoint: Path, filled_mask_decoder: Path) -> None:
+    vlm = VLMo.from_pretrained(taught_checkpoint, device="cpu")
+    engine = Engine(vlm)
+    engine.start()
+    try:
+        app = create_app(engine, ServerSettings(model_name="taught", mask_decoder=filled_mask_decoder))
+        image = Image.new("RGB", (96, 64), RED)
+        body = {"image": data_uri(image), "labels": ["cat"], "model": "taught"}
+        (got,) = asyncio.run(call(app, [("POST", "/v1/segment", body)]))
+    finally:
+        engine.shutdown(cancel=True)
+    assert got.status_code == 200, got.text
+    found = vlm.segment(image, "cat", mask_decoder=filled_mask_decoder)
+    assert len(found) == 1 and found[0].mask.any()
+    expected = tasks.located_payload("segment", image.size, found)  # what `vlmo segment --json` prints
+    payload = got.json()
+    assert {k: payload[k] for k in expected} == json.loads(json.dumps(expected))
+    assert payload["segmentations"][0]["mask"]["counts"] and payload["mask_encoding"] == tasks.MASK_ENCODING
+
+
+def test_segment_without_a_usable_mask_decoder_is_one_error_before_generating(tmp_path: Path) -> None:
+    broken = tmp_path / "vae-oid.npz"
+    broken.write_bytes(b"not a mask decoder")
+    engine = Engine(VLMo.from_pretrained("vlmo/shapes"))
+    engine.start()
+    try:
+        app = create_app(engine, ServerSettings(model_name="shapes", mask_decoder=broken))
+        body = {"image": data_uri(render(make_scene("segment", 0))), "labels": "circle"}
+        (first,) = asyncio.run(call(app, [("POST", "/v1/segment", body)]))
+        (metrics,) = asyncio.run(call(app, [("GET", "/metrics", {})]))
+    finally:
+        engine.shutdown(cancel=True)
+    assert first.status_code == 500 and first.json()["error"]["code"] == "mask_decoder_unavailable"
+    assert "--mask-decoder" in first.json()["error"]["message"]
+    assert "vlmo_completion_tokens_total 0.0" in metrics.text  # nothing was generated
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_loses_nothing(shapes_app: Any) -> None:
+    body = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_uri(render(make_scene("queue", 0)))}},
+                    {"type": "text", "text": "caption en"},
+                ],
+            }
+        ],
+        "temperature": 5.0,
+        "seed": 3,
+        "max_tokens": 40,
+    }
+    answers = asyncio.run(call(shapes_app, [("POST", "/v1/chat/completions", body)] * 6))
+    statuses = sorted(a.status_code for a in answers)
+    assert set(statuses) == {200, 503} and statuses.count(200) >= 1, statuses  # each got an answer or an error
+    busy = next(a for a in answers if a.status_code == 503)
+    assert busy.headers["retry-after"] == "1" and busy.json()["error"]["code"] == "queue_full"
+    (again,) = asyncio.run(call(shapes_app, [("POST", "/v1/chat/completions", body)]))
+    assert again.status_code == 200  # and it serves on
+
+
+# -- remote images ---------------------------------------------------------------------------------------------
+
+
+class ImageHost(http.server.BaseHTTPRequestHandler):
+    """Serves a test image, redirects and misbehaviours by path."""
+
+    image = b""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        port = self.server.server_address[1]
+        if self.path == "/scene.png":
+            self.reply(200, self.image)
+        elif self.path == "/hop":
+            self.redirect(f"http://127.0.0.1:{port}/scene.png")  # same host
+        elif self.path == "/away":
+            self.redirect(f"http://localhost:{port}/scene.png")  # another host name, same machine
+        elif self.path == "/big":
+            self.reply(200, b"x" * (1024 * 1024 + 1))
+        elif self.path == "/big-unannounced":
+            self.send_response(200)
+            self.end_headers()  # no Content-Length: read until the connection closes
+            self.wfile.write(b"x" * (1024 * 1024 + 1))
+            self.close_connection = True
+        elif self.path == "/slow":
+            time.sleep(3)
+            self.reply(200, self.image)
+        else:
+            self.reply(404, b"no")
+
+    def reply(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # /slow: the server gave up waiting, as it should
+            pass
+
+    def redirect(self, location: str) -> None:
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def image_host() -> Iterator[str]:
+    ImageHost.image = png(render(make_scene("remote", 0)))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ImageHost)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_remote_images_with_the_flag(image_host: str) -> None:
+    vlm = VLMo.from_pretrained("vlmo/shapes")
+    engine = Engine(vlm)
+    engine.start()
+    settings = ServerSettings(model_name="shapes", max_image_mb=1, allow_remote_images=True, remote_timeout=1.0)
+    app = create_app(engine, settings)
+    paths = ["/scene.png", "/hop", "/away", "/big", "/big-unannounced", "/missing", "/slow", "/../scene.png"]
+    try:
+        answers = asyncio.run(
+            call(app, [("POST", "/v1/detect", {"image": image_host + p, "labels": "circle"}) for p in paths])
+        )
+    finally:
+        engine.shutdown(cancel=True)
+    got = dict(zip(paths, answers, strict=True))
+    expected = vlm.detect(render(make_scene("remote", 0)), "circle")
+    assert got["/scene.png"].json()["detections"] == [d.to_dict() for d in expected]
+    assert got["/hop"].status_code == 200 and got["/hop"].json() == got["/scene.png"].json()
+    for path, status, words in [
+        ("/away", 400, "redirects to another host (localhost)"),
+        ("/big", 413, "larger than the server's limit of 1 MB"),
+        ("/big-unannounced", 413, "larger than the server's limit"),
+        ("/missing", 400, "HTTP 404"),
+        ("/slow", 400, "took longer than 1 s"),
+    ]:
+        assert got[path].status_code == status, (path, got[path].text)
+        assert words in got[path].json()["error"]["message"], got[path].text
+
+
+# -- pieces ----------------------------------------------------------------------------------------------------
+
+
+def test_validation_errors_become_one_line() -> None:
+    assert validation_message([{"type": "json_invalid", "loc": ("body", 0), "msg": "x"}]).startswith("the request body")
+    union = [
+        {"type": "string_type", "loc": ("body", "messages", 0, "content", "str"), "msg": "Input should be a string"},
+        {"type": "union_tag_invalid", "loc": ("body", "messages", 0, "content", "list[...]", 0), "msg": "bad tag"},
+    ]
+    assert validation_message(union) == "messages.0.content.0: bad tag"  # the deeper error, without branch names
+    assert validation_message([{"type": "extra_forbidden", "loc": ("body", "tools"), "msg": ""}]) == (
+        "unsupported parameter: tools"
+    )
+
+
+def test_settings_are_checked(tmp_path: Path) -> None:
+    from vlmo.errors import InputError
+
+    with pytest.raises(InputError, match="--max-image-mb"):
+        ServerSettings(model_name="m", max_image_mb=0)
+    with pytest.raises(InputError, match="--allowed-local-media-path"):
+        ServerSettings(model_name="m", allowed_local_media_path=tmp_path / "none")
+    with pytest.raises(InputError, match="--api-key"):
+        ServerSettings(model_name="m", api_key=" ")
+    settings = ServerSettings(model_name="m", max_image_mb=3)
+    assert settings.max_image_bytes == 3 * 1024 * 1024 and settings.max_body_bytes > 4 * 1024 * 1024
+
+
+# -- the command -------------------------------------------------------------------------------------------------
+
+
+def test_serve_without_the_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # `import uvicorn` now fails; find_spec says missing
+    result = CliRunner().invoke(cli_app, ["serve", "--model", "never-loaded"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'vlmo[serve]'" in lines[0] and lines[0].startswith("error: ")
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--max-image-mb", "0"], "--max-image-mb"),
+        (["--max-batch-size", "0"], "--max-batch-size"),
+        (["--max-queue", "0"], "--max-queue"),
+        (["--allowed-local-media-path", "/no/such/folder"], "--allowed-local-media-path"),
+        (["--mask-decoder", "/no/such/file.npz"], "--mask-decoder"),
+        (["--port", "70000"], "--port"),
+        (["--shutdown-timeout", "-1"], "--shutdown-timeout"),
+    ],
+)
+def test_serve_checks_its_options_before_loading(args: list[str], words: str) -> None:
+    result = CliRunner().invoke(cli_app, ["serve", "--model", "never-loaded", *args])
+    assert result.exit_code == 2, result.output
+    assert words in result.output and "Loading" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_serve_refuses_a_taken_port_before_loading() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(cli_app, ["serve", "--model", "never-loaded", "--port", str(port)])
+    assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.output
+    assert "Loading" not in result.output
+
+
+def test_serve_help_lists_the_issue_options() -> None:
+    result = CliRunner().invoke(cli_app, ["serve", "-h"])
+    assert result.exit_code == 0
+    for option in (
+        "--model", "--adapter", "--device", "--dtype", "--quantize", "--host", "--port", "--api-key", "VLMO_API_KEY",
+        "--served-model-name", "--max-batch-size", "--max-queue", "--max-image-mb", "--allowed-local-media-path",
+        "--allow-remote-images",
+    ):  # fmt: skip
+        assert option in result.output
