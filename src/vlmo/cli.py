@@ -257,6 +257,93 @@ def _check_output(out: Path | None, force: bool) -> None:
 
 @app.command(
     epilog=(
+        "Examples:\n\n  vlmo batch photos/ --task caption --out captions.jsonl\n\n"
+        "  vlmo batch rows.jsonl --task ask --out answers.parquet --resume\n\n"
+        '  vlmo batch "scans/*.png" --task detect --labels "cat ; dog" --out boxes --ray --num-workers 4'
+    )
+)
+@shared_options(MODEL, MAX_TOKENS)
+def batch(
+    source: Annotated[
+        str,
+        typer.Argument(
+            metavar="INPUT",
+            help="A folder (recursive), a glob, a text file of paths, or a manifest (.jsonl, .csv, .parquet).",
+        ),
+    ],
+    run: Run,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Results: .jsonl or .parquet, one row per input (--ray: a folder).")
+    ],
+    task: Annotated[str | None, typer.Option(help="ask, caption, ocr, detect or segment (generate: --prompt).")] = None,
+    question: Annotated[str | None, typer.Option("--question", "-q", help="ask: for rows without their own.")] = None,
+    labels: Annotated[
+        str | None, typer.Option(help='detect, segment: e.g. "cat ; dog", for rows without their own.')
+    ] = None,
+    prompt: Annotated[str | None, typer.Option(help="A raw PaliGemma prompt (the generate task).")] = None,
+    lang: Lang = "en",
+    detail: Annotated[str, typer.Option(help="caption: short, long or raw.")] = "short",
+    mask_decoder: MaskDecoder = None,
+    batch_size: Annotated[int, typer.Option(help="Images per model batch.")] = 8,
+    limit: Annotated[int | None, typer.Option(help="Only the first N inputs.")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Skip inputs that have a row in --out; add the rest.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing --out.")] = False,
+    use_ray: Annotated[
+        bool, typer.Option("--ray", help='Run on Ray Data (pip install "vlmo[ray]"); RAY_ADDRESS names a cluster.')
+    ] = False,
+    num_workers: Annotated[int, typer.Option(help="--ray: model replicas.")] = 2,
+    num_gpus_per_worker: Annotated[float, typer.Option(help="--ray: GPUs per replica (0: CPU).")] = 0.0,
+) -> None:
+    """Run one task over many images: one result row per input, in batches, resumable (docs/batch.md)."""
+    from vlmo.batch import BatchInterrupted, BatchJob, check_counts, write_results
+    from vlmo.batch_inputs import list_inputs
+    from vlmo.batch_results import open_results
+
+    if resume and force:
+        raise CliUsageError("pass --resume or --force, not both")
+    if task is None and prompt is None:
+        raise CliUsageError("give --task ask, caption, ocr, detect or segment (or --prompt for a raw prompt)")
+    job = BatchJob(
+        task=task or "generate",  # type: ignore[arg-type]  # a str option for Typer, checked by BatchJob
+        question=question,
+        labels=labels,
+        prompt=prompt,
+        lang=lang,
+        detail=detail,
+        mask_decoder=None if mask_decoder is None else str(mask_decoder),
+        max_new_tokens=run.max_tokens,
+    )
+    if mask_decoder is not None and not mask_decoder.is_file():
+        raise CliUsageError(f"no such file for --mask-decoder: {mask_decoder}")
+    check_counts(batch_size, limit)
+    inputs = list_inputs(source)
+    job.check_inputs(inputs)
+    if use_ray:
+        from vlmo.batch_ray import RayOptions, run_ray
+
+        load = {f: getattr(run, f) for f in ("model", "revision", "adapter", "device", "dtype", "quantize", "cache")}
+        ray_options = RayOptions(num_workers=num_workers, num_gpus_per_worker=num_gpus_per_worker)
+        summary = run_ray(
+            job, inputs, out, load, ray_options, batch_size=batch_size, limit=limit, resume=resume, force=force
+        )
+    else:
+        results = open_results(out, job.task, resume=resume, force=force)
+        try:
+            summary = write_results(run.load, job, inputs, results, batch_size=batch_size, limit=limit)
+        except BatchInterrupted as e:
+            s = e.summary
+            stderr.print(f"interrupted: {s.rows} rows written to {out} ({s.errors} errors); rerun with --resume")
+            raise typer.Exit(130) from None
+        finally:
+            results.close()
+    stderr.print(f"{summary.line()}; {out}")
+    typer.echo(str(out))
+
+
+@app.command(
+    epilog=(
         "Examples:\n\n  vlmo finetune --model google/paligemma-3b-pt-224 --data train.jsonl --out runs/lora\n\n"
         "  torchrun --nproc-per-node 2 -m vlmo finetune --model … --data train.jsonl --out runs/ddp"
     )
@@ -425,6 +512,72 @@ def app_command(
         share=share,
         max_upload_mb=max_upload_mb,
         mask_decoder=mask_decoder,
+    )
+
+
+@app.command(
+    "serve",
+    epilog=(
+        "Examples (needs pip install 'vlmo[serve]'):\n\n  vlmo serve --model vlmo/shapes\n\n"
+        "  VLMO_API_KEY=secret vlmo serve --host 0.0.0.0 --port 8000 --max-batch-size 16\n\n"
+        "See docs/serve.md for the endpoints and the openai client."
+    ),
+)
+@shared_options(MODEL)
+def serve_command(
+    run: Run,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; 127.0.0.1 keeps the server on this machine, 0.0.0.0 opens it.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="VLMO_API_KEY",
+            show_envvar=True,
+            help="Require 'Authorization: Bearer KEY' on every endpoint but /health (prefer the variable: "
+            "arguments show in ps).",
+        ),
+    ] = None,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="The model id clients see and send (default: the --model value).")
+    ] = None,
+    max_batch_size: Annotated[int, typer.Option(help="Most requests generated together.")] = 8,
+    max_queue: Annotated[int, typer.Option(help="Most requests waiting for a batch slot; more get 503.")] = 64,
+    max_image_mb: Annotated[float, typer.Option("--max-image-mb", help="Largest image accepted, in MB (413).")] = 20,
+    allowed_local_media_path: Annotated[
+        Path | None, typer.Option(help="Folder that file:// image URLs may read from (default: no files).")
+    ] = None,
+    allow_remote_images: Annotated[
+        bool, typer.Option("--allow-remote-images", help="Fetch http(s) image URLs for clients (default: off).")
+    ] = False,
+    mask_decoder: MaskDecoder = None,
+    shutdown_timeout: Annotated[
+        float, typer.Option(help="Seconds accepted requests get to finish after Ctrl-C or SIGTERM.")
+    ] = 30.0,
+) -> None:
+    """Serve the model over HTTP: an OpenAI-compatible chat API, plus detect, segment, health and metrics."""
+    from vlmo.server_run import check_dependencies, serve
+
+    check_dependencies()  # before importing the server, which needs them
+    from vlmo.server import ServerSettings
+
+    settings = ServerSettings(
+        model_name=served_model_name or run.model,
+        api_key=api_key,
+        max_image_mb=max_image_mb,
+        allowed_local_media_path=allowed_local_media_path,
+        allow_remote_images=allow_remote_images,
+        mask_decoder=mask_decoder,
+    )
+    serve(
+        run.load,
+        settings,
+        host=host,
+        port=port,
+        max_batch_size=max_batch_size,
+        max_queue=max_queue,
+        shutdown_timeout=shutdown_timeout,
     )
 
 

@@ -11,6 +11,7 @@ working (a second run, another program) is never replaced.
         image.save(tmp, format=image_format(out))
     with atomic_dir(run / "checkpoint-10") as tmp:       # a folder produced fresh, renamed into place whole
         ...
+    log = AppendLog.resume(results)                      # a file that grows by whole lines (`vlmo batch`)
 
 Failures raise `OutputError` (the environment: disk full, read-only, permissions; exit 1 in the CLI) or
 `OutputPathError` (the path itself: it exists, is a folder, a broken symbolic link, has no folder; exit 2), both
@@ -309,6 +310,107 @@ def write_output(path: PathArg, content: Content, *, force: bool = True, make_pa
     return Path(path)
 
 
+class AppendLog:
+    """A file that grows by whole lines, a batch at a time: results that must survive a kill (`vlmo batch`).
+
+    Each `append` writes its lines at the end of the file, then fsyncs: once it returns, they are on disk. A kill
+    (SIGKILL, power loss) during an append can leave only a torn last line, one without its newline; `resume` cuts
+    it off before anything else is written, so the lines kept are exactly the lines that were written whole. An
+    append that fails (disk full) or is interrupted is cut back to where it started, leaving no partial batch.
+
+        log = AppendLog.create(out, force=False, what="--out")   # refuses an existing file unless force
+        log = AppendLog.resume(out, what="--out")                 # or continue one: torn last line cut off
+        done = list(log.lines())                                  # what earlier runs wrote
+        log.append(['{"id": "a"}', '{"id": "b"}'])               # one write, one fsync
+    """
+
+    def __init__(self, path: Path, fd: int, cut: int = 0) -> None:
+        self.path, self._fd = path, fd
+        self.cut = cut  # bytes of a torn last line that `resume` removed (0: none)
+
+    @classmethod
+    def create(cls, path: PathArg, *, force: bool, what: str = "", make_parents: bool = False) -> AppendLog:
+        """A new, empty log at `path`. An existing file is refused unless `force`, and then emptied; the file is
+        created exclusively otherwise, so one that appears after the check is never emptied."""
+        out = check_output(path, force, what=what, make_parents=make_parents)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if force else os.O_EXCL)
+        with _failures_named(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(out, flags, 0o666)
+            except FileExistsError:
+                raise _exists_error(out, what) from None
+            _fsync(out.parent, directory=True)
+        return cls(out, fd)
+
+    @classmethod
+    def resume(cls, path: PathArg, *, what: str = "", make_parents: bool = False) -> AppendLog:
+        """The log at `path` ready to append to, its torn last line (if any) cut off; a new one if there is none."""
+        out = Path(path)
+        if not os.path.lexists(out):
+            return cls.create(out, force=False, what=what, make_parents=make_parents)
+        check_output(out, True, what=what)  # a folder or a broken link is refused as for any output
+        with _failures_named(out):
+            fd = os.open(_target(out, True), os.O_RDWR | os.O_APPEND)
+            try:
+                size = os.fstat(fd).st_size
+                keep = _whole_lines_end(fd, size)
+                if keep < size:
+                    os.ftruncate(fd, keep)
+                    os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+        return cls(out, fd, cut=size - keep)
+
+    def lines(self) -> Iterator[str]:
+        """The log's lines as they are on disk now (without newlines; bytes that are not UTF-8 replaced)."""
+        with open(self.path, "rb") as f:
+            for raw in f:
+                yield raw.rstrip(b"\n").decode("utf-8", errors="replace")
+
+    def append(self, lines: list[str]) -> None:
+        """Write `lines` (each without a newline) at the end in one go and fsync; on any failure, none of them stay."""
+        assert all("\n" not in line for line in lines), "a log line holds a newline"
+        data = memoryview("".join(f"{line}\n" for line in lines).encode("utf-8"))
+        start = os.fstat(self._fd).st_size
+        try:
+            with _failures_named(self.path):
+                while data:
+                    data = data[os.write(self._fd, data) :]
+                os.fsync(self._fd)
+        except BaseException:
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError:
+                pass
+            raise
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> AppendLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _whole_lines_end(fd: int, size: int) -> int:
+    """The offset just past the last newline in the first `size` bytes of `fd` (0 when there is none)."""
+    end = size
+    while end > 0:
+        start = max(0, end - (1 << 16))
+        chunk = os.pread(fd, end - start, start)
+        found = chunk.rfind(b"\n")
+        if found >= 0:
+            return start + found + 1
+        end = start
+    return 0
+
+
 def image_format(path: PathArg) -> str:
     """PIL's format name for an image file name (`boxes.png` → "PNG"), for saving under a temporary name."""
     from PIL import Image
@@ -366,6 +468,7 @@ def atomic_dir(path: PathArg, *, force: bool = True) -> Iterator[Path]:
 
 
 __all__ = [
+    "AppendLog",
     "OutputError",
     "OutputPathError",
     "atomic_dir",

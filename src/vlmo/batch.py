@@ -1,0 +1,454 @@
+"""`vlmo batch`: one task over a whole data set, batched through the model, one result row per input.
+
+    from vlmo.batch import run
+    for row in run("vlmo/shapes", "photos/", task="caption"):
+        print(row["id"], row["text"] if row["error"] is None else row["error"])
+
+Built on the API's task methods: text tasks run `VLMo.generate` and detect / segment `VLMo.locate` on a padded batch
+in which every row has its own prompt from `vlmo.tasks`. Greedy answers do not depend on the batch
+(tests/test_batching.py), so every row equals what `VLMo` answers for that input alone. The next batch's images
+are read and decoded on a background thread while the model runs the current one. An input that cannot be used (not
+an image, a manifest row without a question) becomes a row with its one-line `error`, never the end of the run.
+
+`write_results` is what the CLI runs: rows appended to a results file a batch at a time (`vlmo.batch_results`),
+a progress bar on a terminal, and Ctrl-C stopping with every finished batch on disk. Rows and files:
+`vlmo.batch_results`; inputs and ids: `vlmo.batch_inputs`; the Ray path: `vlmo.batch_ray`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from vlmo import tasks
+from vlmo.batch_inputs import BatchInput, Inputs, as_inputs
+from vlmo.batch_results import Results, Row, error_row, result_row
+from vlmo.errors import InputError, OptionError, VlmoError
+from vlmo.tasks import Prompt, TaskName
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from vlmo.api import VLMo
+    from vlmo.generation import GenerateOptions
+
+BATCH_TASKS: tuple[TaskName, ...] = ("ask", "caption", "ocr", "detect", "segment", "generate")
+# Which job option (and manifest column) each task's prompt needs, and the tasks each such option is for.
+_NEEDS: dict[str, str] = {"ask": "question", "detect": "labels", "segment": "labels", "generate": "prompt"}
+_FOR: dict[str, tuple[str, ...]] = {"question": ("ask",), "labels": ("detect", "segment"), "prompt": ("generate",)}
+# An input with its decoded image, or the one-line reason it has none.
+Loaded = tuple[BatchInput, "Image.Image | None", "str | None"]
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """What to ask of every input: the task, and the values of its prompt that rows do not give themselves.
+
+    A manifest row's own question / labels / prompt wins over the job's. `max_new_tokens`: None for each task's
+    default length (`tasks.DEFAULT_MAX_NEW_TOKENS`). Decoding is greedy, so results do not depend on batching.
+    """
+
+    task: TaskName
+    question: str | None = None
+    labels: str | None = None
+    prompt: str | None = None
+    lang: str = "en"
+    detail: str = "short"
+    mask_decoder: str | None = None
+    max_new_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.task not in BATCH_TASKS:
+            raise OptionError("unknown {task}; use ask, caption, ocr, detect, segment or generate", task=self.task)
+        for name, owners in _FOR.items():
+            if getattr(self, name) is not None and self.task not in owners:
+                which = " and ".join(owners)
+                raise OptionError(f"{{{name}}} is for the {which} task, not {{task}}", task=self.task, **{name: None})
+        # Check what the job itself says now, before any model loads: a typo costs no waiting.
+        tasks.lang_code(self.lang)
+        if self.task == "caption":
+            tasks.caption(self.detail, self.lang)
+        needed = _NEEDS.get(self.task)
+        if needed is not None and getattr(self, needed) is not None:
+            self._prompt(getattr(self, needed))
+        if self.max_new_tokens is not None:
+            from vlmo.generation import SamplingConfig
+
+            SamplingConfig.from_options(self.options, 64)
+
+    @property
+    def options(self) -> GenerateOptions:
+        """The `VLMo` generation options of every batch: greedy, and the job's length if it sets one."""
+        options: GenerateOptions = {"do_sample": False}
+        if self.max_new_tokens is not None:
+            options["max_new_tokens"] = self.max_new_tokens
+        return options
+
+    def check_inputs(self, inputs: Inputs) -> None:
+        """Refuse a job whose task needs a value (a question, labels) that neither the job nor the inputs give."""
+        needed = _NEEDS.get(self.task)
+        if needed is not None and getattr(self, needed) is None and not inputs.manifest:
+            raise OptionError(
+                f"{{task}} needs {{{needed}}} (or a manifest with a {needed} column)",
+                task=self.task,
+                **{needed: None},
+            )
+
+    def prompt_for(self, item: BatchInput) -> Prompt:
+        """The prompt for one input: its own question / labels / prompt, else the job's (`InputError` if neither)."""
+        needed = _NEEDS.get(self.task)
+        if needed is None:
+            return tasks.ocr() if self.task == "ocr" else tasks.caption(self.detail, self.lang)
+        value = getattr(item, needed) or getattr(self, needed)
+        if value is None:
+            raise InputError(f"this row has no {needed}; give it one in the manifest or pass one for every row")
+        return self._prompt(value)
+
+    def _prompt(self, value: str) -> Prompt:
+        if self.task == "ask":
+            return tasks.ask(value, self.lang)
+        if self.task == "detect":
+            return tasks.detect(value)
+        if self.task == "segment":
+            return tasks.segment(value)
+        return tasks.raw(value)
+
+
+# -- one batch ---------------------------------------------------------------------------------------------------
+
+
+def load(item: BatchInput) -> Loaded:
+    """Read and decode an input's image (`processing.load_image`); a failure is the input's one-line error."""
+    from vlmo.processing import load_image
+
+    try:
+        return item, load_image(item.image), None
+    except VlmoError as e:
+        return item, None, str(e)
+    except Exception as e:  # noqa: BLE001 - whatever a decoder raises for a bad file is that input's error
+        return item, None, f"could not read the image ({type(e).__name__}: {e})"
+
+
+def process(vlm: VLMo, job: BatchJob, batch: list[Loaded]) -> list[Row]:
+    """The rows of one batch of loaded inputs, in order: the usable ones run through the model together."""
+    rows: list[Row | None] = [None] * len(batch)
+    todo: list[tuple[int, Image.Image, Prompt]] = []
+    for i, (item, image, error) in enumerate(batch):
+        try:
+            prompt = job.prompt_for(item)
+        except VlmoError as e:
+            rows[i] = error_row(item, job.task, None, str(e))
+            continue
+        if image is None:
+            rows[i] = error_row(item, job.task, prompt.text, error or "no image")
+        else:
+            todo.append((i, image, prompt))
+    answers = _answers(vlm, job, [image for _, image, _ in todo], [prompt for _, _, prompt in todo])
+    for (i, _, prompt), answer in zip(todo, answers, strict=True):
+        item = batch[i][0]
+        if isinstance(answer, VlmoError):
+            rows[i] = error_row(item, job.task, prompt.text, str(answer))
+        else:
+            rows[i] = result_row(item, job.task, prompt.text, answer)
+    assert all(row is not None for row in rows)
+    return rows  # type: ignore[return-value]  # every slot filled above
+
+
+def _answers(vlm: VLMo, job: BatchJob, images: list[Image.Image], prompts: list[Prompt]) -> list[Any]:
+    """Each row's output columns, from one batch; if the batch is refused (a row's prompt too long for the model),
+    the rows run one by one so that only the rows at fault get their error."""
+    if not images:
+        return []
+    try:
+        return _run_model(vlm, job, images, prompts)
+    except VlmoError as e:
+        if len(images) == 1:
+            return [e]
+    return [answer for im, p in zip(images, prompts, strict=True) for answer in _answers(vlm, job, [im], [p])]
+
+
+def _run_model(vlm: VLMo, job: BatchJob, images: list[Image.Image], prompts: list[Prompt]) -> list[dict[str, Any]]:
+    if job.task in ("detect", "segment"):
+        found: list[Any] = vlm.locate(images, prompts, mask_decoder=job.mask_decoder, **job.options)
+        task: Any = job.task  # "detect" or "segment"
+        return [tasks.located_payload(task, im.size, f) for im, f in zip(images, found, strict=True)]
+    texts = vlm.generate(images, prompts, **job.options)
+    assert isinstance(texts, list)
+    return [{"text": text} for text in texts]
+
+
+# -- a whole job -------------------------------------------------------------------------------------------------
+
+
+class _Loader:
+    """Loads the next batches' images on a background thread while the model runs the current one.
+
+    At most `depth` loaded batches wait, so memory stays bounded; closing stops the thread at its next batch."""
+
+    _DONE = object()
+
+    def __init__(self, batches: Iterator[list[BatchInput]], depth: int = 2) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, args=(batches,), name="vlmo-batch-loader", daemon=True)
+        self._thread.start()
+
+    def _work(self, batches: Iterator[list[BatchInput]]) -> None:
+        try:
+            for batch in batches:
+                if not self._put([load(item) for item in batch]):
+                    return
+            self._put(self._DONE)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            self._put(e)
+
+    def _put(self, value: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[list[Loaded]]:
+        while True:
+            got = self._queue.get()
+            if got is self._DONE:
+                return
+            if isinstance(got, BaseException):
+                raise got
+            yield got
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def run_batches(
+    vlm: VLMo,
+    job: BatchJob,
+    inputs: Inputs,
+    *,
+    batch_size: int = 8,
+    skip: Iterable[str] = (),
+    limit: int | None = None,
+) -> Iterator[list[Row]]:
+    """The rows of each batch in input order: the first `limit` inputs, less those whose id is in `skip`."""
+    job.check_inputs(inputs)
+    check_counts(batch_size, limit)
+    done = set(skip)
+    pending = (item for item in itertools.islice(inputs, limit) if item.id not in done)
+    loader = _Loader(_chunks(pending, batch_size))
+    try:
+        for loaded in loader:
+            yield process(vlm, job, loaded)
+    finally:
+        loader.close()
+
+
+def check_counts(batch_size: int, limit: int | None) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise OptionError("{batch_size} must be a whole number of at least 1", batch_size=batch_size)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise OptionError("{limit} must be a whole number of at least 1", limit=limit)
+
+
+def _chunks(items: Iterator[BatchInput], size: int) -> Iterator[list[BatchInput]]:
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
+
+
+def run(
+    vlm_or_model_id: VLMo | str | os.PathLike[str],
+    inputs: Inputs | str | os.PathLike[str] | Iterable[BatchInput | str | os.PathLike[str]],
+    *,
+    task: TaskName,
+    question: str | None = None,
+    labels: str | None = None,
+    prompt: str | None = None,
+    lang: str = "en",
+    detail: str = "short",
+    mask_decoder: str | os.PathLike[str] | None = None,
+    max_new_tokens: int | None = None,
+    batch_size: int = 8,
+    skip: Iterable[str] = (),
+    limit: int | None = None,
+    **load_options: Any,
+) -> Iterator[Row]:
+    """Run `task` over `inputs` and yield one result row per input, in input order (`vlmo.batch_results`).
+
+    `vlm_or_model_id`: a loaded `VLMo`, or what `VLMo.from_pretrained` takes (with `load_options`, e.g. device).
+    `inputs`: a folder, glob, list of paths or manifest (`vlmo.batch_inputs.list_inputs`), or a list of image paths
+    or `BatchInput`s. `question` / `labels` / `prompt`: the task's value for rows that do not carry their own.
+    `skip`: ids already done (what `--resume` passes); `limit`: only the first N inputs. Everything is checked
+    before the model loads; the rows come as the batches finish.
+    """
+    job = BatchJob(
+        task=task,
+        question=question,
+        labels=labels,
+        prompt=prompt,
+        lang=lang,
+        detail=detail,
+        mask_decoder=None if mask_decoder is None else os.fspath(mask_decoder),
+        max_new_tokens=max_new_tokens,
+    )
+    source = as_inputs(inputs)
+    job.check_inputs(source)
+    check_counts(batch_size, limit)
+    vlm = _as_vlm(vlm_or_model_id, load_options)
+    batches = run_batches(vlm, job, source, batch_size=batch_size, skip=skip, limit=limit)
+    return (row for rows in batches for row in rows)
+
+
+def _as_vlm(vlm_or_model_id: Any, load_options: dict[str, Any]) -> VLMo:
+    from vlmo.api import VLMo
+
+    if isinstance(vlm_or_model_id, VLMo):
+        if load_options:
+            raise InputError(f"loading options ({', '.join(load_options)}) need a model id, not a loaded VLMo")
+        return vlm_or_model_id
+    return VLMo.from_pretrained(vlm_or_model_id, **load_options)
+
+
+# -- the CLI's job: rows into a results file ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a run did: rows written (errors among them), inputs skipped as already done, seconds of model time."""
+
+    rows: int
+    errors: int
+    skipped: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        skipped = f", {self.skipped} already done" if self.skipped else ""
+        return f"done: {self.rows} rows, {self.errors} errors{skipped}, {self.seconds:.1f} s, {self.rate:.2f} images/s"
+
+
+class BatchInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run; `summary` says what had been written (every finished batch)."""
+
+    def __init__(self, summary: Summary) -> None:
+        super().__init__(summary.line())
+        self.summary = summary
+
+
+def write_results(
+    load_model: Callable[[], VLMo],
+    job: BatchJob,
+    inputs: Inputs,
+    results: Results,
+    *,
+    batch_size: int = 8,
+    limit: int | None = None,
+    progress: bool | None = None,
+) -> Summary:
+    """Run the job over the inputs that `results` does not hold yet, writing each batch's rows as it finishes.
+
+    The model loads only when there is something to do. `progress`: a bar on stderr (None: on a terminal). Ctrl-C
+    stops at once; the batch in flight is dropped, every finished one is on disk (a write under way completes
+    first), and `BatchInterrupted` carries the summary. When every input has its row, `results.finish()` runs.
+    """
+    check_counts(batch_size, limit)
+    job.check_inputs(inputs)
+    todo = sum(1 for i in inputs.ids[:limit] if i not in results.done)
+    skipped = len(inputs.ids[:limit]) - todo
+    if todo == 0:
+        results.finish()
+        return Summary(0, 0, skipped, 0.0)
+    vlm = load_model()
+    rows = errors = 0
+    started = time.perf_counter()
+    shown = sys.stderr.isatty() if progress is None else progress
+    try:
+        with _Progress(todo, shown) as bar:
+            for batch in run_batches(vlm, job, inputs, batch_size=batch_size, skip=results.done, limit=limit):
+                with _sigint_deferred():
+                    results.write(batch)
+                rows += len(batch)
+                errors += sum(row["error"] is not None for row in batch)
+                bar.advance(len(batch), errors, rows / (time.perf_counter() - started))
+    except KeyboardInterrupt:
+        raise BatchInterrupted(Summary(rows, errors, skipped, time.perf_counter() - started)) from None
+    results.finish()
+    return Summary(rows, errors, skipped, time.perf_counter() - started)
+
+
+@contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Let a write under way finish before Ctrl-C stops the run (main thread only: where signals arrive)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+class _Progress:
+    """A rich progress bar on stderr (images/s, ETA, errors so far), or nothing."""
+
+    def __init__(self, total: int, shown: bool) -> None:
+        self._bar: Any = None
+        if shown:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(
+                TextColumn("batch"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]:.2f} images/s"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[errors]} errors"),
+                console=Console(stderr=True),
+            )
+            self._task = self._bar.add_task("batch", total=total, rate=0.0, errors=0)
+
+    def __enter__(self) -> _Progress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def advance(self, n: int, errors: int, rate: float) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, advance=n, errors=errors, rate=rate)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+__all__ = [
+    "BATCH_TASKS",
+    "BatchInterrupted",
+    "BatchJob",
+    "Summary",
+    "load",
+    "process",
+    "run",
+    "run_batches",
+    "write_results",
+]

@@ -1,0 +1,340 @@
+"""What `vlmo batch` reads: a folder, a glob, a list of paths or a manifest, as `BatchInput`s with stable ids.
+
+    inputs = list_inputs("photos/")                    # every image under photos/, sorted; ids "a.jpg", "sub/b.png"
+    inputs = list_inputs("scans/**/*.tif")              # a glob (recursive with **)
+    inputs = list_inputs("todo.txt")                    # one path per line (# comments), relative to the list's folder
+    inputs = list_inputs("rows.jsonl")                  # a manifest: image + optional id/question/labels/prompt
+    len(inputs); for item in inputs: ...
+
+An id names an input across runs, so that `--resume` can tell what is done: a manifest's `id` column, else the path
+relative to the folder or glob root, the line of a path list, a manifest's `image` value, or the image bytes'
+sha256 (first 16 hex digits); a second input with the same derived id gets `#2`, a third `#3`. Listings are sorted,
+so a folder that is listed in another order on another machine gives the same ids. A manifest's own `id` values
+must be unique.
+
+Problems with the listing itself (no such folder, a manifest line that is not JSON, no `image` column, duplicate
+ids) are one-line `InputError`s before any model loads; an image that cannot be read is not checked here: it
+becomes its row's error when the batch runner loads it. Hidden files and folders (names starting with ".") are
+skipped in folders and globs. No torch here.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlmo.errors import InputError
+
+LIST_SUFFIXES = frozenset({".txt", ".lst"})
+JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
+CSV_SUFFIXES = frozenset({".csv"})
+PARQUET_SUFFIXES = frozenset({".parquet", ".pq"})
+_GLOB_CHARS = frozenset("*?[")
+
+
+@dataclass(frozen=True)
+class BatchInput:
+    """One input of a batch job.
+
+    id: the stable name of the input (module docstring); image: what to load, an absolute path or encoded bytes;
+    shown: the results' `image` column (the absolute path, a manifest's own value, None for bytes);
+    question / labels / prompt: a manifest row's own, None when it has none (the job's option applies).
+    """
+
+    id: str
+    image: str | bytes
+    shown: str | None
+    question: str | None = None
+    labels: str | None = None
+    prompt: str | None = None
+
+
+class Inputs:
+    """The inputs of a job: their ids (in order) known up front, and a fresh iterator over them each time.
+
+    Iterating reads lazily where it can (a Parquet manifest's image bytes, one row group at a time). `manifest`:
+    whether rows may carry their own question, labels or prompt."""
+
+    def __init__(self, source: str, ids: list[str], rows: Callable[[], Iterator[BatchInput]], manifest: bool) -> None:
+        self.source, self.ids, self._rows, self.manifest = source, ids, rows, manifest
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self) -> Iterator[BatchInput]:
+        return self._rows()
+
+
+def image_suffixes() -> frozenset[str]:
+    """The file extensions Pillow can open (".jpg", ".png", ".webp", …), lowercase."""
+    from PIL import Image
+
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+def list_inputs(source: str | os.PathLike[str]) -> Inputs:
+    """The inputs `source` names: a folder, a glob, a list of paths (.txt), a manifest (.jsonl, .csv, .parquet) or
+    one image file. Raises `InputError` for a source that is none of these or is malformed."""
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _from_paths(text, _walk(path), path)
+    if not path.exists() and _GLOB_CHARS & set(text):
+        root = _glob_root(text)
+        found = [Path(p) for p in glob.glob(os.path.expanduser(text), recursive=True)]
+        images = sorted(p for p in found if p.is_file() and _is_image_name(p, root))
+        return _from_paths(text, images, root)
+    if not path.is_file():
+        raise InputError(f"no such file or folder: {text}; pass a folder, a glob, a list of paths or a manifest")
+    suffix = path.suffix.lower()
+    if suffix in LIST_SUFFIXES:
+        return _from_list(path)
+    if suffix in JSONL_SUFFIXES:
+        return _from_records(path, _jsonl_records(path))
+    if suffix in CSV_SUFFIXES:
+        return _from_records(path, _csv_records(path))
+    if suffix in PARQUET_SUFFIXES:
+        from vlmo.batch_parquet import parquet_inputs
+
+        return parquet_inputs(path)
+    if suffix in image_suffixes():
+        return _from_paths(text, [path], path.parent)
+    raise InputError(
+        f"cannot tell what {text} holds from its extension {suffix or '(none)'}; pass a folder, a glob, a list of "
+        "paths (.txt), a manifest (.jsonl, .csv, .parquet) or an image"
+    )
+
+
+def as_inputs(inputs: Inputs | str | os.PathLike[str] | Iterable[BatchInput | str | os.PathLike[str]]) -> Inputs:
+    """What the Python API takes as inputs: `Inputs`, a source for `list_inputs`, or a list of image paths (ids:
+    the paths as given) and `BatchInput`s (ids their own, which must be unique)."""
+    if isinstance(inputs, Inputs):
+        return inputs
+    if isinstance(inputs, str | os.PathLike):
+        return list_inputs(inputs)
+    items = list(inputs)
+    paths = [os.fspath(i) for i in items if not isinstance(i, BatchInput)]
+    derived = iter(_unique(paths))
+    made: list[BatchInput] = []
+    for item in items:
+        if isinstance(item, BatchInput):
+            made.append(item)
+        elif isinstance(item, str | os.PathLike):
+            full = str(Path(item).expanduser().absolute())
+            made.append(BatchInput(next(derived), full, full))
+        else:
+            raise InputError(f"inputs must be image paths or BatchInputs, got a {type(item).__name__}")
+    if not made:
+        raise InputError("no inputs given; pass image paths, a folder or a manifest")
+    ids = [item.id for item in made]
+    if len(set(ids)) != len(ids):
+        raise InputError("two inputs have the same id; ids must be unique (resuming relies on them)")
+    manifest = any(i.question is not None or i.labels is not None or i.prompt is not None for i in made)
+    return Inputs("the given inputs", ids, lambda: iter(made), manifest=manifest)
+
+
+# -- folders, globs and path lists -------------------------------------------------------------------------------
+
+
+def _walk(root: Path) -> list[Path]:
+    """Image files under `root`, recursively, sorted by their path relative to it; hidden names skipped."""
+    suffixes = image_suffixes()
+    found: list[Path] = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(folder, f) for f in files if not f.startswith(".") and Path(f).suffix.lower() in suffixes]
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _glob_root(pattern: str) -> Path:
+    """The folder a glob starts from: its longest leading part without wildcards."""
+    parts = Path(os.path.expanduser(pattern)).parts
+    plain = list(_takewhile_plain(parts))
+    return Path(*plain) if plain else Path(".")
+
+
+def _takewhile_plain(parts: tuple[str, ...]) -> Iterator[str]:
+    for part in parts:
+        if _GLOB_CHARS & set(part):
+            return
+        yield part
+
+
+def _is_image_name(path: Path, root: Path) -> bool:
+    relative = path.relative_to(root) if path.is_relative_to(root) else path
+    hidden = any(part.startswith(".") for part in relative.parts)
+    return not hidden and path.suffix.lower() in image_suffixes()
+
+
+def _from_paths(source: str, paths: list[Path], root: Path) -> Inputs:
+    if not paths:
+        kinds = ", ".join(sorted(s for s in image_suffixes() if s in {".jpg", ".jpeg", ".png", ".webp", ".tif"}))
+        raise InputError(f"no images found in {source} (looked for {kinds}, …); check the path")
+    ids = _unique([p.relative_to(root).as_posix() if p.is_relative_to(root) else p.as_posix() for p in paths])
+    items = [BatchInput(i, str(p.absolute()), str(p.absolute())) for i, p in zip(ids, paths, strict=True)]
+    return Inputs(source, ids, lambda: iter(items), manifest=False)
+
+
+def _from_list(path: Path) -> Inputs:
+    """A text file of image paths: one per line, blank lines and `#` comments skipped."""
+    lines = [line.strip() for line in _read_text(path).splitlines()]
+    entries = [line for line in lines if line and not line.startswith("#")]
+    if not entries:
+        raise InputError(f"{path} lists no image paths; write one path per line")
+    ids = _unique(entries)
+    items = [
+        BatchInput(i, str(full), str(full))
+        for i, entry in zip(ids, entries, strict=True)
+        for full in [_resolve(entry, path)]
+    ]
+    return Inputs(str(path), ids, lambda: iter(items), manifest=False)
+
+
+def _resolve(value: str, manifest: Path) -> Path:
+    """A path from a list or manifest: relative ones are relative to the file's own folder."""
+    image = Path(value).expanduser()
+    return (image if image.is_absolute() else manifest.parent / image).absolute()
+
+
+def _unique(ids: list[str]) -> list[str]:
+    """Derived ids, a repeated one numbered by its occurrence: a, a#2, a#3."""
+    seen: dict[str, int] = {}
+    out = []
+    for i in ids:
+        seen[i] = seen.get(i, 0) + 1
+        out.append(i if seen[i] == 1 else f"{i}#{seen[i]}")
+    return out
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+# -- manifests ---------------------------------------------------------------------------------------------------
+
+Record = tuple[str, dict[str, Any]]  # (where, for messages: "rows.jsonl:3"; the row's fields)
+
+
+def _jsonl_records(path: Path) -> list[Record]:
+    records = []
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where} is not valid JSON ({e.msg}); write one JSON object per line") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{where} must be a JSON object with an image field")
+        records.append((where, row))
+    return records
+
+
+def _csv_records(path: Path) -> list[Record]:
+    text = _read_text(path)
+    try:
+        rows = list(csv.DictReader(text.splitlines(keepends=True)))
+    except csv.Error as e:
+        raise InputError(f"{path} is not valid CSV ({e})") from None
+    # Line numbers count the header as line 1; an empty cell is no value.
+    return [
+        (f"{path}:{n}", {k: v for k, v in row.items() if k is not None and v != ""}) for n, row in enumerate(rows, 2)
+    ]
+
+
+def _from_records(path: Path, records: list[Record]) -> Inputs:
+    if not records:
+        raise InputError(f"{path} has no rows; write one row per image with an image column")
+    images = [_image_value(row.get("image"), where) for where, row in records]
+    ids = manifest_ids(path, [(where, row, image) for (where, row), image in zip(records, images, strict=True)])
+    items = [
+        manifest_item(path, where, i, image, row) for (where, row), image, i in zip(records, images, ids, strict=True)
+    ]
+    return Inputs(str(path), ids, lambda: iter(items), manifest=True)
+
+
+def _image_value(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InputError(f"{where} has no image; give each row an image path")
+    return value.strip()
+
+
+def manifest_ids(path: Path, rows: list[tuple[str, dict[str, Any], str]]) -> list[str]:
+    """Each manifest row's id: (where, the row's fields, its derived id: the image value or the bytes' digest).
+
+    The `id` column when the manifest has one (in every row, unique), else the derived ids made unique (a#2)."""
+    explicit = [text_field(row, "id", where) for where, row, _ in rows]
+    if all(i is None for i in explicit):
+        return _unique([derived for _, _, derived in rows])
+    seen: set[str] = set()
+    for (where, _, _), i in zip(rows, explicit, strict=True):
+        if i is None:
+            raise InputError(f"{where} has no id while other rows have one; give every row an id, or none")
+        if i in seen:
+            raise InputError(f"{path} has the id {i!r} twice; ids must be unique (resuming relies on them)")
+        seen.add(i)
+    return [i for i in explicit if i is not None]
+
+
+def manifest_item(path: Path, where: str, id: str, image: str | bytes, row: dict[str, Any]) -> BatchInput:
+    """A manifest row as an input: `image` is its path as written (relative to the manifest's folder) or bytes."""
+    source = image if isinstance(image, bytes) else str(_resolve(image, path))
+    return BatchInput(
+        id,
+        source,
+        None if isinstance(image, bytes) else image,
+        question=text_field(row, "question", where),
+        labels=labels_field(row, where),
+        prompt=text_field(row, "prompt", where),
+    )
+
+
+def bytes_id(image: bytes) -> str:
+    """The id derived from an image's bytes: the first 16 hex digits of their sha256."""
+    return hashlib.sha256(image).hexdigest()[:16]
+
+
+def text_field(row: dict[str, Any], name: str, where: str) -> str | None:
+    """A manifest's optional text column: None when missing or null; a number is taken as its text (ids)."""
+    value = row.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise InputError(f"{where}: {name} must be text, got {type(value).__name__}")
+    return str(value)
+
+
+def labels_field(row: dict[str, Any], where: str) -> str | None:
+    """The labels column: "cat ; dog", or a list of texts (JSONL, Parquet) joined the same way."""
+    value = row.get("labels")
+    if isinstance(value, list | tuple):
+        if not all(isinstance(v, str) for v in value):
+            raise InputError(f"{where}: labels must be text or a list of texts")
+        return " ; ".join(value)
+    return text_field(row, "labels", where)
+
+
+__all__ = [
+    "BatchInput",
+    "Inputs",
+    "as_inputs",
+    "bytes_id",
+    "image_suffixes",
+    "list_inputs",
+    "manifest_ids",
+    "manifest_item",
+]

@@ -1,0 +1,281 @@
+"""`vlmo batch --ray`: the same job on Ray Data, on this machine or on a cluster (`pip install "vlmo[ray]"`).
+
+    inputs ──from_items──▶ map_batches(_Worker: an actor pool, one loaded VLMo per actor) ──▶ shard sink ──▶ RESULTS/
+
+The inputs are listed by the driver (`vlmo.batch_inputs`: the same ids as a single-process run) and become a Ray
+dataset; each actor loads the model once and runs `vlmo.batch.process` on its batches, the function the
+single-process run uses, so the rows are the same (greedy answers do not depend on the batch). RESULTS is a folder
+of shards, `part-<run>-<n>.jsonl` or `.parquet` (the folder's name says which: `*.jsonl` gives JSON Lines, anything
+else Parquet), each written whole (temporary file, fsync, rename) on the driver's node, so a cluster needs no shared
+file system.
+
+When an actor's process dies (killed, out of memory, a node lost), Ray restarts the actor (it loads the model again)
+and retries the batch it was running (Ray Data's defaults for actor pools: `max_restarts` and `max_task_retries`
+-1, without limit); the dead attempt's rows never reach the sink, so every input still gets exactly one row. A
+shard's name is fixed by its write task, so a retried write replaces its own shard rather than adding a second one.
+`--resume` skips the ids already in the folder's shards.
+
+Ray starts locally unless `RAY_ADDRESS` names a running cluster (`ray start --head` on one machine, `ray start
+--address=HEAD:6379` on the others; docs/batch.md).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import secrets
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlmo.batch import BatchJob, Summary, check_counts, load, process
+from vlmo.batch_inputs import BatchInput, Inputs
+from vlmo.batch_results import Row, done_ids, parse_row, row_line
+from vlmo.errors import OptionError, VlmoError
+from vlmo.outputs import OutputPathError, check_output_dir, write_output
+from vlmo.tasks import TaskName
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How the job spreads: `num_workers` actors (model replicas), each with these CPUs and GPUs.
+
+    `address`: the cluster to join; None: `RAY_ADDRESS` if set, else a Ray started here for this job.
+    """
+
+    num_workers: int = 2
+    num_gpus_per_worker: float = 0.0
+    num_cpus_per_worker: float = 1.0
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 1:
+            raise OptionError("{num_workers} must be a whole number of at least 1", num_workers=self.num_workers)
+        if not self.num_gpus_per_worker >= 0:
+            raise OptionError("{num_gpus_per_worker} must be 0 or more", num_gpus_per_worker=self.num_gpus_per_worker)
+        if not self.num_cpus_per_worker > 0:
+            raise OptionError("{num_cpus_per_worker} must be more than 0", num_cpus_per_worker=self.num_cpus_per_worker)
+
+
+def require_ray() -> Any:
+    try:
+        import ray
+        import ray.data  # noqa: F401 - Ray Data is the `data` extra of Ray
+    except ImportError:
+        raise OptionError('{ray} needs Ray Data; pip install "vlmo[ray]"', ray=None) from None
+    return ray
+
+
+def shard_format(out: Path) -> str:
+    """ "jsonl" for a folder named `*.jsonl`, else "parquet"."""
+    return "jsonl" if out.suffix.lower() == ".jsonl" else "parquet"
+
+
+def read_shards(out: str | os.PathLike[str], prefix: str = "") -> list[Row]:
+    """Every row in a folder of shards (both formats), in shard-name order; `prefix`: one run's shards only."""
+    return [row for shard in sorted(Path(out).glob(f"part-{prefix}*")) for row in read_shard(shard)]
+
+
+def run_ray(
+    job: BatchJob,
+    inputs: Inputs,
+    out: str | os.PathLike[str],
+    load_options: dict[str, Any],
+    options: RayOptions = RayOptions(),
+    *,
+    batch_size: int = 8,
+    limit: int | None = None,
+    resume: bool = False,
+    force: bool = False,
+) -> Summary:
+    """Run `job` over `inputs` on Ray, writing shards into the folder `out`; returns what this run wrote.
+
+    `load_options`: `VLMo.from_pretrained`'s arguments (`model` and the rest), used by every actor. An `out` that
+    holds shards is refused unless `resume` (skip the ids in them) or `force` (remove them first).
+    """
+    ray = require_ray()
+    check_counts(batch_size, limit)
+    job.check_inputs(inputs)
+    folder = _prepare_folder(Path(out), resume=resume, force=force)
+    done = done_ids(read_shards(folder), folder, job.task) if resume else set()
+    items = [_item_row(item) for item in itertools.islice(inputs, limit) if item.id not in done]
+    skipped = min(len(inputs), limit or len(inputs)) - len(items)
+    if not items:
+        return Summary(0, 0, skipped, 0.0)
+    started_here = _connect(ray, options)
+    try:
+        started = time.perf_counter()
+        prefix = secrets.token_hex(3)  # this run's shards, beside those of the runs it resumes
+        sink = _shard_sink(folder, job, shard_format(folder), prefix)
+        dataset = ray.data.from_items(items, override_num_blocks=_blocks(len(items), batch_size, options))
+        # Ray Data restarts a dead actor and retries its batch by default (max_restarts and max_task_retries -1).
+        dataset.map_batches(
+            _Worker,
+            fn_constructor_kwargs={"load_options": load_options, "job": job, "threads": options.num_cpus_per_worker},
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=options.num_workers),
+            num_cpus=options.num_cpus_per_worker,
+            num_gpus=options.num_gpus_per_worker,
+        ).write_datasink(sink)
+        written = read_shards(folder, prefix + "-")
+        errors = sum(row["error"] is not None for row in written)
+        return Summary(len(written), errors, skipped, time.perf_counter() - started)
+    except Exception as e:
+        cause = _vlmo_cause(e)
+        if cause is not None:
+            raise cause from None
+        raise
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _blocks(count: int, batch_size: int, options: RayOptions) -> int:
+    """Enough blocks for every actor to have batches to run, never fewer rows per block than a batch."""
+    return max(1, min(-(-count // batch_size), options.num_workers * 4))
+
+
+def _prepare_folder(out: Path, *, resume: bool, force: bool) -> Path:
+    folder = check_output_dir(out, what="--out")
+    shards = sorted(folder.glob("part-*")) if folder.is_dir() else []
+    if shards and not resume:
+        if not force:
+            raise OutputPathError(
+                f"{out} already holds result shards; pass {{resume}} to continue or {{force}} to start over",
+                out,
+                resume=None,
+                force=None,
+            )
+        for shard in shards:
+            shard.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _connect(ray: Any, options: RayOptions) -> bool:
+    """Join the cluster (`address` or `RAY_ADDRESS`) or start a local Ray; True when this call started it."""
+    if ray.is_initialized():
+        return False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # stderr keeps Ray's warnings and errors only
+    address = options.address or os.environ.get("RAY_ADDRESS")
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = sys.stderr.isatty()
+    if address:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        return True
+    # A local Ray gets room for every actor plus one CPU for reading and writing, whatever this machine has.
+    need = options.num_workers * options.num_cpus_per_worker + 1
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
+    return True
+
+
+def _item_row(item: BatchInput) -> dict[str, Any]:
+    """An input as a Ray dataset row: a path and image bytes in columns of their own (one type per column)."""
+    path, data = (None, item.image) if isinstance(item.image, bytes) else (item.image, None)
+    return {
+        "id": item.id,
+        "path": path,
+        "data": data,
+        "shown": item.shown,
+        "question": item.question,
+        "labels": item.labels,
+        "prompt": item.prompt,
+    }
+
+
+class _Worker:
+    """One model replica (a Ray actor): loads the model once, then turns batches of inputs into result rows."""
+
+    def __init__(self, load_options: dict[str, Any], job: BatchJob, threads: float) -> None:
+        import torch
+
+        from vlmo.api import VLMo
+
+        torch.set_num_threads(max(1, int(threads)))  # the actor's CPUs, not the whole machine's
+        self.vlm = VLMo.from_pretrained(**load_options)
+        self.job = job
+
+    def __call__(self, batch: Any) -> Any:
+        from vlmo.batch_parquet import table
+
+        rows = batch.to_pylist()
+        images = [r["data"] if r["path"] is None else r["path"] for r in rows]
+        items = [
+            BatchInput(r["id"], image, r["shown"], r["question"], r["labels"], r["prompt"])
+            for r, image in zip(rows, images, strict=True)
+        ]
+        return table(process(self.vlm, self.job, [load(item) for item in items]), self.job.task)
+
+
+_SINK_CLASS: Any = None
+
+
+def _shard_sink(folder: Path, job: BatchJob, fmt: str, prefix: str) -> Any:
+    """A Ray Datasink that writes each write task's rows as one shard, whole, named by the task (so that a retried
+    write replaces its own shard). The class is made on first use, so importing this module does not import Ray."""
+    global _SINK_CLASS
+    if _SINK_CLASS is None:
+        from ray.data import Datasink
+        from ray.data.block import BlockAccessor
+
+        class ShardDatasink(Datasink):
+            def __init__(self, folder: Path, job: BatchJob, fmt: str, prefix: str) -> None:
+                self.folder, self.task, self.fmt, self.prefix = folder, job.task, fmt, prefix
+
+            @property
+            def supports_distributed_writes(self) -> bool:
+                return False  # shards land on the driver's node: no shared file system needed
+
+            def write(self, blocks: Iterable[Any], ctx: Any) -> int:
+                rows = [row for block in blocks for row in BlockAccessor.for_block(block).to_arrow().to_pylist()]
+                if rows:
+                    _write_shard(self.folder / f"part-{self.prefix}-{ctx.task_idx:05d}.{self.fmt}", rows, self.task)
+                return len(rows)
+
+        _SINK_CLASS = ShardDatasink
+    return _SINK_CLASS(folder, job, fmt, prefix)
+
+
+def _write_shard(shard: Path, rows: list[Row], task: TaskName) -> None:
+    if shard.suffix == ".jsonl":
+        write_output(shard, "".join(row_line(row) + "\n" for row in rows))
+        return
+    from vlmo.batch_parquet import require_pyarrow, table
+
+    parquet = require_pyarrow().parquet
+    write_output(shard, lambda tmp: parquet.write_table(table(rows, task), tmp))
+
+
+def read_shard(shard: Path) -> list[Row]:
+    """The rows of one shard (`.jsonl` or `.parquet`)."""
+    if shard.suffix == ".jsonl":
+        lines = shard.read_text(encoding="utf-8").splitlines()
+        return [parse_row(line, f"{shard}:{n}") for n, line in enumerate(lines, 1)]
+    from vlmo.batch_parquet import read_rows
+
+    return read_rows(shard)
+
+
+def _vlmo_cause(e: BaseException) -> VlmoError | None:
+    """vlmo's own error behind a Ray failure (a model that an actor could not load, …), to report it in one line."""
+    seen = 0
+    current: BaseException | None = e
+    while current is not None and seen < 8:
+        if isinstance(current, VlmoError):
+            return current
+        current = getattr(current, "cause", None) or current.__cause__ or current.__context__
+        seen += 1
+    return None
+
+
+__all__ = ["RayOptions", "read_shards", "require_ray", "run_ray", "shard_format"]

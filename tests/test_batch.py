@@ -1,0 +1,503 @@
+"""`vlmo batch` on the built-in model: every task through the CLI, equal to `VLMo` called one by one; bad inputs as
+error rows; manifests with per-row questions; Parquet in and out; resume after Ctrl-C and after SIGKILL; the
+append log that makes a kill lose at most the batch in flight.
+
+The data set (tests/batch_scenes.py) is 60 `vlmo/shapes` scenes and 3 files that are not images. The model runs in
+float32 (`--quantize none`), the fastest mode for this tiny model; batching changes no answer in any mode
+(tests/test_batching.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner, Result
+
+from batch_scenes import BAD, LABELS, MODEL, SCENES, scene_ids, write_scene_folder
+from conftest import RED
+from vlmo import VLMo
+from vlmo.batch import BatchJob, run
+from vlmo.batch_inputs import BatchInput, list_inputs
+from vlmo.cli import app
+from vlmo.errors import InputError, OptionError
+from vlmo.outputs import AppendLog, OutputError
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def vlmo_cli(*args: str | Path) -> Result:
+    return runner.invoke(app, [str(a) for a in args], prog_name="vlmo")
+
+
+def ok(result: Result) -> str:
+    assert result.exit_code == 0, (result.exit_code, result.stderr, result.exception)
+    return result.stdout
+
+
+def usage_error(result: Result, *fragments: str) -> str:
+    """A one-line error, exit 2, nothing on stdout."""
+    assert result.exit_code == 2, (result.exit_code, result.stderr, result.exception)
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_scene_folder(tmp_path_factory.mktemp("batch") / "scenes")
+
+
+@pytest.fixture(scope="module")
+def vlm() -> VLMo:
+    return VLMo.from_pretrained("vlmo/shapes", quantize="none")
+
+
+@pytest.fixture(scope="module")
+def captions(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """The caption rows of the whole folder, written by the CLI (the reference for the resume tests)."""
+    out = tmp_path_factory.mktemp("captions") / "captions.jsonl"
+    result = vlmo_cli("batch", folder, "--task", "caption", "--out", out, *MODEL)
+    assert ok(result) == f"{out}\n"
+    assert result.stderr.startswith(f"done: {SCENES + 3} rows, 3 errors, ") and "images/s" in result.stderr
+    return read_jsonl(out)
+
+
+# -- every task, equal to VLMo one by one ------------------------------------------------------------------------
+
+
+def test_caption_over_a_folder_gives_one_row_per_input_equal_to_vlmo_one_by_one(
+    captions: list[dict[str, Any]], folder: Path, vlm: VLMo
+) -> None:
+    assert [row["id"] for row in captions] == scene_ids()
+    for row in captions:
+        assert list(row) == ["id", "image", "task", "prompt", "text", "error"]
+        assert row["image"] == str(folder / row["id"]) and Path(row["image"]).is_absolute()
+        assert row["task"] == "caption" and row["prompt"] == "caption en"
+        if row["id"] in BAD:
+            assert row["text"] is None and BAD[row["id"]] in row["error"] and "\n" not in row["error"]
+        else:
+            assert row["error"] is None
+            assert row["text"] == vlm.caption(row["image"]), row["id"]
+    assert len({row["text"] for row in captions}) > 10  # the answers differ per scene: a real model at work
+
+
+def _expected(vlm: VLMo, task: str, image: str) -> dict[str, Any]:
+    if task == "ask":
+        return {"text": vlm.ask(image, "how many shapes are there?")}
+    if task == "ocr":
+        return {"text": vlm.ocr(image)}
+    size = list(Image.open(image).size)
+    return {"size": size, "detections": [d.to_dict() for d in vlm.detect(image, LABELS)]}
+
+
+@pytest.mark.parametrize("task", ["ask", "ocr", "detect"])
+def test_every_task_through_the_cli_equals_vlmo_one_by_one(task: str, folder: Path, vlm: VLMo, tmp_path: Path) -> None:
+    """The first 12 inputs (the 3 bad files sort first) for each task; the caption test above runs all 63 and the
+    segment test below runs on a model taught to segment (the shapes model was not)."""
+    out = tmp_path / "rows.jsonl"
+    extra = {"ask": ["-q", "how many shapes are there?"], "ocr": [], "detect": ["--labels", LABELS]}[task]
+    ok(vlmo_cli("batch", folder, "--task", task, *extra, "--out", out, "--limit", 12, "--batch-size", 5, *MODEL))
+    rows = read_jsonl(out)
+    assert [row["id"] for row in rows] == scene_ids()[:12]
+    assert [row["id"] for row in rows if row["error"] is not None] == sorted(BAD)
+    for row in rows:
+        if row["error"] is None:
+            expected = _expected(vlm, task, row["image"])
+            assert {k: row[k] for k in expected} == expected, row["id"]
+    if task == "detect":
+        assert sum(len(row["detections"] or []) for row in rows) > 5  # real boxes, not empty lists compared
+
+
+def test_segment_through_the_cli_equals_vlmo_one_by_one(
+    taught_checkpoint: Path, filled_mask_decoder: Path, tmp_path: Path
+) -> None:
+    """The taught tiny model (conftest.py) answers `segment cat` about red images with one object and its codes."""
+    root = tmp_path / "red"
+    root.mkdir()
+    for i, size in enumerate([(96, 64), (200, 120), (64, 96), (96, 64)]):
+        Image.new("RGB", size, RED).save(root / f"red-{i}.png")
+    (root / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "masks.jsonl"
+    model = ["--model", taught_checkpoint, "--dtype", "float32", "--mask-decoder", filled_mask_decoder]
+    ok(vlmo_cli("batch", root, "--task", "segment", "--labels", "cat", "--out", out, "--batch-size", 3, *model))
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == ["empty.jpg", *(f"red-{i}.png" for i in range(4))]
+    assert list(rows[1]) == ["id", "image", "task", "prompt", "size", "segmentations", "mask_encoding", "error"]
+    assert rows[0]["segmentations"] is None and "not an image" in rows[0]["error"]
+    vlm = VLMo.from_pretrained(taught_checkpoint, dtype="float32")
+    for row in rows[1:]:
+        found = vlm.segment(row["image"], "cat", mask_decoder=filled_mask_decoder)
+        assert row["segmentations"] == [s.to_dict() for s in found] and len(found) == 1
+        width, height = Image.open(row["image"]).size
+        assert row["size"] == [width, height] and found[0].to_dict()["mask"]["size"] == [height, width]
+        assert row["mask_encoding"] == "coco_rle_uncompressed_column_major"
+
+
+def test_python_api_yields_the_same_rows(captions: list[dict[str, Any]], folder: Path, vlm: VLMo) -> None:
+    rows = list(run(vlm, folder, task="caption", batch_size=16, limit=20))
+    assert rows == captions[:20]
+    by_model_id = list(run("vlmo/shapes", folder, task="caption", quantize="none", batch_size=3, limit=5))
+    assert by_model_id == captions[:5]
+    paths = [folder / "scene-07.png", str(folder / "empty.jpg")]
+    listed = list(run(vlm, paths, task="caption"))
+    assert [r["id"] for r in listed] == [str(p) for p in paths] and listed[1]["error"] is not None
+
+
+# -- manifests ---------------------------------------------------------------------------------------------------
+
+
+def test_manifest_rows_bring_their_own_questions(folder: Path, vlm: VLMo, tmp_path: Path) -> None:
+    manifest = tmp_path / "data" / "rows.jsonl"
+    manifest.parent.mkdir()
+    relative = os.path.relpath(folder, manifest.parent)
+    rows_in = [
+        {"id": "a", "image": f"{relative}/scene-01.png", "question": "what color is the circle?"},
+        {"id": "b", "image": str(folder / "scene-02.png"), "question": "how many shapes are there?"},
+        {"id": "c", "image": f"{relative}/scene-03.png"},  # no question: the job's --question
+        {"id": "d", "image": f"{relative}/scene-04.png", "question": "   "},  # an empty question: this row's error
+        {"id": "e", "image": f"{relative}/scene-05.png", "question": "what " * 600},  # too long for the model
+        {"id": "f", "image": f"{relative}/missing.png", "question": "is there a red square?"},
+    ]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows_in), encoding="utf-8")
+    out = tmp_path / "answers.jsonl"
+    ok(vlmo_cli("batch", manifest, "--task", "ask", "-q", "is there a blue circle?", "--out", out, *MODEL))
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == list("abcdef")
+    assert [r["image"] for r in rows] == [r["image"] for r in rows_in]  # the manifest's own values
+    questions = ["what color is the circle?", "how many shapes are there?", "is there a blue circle?"]
+    for row, question, n in zip(rows, questions, (1, 2, 3), strict=False):
+        assert row["error"] is None and row["prompt"] == f"answer en {question}"
+        assert row["text"] == vlm.ask(str(folder / f"scene-{n:02d}.png"), question)
+    assert "question is empty" in rows[3]["error"]
+    assert "positions" in rows[4]["error"] and rows[4]["text"] is None  # refused alone; its batch still ran
+    assert "no image file" in rows[5]["error"]
+
+
+def test_csv_manifest_and_a_list_of_paths(folder: Path, captions: list[dict[str, Any]], tmp_path: Path) -> None:
+    (tmp_path / "rows.csv").write_text(f"image,labels\n{folder}/scene-01.png,circle\n{folder}/scene-02.png,\n")
+    out = tmp_path / "boxes.jsonl"
+    ok(vlmo_cli("batch", tmp_path / "rows.csv", "--task", "detect", "--labels", "square", "--out", out, *MODEL))
+    assert [r["prompt"] for r in read_jsonl(out)] == ["detect circle", "detect square"]
+    listing = tmp_path / "todo.txt"
+    listing.write_text(f"# two scenes\n{folder}/scene-00.png\n\n{folder}/scene-01.png\n{folder}/scene-00.png\n")
+    out = tmp_path / "list.jsonl"
+    ok(vlmo_cli("batch", listing, "--task", "caption", "--out", out, *MODEL))
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == [f"{folder}/scene-00.png", f"{folder}/scene-01.png", f"{folder}/scene-00.png#2"]
+    reference = {r["id"]: r["text"] for r in captions}
+    assert [r["text"] for r in rows] == [
+        reference["scene-00.png"],
+        reference["scene-01.png"],
+        reference["scene-00.png"],
+    ]
+
+
+def test_input_listings(folder: Path, tmp_path: Path) -> None:
+    (tmp_path / "a" / ".hidden").mkdir(parents=True)
+    for name in ("a/x.PNG", "a/.y.png", "a/.hidden/z.png", "a/notes.txt", "b.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    assert list_inputs(tmp_path).ids == ["a/x.PNG", "b.jpg"]
+    assert list_inputs(str(tmp_path / "**" / "*.PNG")).ids == ["a/x.PNG"]  # relative to the glob's root
+    assert list_inputs(str(tmp_path / "*.jpg")).ids == ["b.jpg"]
+    assert list_inputs(folder).ids == scene_ids()
+    with pytest.raises(InputError, match="no such file or folder"):
+        list_inputs(tmp_path / "nope")
+    with pytest.raises(InputError, match="no images found"):
+        list_inputs(tmp_path / "a" / ".hidden" / "*.jpg")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "x.png"}\nnot json\n')
+    with pytest.raises(InputError, match=r"bad.jsonl:2 is not valid JSON"):
+        list_inputs(bad)
+    bad.write_text('{"id": 1, "image": "x.png"}\n{"id": 1, "image": "y.png"}\n')
+    with pytest.raises(InputError, match="the id '1' twice"):
+        list_inputs(bad)
+    bad.write_text('{"picture": "x.png"}\n')
+    with pytest.raises(InputError, match="has no image"):
+        list_inputs(bad)
+    with pytest.raises(InputError, match="cannot tell what"):
+        list_inputs(_touch(tmp_path / "f.xyz"))
+
+
+def _touch(path: Path) -> Path:
+    path.write_bytes(b"")
+    return path
+
+
+# -- Parquet in and out ------------------------------------------------------------------------------------------
+
+
+def test_parquet_manifest_of_image_bytes_to_parquet_results(folder: Path, vlm: VLMo, tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from vlmo.batch_parquet import journal_path, read_rows
+
+    images = [(folder / f"scene-{i:02d}.png").read_bytes() for i in range(4)] + [b"not an image"]
+    questions = ["what color is the circle?", None, "how many shapes are there?", None, "is there a red circle?"]
+    manifest = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"image": images, "question": questions}), manifest, row_group_size=2)
+    out = tmp_path / "answers.parquet"
+    ok(vlmo_cli("batch", manifest, "--task", "ask", "-q", "is there a blue square?", "--out", out, *MODEL))
+    rows = read_rows(out)
+    assert not journal_path(out).exists()
+    import hashlib
+
+    assert [r["id"] for r in rows] == [hashlib.sha256(b).hexdigest()[:16] for b in images]
+    for row, data, question in zip(rows[:4], images, questions, strict=False):
+        asked = question or "is there a blue square?"
+        assert row["image"] is None and row["error"] is None
+        assert row["text"] == vlm.ask(data, asked)
+    assert rows[4]["text"] is None and "not an image" in rows[4]["error"]
+    assert pq.read_schema(out).field("text").type == pa.string()
+
+
+def test_parquet_results_resume_from_the_journal(folder: Path, captions: list[dict[str, Any]], tmp_path: Path) -> None:
+    pytest.importorskip("pyarrow")
+    from vlmo.batch_parquet import journal_path, read_rows
+
+    out = tmp_path / "captions.parquet"
+    journal = journal_path(out)
+
+    def killed_run(rows: list[dict[str, Any]]) -> None:
+        """What a run killed mid-write leaves: its journal, whole rows and a torn last one; no Parquet file yet."""
+        lines = [json.dumps(row, ensure_ascii=False) for row in rows]
+        journal.write_text("\n".join(lines) + "\n" + lines[0][:25], encoding="utf-8")
+
+    killed_run(captions[:3])
+    usage_error(vlmo_cli("batch", folder, "--task", "caption", "--out", out, *MODEL), "stopped", "--resume", "--force")
+    ok(vlmo_cli("batch", folder, "--task", "caption", "--out", out, "--limit", 6, "--resume", *MODEL))
+    assert read_rows(out) == captions[:6] and not journal.exists()
+    killed_run(captions[6:9])  # a second run, resuming the finished file, killed in turn
+    result = vlmo_cli("batch", folder, "--task", "caption", "--out", out, "--limit", 12, "--resume", *MODEL)
+    ok(result)
+    assert "9 already done" in result.stderr
+    assert read_rows(out) == captions[:12] and not journal.exists()
+    usage_error(vlmo_cli("batch", folder, "--task", "caption", "--out", out, *MODEL), "already exists", "--force")
+    ok(vlmo_cli("batch", folder, "--task", "caption", "--out", out, "--limit", 2, "--force", *MODEL))
+    assert read_rows(out) == captions[:2]
+
+
+def test_parquet_rows_equal_jsonl_rows_for_located_tasks(folder: Path, tmp_path: Path) -> None:
+    pytest.importorskip("pyarrow")
+    from vlmo.batch_parquet import read_rows
+
+    args = ["--task", "detect", "--labels", LABELS, "--limit", 8, *MODEL]
+    ok(vlmo_cli("batch", folder, *args, "--out", tmp_path / "boxes.jsonl"))
+    ok(vlmo_cli("batch", folder, *args, "--out", tmp_path / "boxes.parquet"))
+    assert read_rows(tmp_path / "boxes.parquet") == read_jsonl(tmp_path / "boxes.jsonl")
+
+
+# -- resume after a kill -----------------------------------------------------------------------------------------
+
+
+def _start_and_kill(folder: Path, out: Path, sig: int) -> subprocess.CompletedProcess[str]:
+    """`vlmo batch` in a process of its own, sent `sig` once its first batches are on disk."""
+    command = [sys.executable, "-m", "vlmo", "batch", str(folder), "--task", "caption", "--out", str(out), *MODEL]
+    process = subprocess.Popen(
+        [*command, "--batch-size", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if out.exists() and len(out.read_bytes().splitlines()) >= 4:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    process.send_signal(sig)
+    stdout, stderr = process.communicate(timeout=60)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def test_resume_after_ctrl_c(folder: Path, captions: list[dict[str, Any]], tmp_path: Path) -> None:
+    out = tmp_path / "captions.jsonl"
+    stopped = _start_and_kill(folder, out, signal.SIGINT)
+    assert stopped.returncode == 130, stopped.stderr
+    assert stopped.stdout == "" and "Traceback" not in stopped.stderr
+    last = stopped.stderr.splitlines()[-1]
+    assert last.startswith("interrupted: ") and "--resume" in last
+    written = read_jsonl(out)  # every line whole: the batches that finished
+    assert 4 <= len(written) < len(captions) and written == captions[: len(written)]
+    assert last.startswith(f"interrupted: {len(written)} rows written")
+    result = vlmo_cli("batch", folder, "--task", "caption", "--out", out, "--resume", *MODEL)
+    ok(result)
+    assert f"{len(written)} already done" in result.stderr
+    assert read_jsonl(out) == captions  # exactly one row per input, in order
+
+
+def test_resume_after_sigkill_cuts_the_torn_line(folder: Path, captions: list[dict[str, Any]], tmp_path: Path) -> None:
+    out = tmp_path / "captions.jsonl"
+    killed = _start_and_kill(folder, out, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    whole = read_jsonl(out)
+    assert whole == captions[: len(whole)]
+    with out.open("a", encoding="utf-8") as f:  # what power loss in the middle of a write leaves
+        f.write(json.dumps(captions[len(whole)])[:30])
+    ok(vlmo_cli("batch", folder, "--task", "caption", "--out", out, "--resume", *MODEL))
+    assert read_jsonl(out) == captions
+
+
+def test_resume_refuses_another_tasks_results_and_garbage(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "rows.jsonl"
+    ok(vlmo_cli("batch", folder, "--task", "ocr", "--out", out, "--limit", 2, *MODEL))
+    usage_error(vlmo_cli("batch", folder, "--task", "caption", "--out", out, "--resume", *MODEL), "holds ocr results")
+    out.write_text('{"id": "a", "task": "ocr"}\nhello\n{"id": "b", "task": "ocr"}\n')
+    usage_error(vlmo_cli("batch", folder, "--task", "ocr", "--out", out, "--resume", *MODEL), "rows.jsonl:2 is not")
+
+
+# -- refusals before the model loads -----------------------------------------------------------------------------
+
+NO_MODEL = ["--model", "/no/such/model"]  # had the model been loaded, the error would be about it (exit 1)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--out", "x.jsonl"], "give --task"),
+        (["--task", "ask", "--out", "x.jsonl"], "--task ask needs --question"),
+        (["--task", "caption", "-q", "why?", "--out", "x.jsonl"], "--question is for the ask task, not --task caption"),
+        (["--task", "ask", "--labels", "cat", "--out", "x.jsonl"], "--labels is for the detect and segment task"),
+        (["--task", "detect", "--labels", "a ; <b>", "--out", "x.jsonl"], "'<'"),
+        (["--task", "paint", "--out", "x.jsonl"], "unknown --task paint"),
+        (["--task", "caption", "--out", "x.csv"], "name a .jsonl or .parquet file"),
+        (["--task", "caption", "--out", "x.jsonl", "--batch-size", "0"], "--batch-size 0 must be"),
+        (["--task", "caption", "--out", "x.jsonl", "--resume", "--force"], "--resume or --force"),
+        (["--task", "caption", "--detail", "huge", "--out", "x.jsonl"], "unknown caption detail"),
+        (["--task", "caption", "--out", "x.jsonl", "--max-tokens", "0"], "max"),
+        (["--task", "caption", "--prompt", "ocr", "--out", "x.jsonl"], "--prompt is for the generate task"),
+    ],
+)
+def test_usage_errors_come_before_the_model_loads(
+    args: list[str], fragment: str, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    usage_error(vlmo_cli("batch", folder, *args, *NO_MODEL), fragment)
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_an_existing_results_file_is_kept_without_force(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mine.jsonl"
+    out.write_text("precious\n")
+    usage_error(
+        vlmo_cli("batch", folder, "--task", "caption", "--out", out, *NO_MODEL), "exists", "--resume", "--force"
+    )
+    assert out.read_text() == "precious\n"
+    usage_error(vlmo_cli("batch", tmp_path / "nothing-here", "--task", "caption", "--out", tmp_path / "o.jsonl"))
+    ok(vlmo_cli("batch", folder, "--task", "caption", "--out", out, "--force", "--limit", 1, *MODEL))
+    assert len(read_jsonl(out)) == 1
+
+
+def test_job_checks_in_the_library() -> None:
+    with pytest.raises(OptionError, match='task="ask" needs question'):
+        BatchJob(task="ask").check_inputs(list_inputs(str(ROOT / "examples" / "shapes.png")))
+    with pytest.raises(InputError, match="no question"):
+        BatchJob(task="ask").prompt_for(BatchInput("a", "a.png", "a.png"))
+    assert BatchJob(task="ask", question="why?").prompt_for(BatchInput("a", "a.png", None, question="how?")).text == (
+        "answer en how?"
+    )
+
+
+# -- the append log ----------------------------------------------------------------------------------------------
+
+
+def test_append_log_cuts_a_torn_line_and_appends_whole_batches(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    with AppendLog.create(path, force=False) as log:
+        log.append(["one", "two"])
+        log.append(["three"])
+    assert path.read_bytes() == b"one\ntwo\nthree\n"
+    with pytest.raises(OutputError, match="already exists"):
+        AppendLog.create(path, force=False)
+    with path.open("ab") as f:
+        f.write(b"fou")  # torn
+    with AppendLog.resume(path) as log:
+        assert log.cut == 3 and list(log.lines()) == ["one", "two", "three"]
+        log.append(["four"])
+    assert path.read_bytes() == b"one\ntwo\nthree\nfour\n"
+    path.write_bytes(b"no newline at all")
+    with AppendLog.resume(path) as log:
+        assert list(log.lines()) == []
+    with AppendLog.resume(tmp_path / "new.jsonl") as log:  # nothing to resume: a new log
+        log.append(["x"])
+    assert (tmp_path / "new.jsonl").read_text() == "x\n"
+
+
+def test_a_failed_append_leaves_no_partial_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "log.jsonl"
+    log = AppendLog.create(path, force=False)
+    log.append(["kept"])
+    real_write = os.write
+    calls = []
+
+    def full_disk(fd: int, data: Any) -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            return real_write(fd, bytes(data[:5]))  # half a batch goes out, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full_disk)
+    with pytest.raises(OutputError, match="no space left on device"):
+        log.append(["lost one", "lost two"])
+    monkeypatch.undo()
+    log.close()
+    assert path.read_bytes() == b"kept\n"
+
+
+def test_ctrl_c_during_a_write_lets_the_write_finish_first() -> None:
+    from vlmo.batch import _sigint_deferred
+
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with _sigint_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the signal arrives here, while the "write" runs
+            finished.append(True)
+    assert finished == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_raw_prompts_and_the_progress_bar(
+    folder: Path, captions: list[dict[str, Any]], vlm: VLMo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vlmo.batch import write_results
+    from vlmo.batch_results import open_results
+
+    out = tmp_path / "raw.jsonl"
+    results = open_results(out, "generate", resume=False, force=False)
+    job = BatchJob(task="generate", prompt="caption en")
+    summary = write_results(lambda: vlm, job, list_inputs(folder), results, limit=6, progress=True)
+    results.close()
+    assert "images/s" in capsys.readouterr().err and summary.rows == 6 and summary.errors == 3
+    rows = read_jsonl(out)
+    assert [r["text"] for r in rows] == [r["text"] for r in captions[:6]]
+    assert {r["task"] for r in rows} == {"generate"} and {r["prompt"] for r in rows} == {"caption en"}
+
+
+def test_locate_runs_each_images_own_labels_in_one_batch(folder: Path, vlm: VLMo) -> None:
+    from vlmo import tasks
+
+    images = [str(folder / f"scene-0{n}.png") for n in (1, 2, 4)]  # a square; two circles; square, triangle, circle
+    labels = ["square", "circle ; triangle", "triangle"]
+    found = vlm.locate(images, [tasks.detect(lab) for lab in labels])
+    assert found == [vlm.detect(im, lab) for im, lab in zip(images, labels, strict=True)]
+    assert [len(f) for f in found] == [1, 2, 1]
+    with pytest.raises(InputError, match="one task"):
+        vlm.locate(images[:2], [tasks.detect("circle"), tasks.segment("circle")])
+    with pytest.raises(InputError, match="same length"):
+        vlm.locate(images, [tasks.detect("circle")])

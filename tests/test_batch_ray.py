@@ -1,0 +1,115 @@
+"""`vlmo batch --ray` on a local Ray with 2 workers: the same rows as the single-process run, and every input still
+gets exactly one row when a worker's process is killed in the middle of a batch (Ray restarts it and retries)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from batch_scenes import LABELS, MODEL, scene_ids, write_scene_folder
+from vlmo import VLMo
+from vlmo.batch import BatchJob, run
+from vlmo.batch_inputs import list_inputs
+from vlmo.cli import app
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("ray.data")
+pytest.importorskip("pyarrow")
+
+from vlmo.batch_ray import RayOptions, read_shards, run_ray  # noqa: E402 - needs Ray
+
+WORKER_TITLE = b"ray::MapWorker(MapBatches(_Worker))"  # what Ray names an actor's process
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_scene_folder(tmp_path_factory.mktemp("batch") / "scenes")
+
+
+@pytest.fixture(scope="module")
+def vlm() -> VLMo:
+    return VLMo.from_pretrained("vlmo/shapes", quantize="none")
+
+
+def by_id(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(rows, key=lambda row: row["id"])
+
+
+def test_ray_rows_equal_the_single_process_rows(folder: Path, vlm: VLMo, tmp_path: Path) -> None:
+    """The CLI starts (and stops) a local Ray itself: 2 workers, JSON Lines shards in a folder."""
+    out = tmp_path / "captions.jsonl"
+    args = ["batch", str(folder), "--task", "caption", "--out", str(out), "--ray", "--num-workers", "2", *MODEL]
+    result = CliRunner().invoke(app, [*args, "--batch-size", "4"], prog_name="vlmo")
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert result.stdout == f"{out}\n" and "done: 63 rows, 3 errors" in result.stderr
+    assert not ray.is_initialized()
+    assert out.is_dir() and {p.suffix for p in out.iterdir()} == {".jsonl"}
+    rows = read_shards(out)
+    assert sorted(row["id"] for row in rows) == scene_ids()  # exactly one row per input
+    assert by_id(rows) == list(run(vlm, folder, task="caption"))
+    again = CliRunner().invoke(app, args, prog_name="vlmo")
+    assert again.exit_code == 2 and "--resume" in again.stderr  # shards are not mixed with another run's
+    resumed = CliRunner().invoke(app, [*args, "--resume"], prog_name="vlmo")
+    assert resumed.exit_code == 0 and "done: 0 rows, 0 errors, 63 already done" in resumed.stderr
+    assert read_shards(out) == rows
+
+
+def _worker_pids() -> list[tuple[int, bytes]]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                title = Path("/proc", entry, "cmdline").read_bytes()
+            except OSError:
+                continue
+            if title.startswith(WORKER_TITLE):
+                found.append((int(entry), title))
+    return found
+
+
+def test_a_killed_worker_still_gives_every_input_exactly_one_row(folder: Path, vlm: VLMo, tmp_path: Path) -> None:
+    if not Path("/proc/self/cmdline").exists():
+        pytest.skip("finds Ray's worker processes through /proc")
+    out = tmp_path / "boxes"  # Parquet shards
+    finished = threading.Event()
+    killed: dict[str, Any] = {}
+
+    def kill_a_busy_worker() -> None:
+        """A second after the workers start, SIGKILL one that is running a batch (its title ends in .submit)."""
+        first_busy = None
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not finished.is_set():
+            busy = [pid for pid, title in _worker_pids() if b".submit" in title]
+            if busy:
+                first_busy = first_busy or time.monotonic()
+                if time.monotonic() - first_busy > 1.0:  # some batches are done by now, most are not
+                    os.kill(busy[0], signal.SIGKILL)
+                    killed.update(pid=busy[0], during_run=not finished.is_set())
+                    return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_a_busy_worker, daemon=True)
+    killer.start()
+    job = BatchJob(task="detect", labels=LABELS)
+    load = {"model": "vlmo/shapes", "quantize": "none"}
+    try:
+        summary = run_ray(job, list_inputs(folder), out, load, RayOptions(num_workers=2), batch_size=2)
+    finally:
+        finished.set()
+        killer.join(timeout=5)
+    assert killed.get("during_run"), "no worker was killed while the job ran"
+    rows = read_shards(out)
+    ids = [row["id"] for row in rows]
+    assert len(ids) == len(scene_ids()) and sorted(ids) == scene_ids()  # counted: no duplicates, none missing
+    assert summary.rows == len(rows) and summary.errors == 3
+    reference = list(run(vlm, folder, task="detect", labels=LABELS))
+    assert by_id(rows) == reference
+    assert json.dumps(reference)  # rows are plain JSON data, as the single-process run writes them
