@@ -475,8 +475,7 @@ def test_ctrl_c_during_a_write_lets_the_write_finish_first() -> None:
 def test_raw_prompts_and_the_progress_bar(
     folder: Path, captions: list[dict[str, Any]], vlm: VLMo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from vlmo.batch import write_results
-    from vlmo.batch_results import open_results
+    from vlmo.batch import open_results, write_results
 
     out = tmp_path / "raw.jsonl"
     results = open_results(out, "generate", resume=False, force=False)

@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 from vlmo import tasks
 from vlmo.batch_inputs import BatchInput, Inputs, as_inputs
-from vlmo.batch_results import Results, Row, error_row, result_row
+from vlmo.batch_results import JsonlResults, Results, Row, check_results_path, error_row, result_row
 from vlmo.errors import InputError, OptionError, VlmoError
+from vlmo.outputs import OutputPathError
 from vlmo.tasks import Prompt, TaskName
 
 if TYPE_CHECKING:
@@ -350,6 +351,25 @@ class BatchInterrupted(KeyboardInterrupt):
         self.summary = summary
 
 
+def open_results(path: str | os.PathLike[str], task: TaskName, *, resume: bool, force: bool) -> Results:
+    """The results file `path` for a job of `task` (`.jsonl`, or `.parquet` through a journal, `batch_parquet`):
+    new (an existing one refused unless `force`), or with `resume` the existing one, whose ids are then `done` (a
+    file of another task's rows is refused)."""
+    out = check_results_path(path)
+    if not resume and not force and out.is_file():
+        raise OutputPathError(
+            f"{out} already exists; pass {{resume}} to continue it, {{force}} to replace it, or choose another --out",
+            out,
+            resume=None,
+            force=None,
+        )
+    if out.suffix.lower() == ".parquet":
+        from vlmo.batch_parquet import ParquetResults
+
+        return ParquetResults.open(out, task, resume=resume, force=force)
+    return JsonlResults.open(out, task, resume=resume, force=force)
+
+
 def write_results(
     load_model: Callable[[], VLMo],
     job: BatchJob,
@@ -442,6 +462,7 @@ class _Progress:
 
 
 __all__ = [
+    "open_results",
     "BATCH_TASKS",
     "BatchInterrupted",
     "BatchJob",

@@ -4,6 +4,7 @@
     inputs = list_inputs("scans/**/*.tif")              # a glob (recursive with **)
     inputs = list_inputs("todo.txt")                    # one path per line (# comments), relative to the list's folder
     inputs = list_inputs("rows.jsonl")                  # a manifest: image + optional id/question/labels/prompt
+    inputs = list_inputs("rows.parquet")                # the same in Parquet; images as paths or bytes
     len(inputs); for item in inputs: ...
 
 An id names an input across runs, so that `--resume` can tell what is done: a manifest's `id` column, else the path
@@ -28,9 +29,12 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlmo.errors import InputError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 LIST_SUFFIXES = frozenset({".txt", ".lst"})
 JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
@@ -102,8 +106,6 @@ def list_inputs(source: str | os.PathLike[str]) -> Inputs:
     if suffix in CSV_SUFFIXES:
         return _from_records(path, _csv_records(path))
     if suffix in PARQUET_SUFFIXES:
-        from vlmo.batch_parquet import parquet_inputs
-
         return parquet_inputs(path)
     if suffix in image_suffixes():
         return _from_paths(text, [path], path.parent)
@@ -326,6 +328,80 @@ def labels_field(row: dict[str, Any], where: str) -> str | None:
             raise InputError(f"{where}: labels must be text or a list of texts")
         return " ; ".join(value)
     return text_field(row, "labels", where)
+
+
+def require_pyarrow() -> Any:
+    """The pyarrow module, or a one-line error saying how to install it."""
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401 - the submodule must be importable too
+    except ImportError:
+        raise InputError('Parquet needs pyarrow; pip install "vlmo[parquet]"') from None
+    return pyarrow
+
+
+# -- Parquet manifests (pyarrow, the `parquet` extra) ------------------------------------------------------------
+
+
+def parquet_inputs(path: Path) -> Inputs:
+    """A Parquet manifest's inputs (module docstring). Paths are listed at once; bytes are read while iterating."""
+    pa = require_pyarrow()
+    try:
+        file = pa.parquet.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(f"{path} is not a readable Parquet file ({e}); check the file") from None
+    names = file.schema_arrow.names
+    if "image" not in names:
+        raise InputError(f"{path} has no image column; name the column of image paths or bytes `image`")
+    kind = _image_kind(file.schema_arrow.field("image").type, path)
+    fields = [c for c in ("id", "question", "labels", "prompt") if c in names]
+    rows = file.read(columns=fields).to_pylist() if fields else [{} for _ in range(file.metadata.num_rows)]
+    if not rows:
+        raise InputError(f"{path} has no rows; write one row per image")
+    wheres = [f"{path} row {n}" for n in range(1, len(rows) + 1)]
+    if kind == "path":
+        images = [_path_value(v, where) for v, where in zip(_images(file, kind), wheres, strict=True)]
+        ids = manifest_ids(path, list(zip(wheres, rows, images, strict=True)))
+        items = [manifest_item(path, *entry) for entry in zip(wheres, ids, images, rows, strict=True)]
+        return Inputs(str(path), ids, lambda: iter(items), manifest=True)
+    # Ids from the bytes need one pass over them (unless the file has ids); the job reads them again as it goes.
+    derived = [bytes_id(_bytes(v)) for v in _images(file, kind)] if "id" not in fields else [""] * len(rows)
+    ids = manifest_ids(path, list(zip(wheres, rows, derived, strict=True)))
+
+    def lazily() -> Iterator[BatchInput]:
+        for where, i, image, row in zip(wheres, ids, _images(file, kind), rows, strict=True):
+            yield manifest_item(path, where, i, _bytes(image), row)
+
+    return Inputs(str(path), ids, lazily, manifest=True)
+
+
+def _image_kind(kind: pa.DataType, path: Path) -> str:
+    pa = require_pyarrow()
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return "path"
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return "bytes"
+    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+        return "struct"  # Hugging Face datasets' Image feature: {bytes, path}
+    raise InputError(f"{path}: the image column holds {kind}; it must hold paths (text) or image bytes")
+
+
+def _images(file: Any, kind: str) -> Iterator[Any]:
+    """The image column's values, one row group at a time (bytes are not all held at once)."""
+    for group in range(file.num_row_groups):
+        for value in file.read_row_group(group, columns=["image"]).column("image").to_pylist():
+            yield value["bytes"] if kind == "struct" and value is not None else value
+
+
+def _path_value(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InputError(f"{where} has no image; give each row an image path")
+    return value.strip()
+
+
+def _bytes(value: Any) -> bytes:
+    """A row's image bytes; a null image is no bytes, which loading then reports as that row's error."""
+    return value if isinstance(value, bytes) else b""
 
 
 __all__ = [

@@ -1,8 +1,5 @@
-"""Parquet in and out for `vlmo batch` (pyarrow, the `parquet` extra: `pip install "vlmo[parquet]"`).
-
-In: a Parquet manifest whose `image` column holds paths (text, relative to the file's folder), encoded image bytes
-(binary), or Hugging Face `datasets` images (a struct of `bytes` and `path`), with optional `id`, `question`,
-`labels` and `prompt` columns. Image bytes are read one row group at a time while the job runs, never all at once.
+"""Parquet results for `vlmo batch` (pyarrow, the `parquet` extra: `pip install "vlmo[parquet]"`). Parquet
+manifests (paths, image bytes or Hugging Face `datasets` images) are read by `batch_inputs.parquet_inputs`.
 
 Out: `ParquetResults`, a Parquet file with one typed column per row field (`schema`). A Parquet file cannot be
 appended to, so while the job runs its rows go to a journal beside it, `RESULTS.partial.jsonl`, appended and
@@ -14,11 +11,10 @@ the journal is removed. A run that is killed leaves the journal, which `--resume
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from vlmo.batch_inputs import BatchInput, Inputs, bytes_id, manifest_ids, manifest_item
+from vlmo.batch_inputs import require_pyarrow
 from vlmo.batch_results import Row, done_ids, parse_row, read_done
 from vlmo.errors import InputError
 from vlmo.outputs import AppendLog, OutputPathError, atomic_path, check_output
@@ -28,16 +24,6 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 _ROWS_PER_CHUNK = 1024  # journal rows per Parquet write when finishing
-
-
-def require_pyarrow() -> Any:
-    """The pyarrow module, or a one-line error saying how to install it."""
-    try:
-        import pyarrow
-        import pyarrow.parquet  # noqa: F401 - the submodule must be importable too
-    except ImportError:
-        raise InputError('Parquet needs pyarrow; pip install "vlmo[parquet]"') from None
-    return pyarrow
 
 
 def schema(task: TaskName) -> pa.Schema:
@@ -68,70 +54,6 @@ def read_rows(path: str | os.PathLike[str]) -> list[Row]:
     pa = require_pyarrow()
     rows: list[Row] = pa.parquet.read_table(path).to_pylist()
     return rows
-
-
-# -- in ----------------------------------------------------------------------------------------------------------
-
-
-def parquet_inputs(path: Path) -> Inputs:
-    """A Parquet manifest's inputs (module docstring). Paths are listed at once; bytes are read while iterating."""
-    pa = require_pyarrow()
-    try:
-        file = pa.parquet.ParquetFile(path)
-    except (pa.ArrowException, OSError) as e:
-        raise InputError(f"{path} is not a readable Parquet file ({e}); check the file") from None
-    names = file.schema_arrow.names
-    if "image" not in names:
-        raise InputError(f"{path} has no image column; name the column of image paths or bytes `image`")
-    kind = _image_kind(file.schema_arrow.field("image").type, path)
-    fields = [c for c in ("id", "question", "labels", "prompt") if c in names]
-    rows = file.read(columns=fields).to_pylist() if fields else [{} for _ in range(file.metadata.num_rows)]
-    if not rows:
-        raise InputError(f"{path} has no rows; write one row per image")
-    wheres = [f"{path} row {n}" for n in range(1, len(rows) + 1)]
-    if kind == "path":
-        images = [_path_value(v, where) for v, where in zip(_images(file, kind), wheres, strict=True)]
-        ids = manifest_ids(path, list(zip(wheres, rows, images, strict=True)))
-        items = [manifest_item(path, *entry) for entry in zip(wheres, ids, images, rows, strict=True)]
-        return Inputs(str(path), ids, lambda: iter(items), manifest=True)
-    # Ids from the bytes need one pass over them (unless the file has ids); the job reads them again as it goes.
-    derived = [bytes_id(_bytes(v)) for v in _images(file, kind)] if "id" not in fields else [""] * len(rows)
-    ids = manifest_ids(path, list(zip(wheres, rows, derived, strict=True)))
-
-    def lazily() -> Iterator[BatchInput]:
-        for where, i, image, row in zip(wheres, ids, _images(file, kind), rows, strict=True):
-            yield manifest_item(path, where, i, _bytes(image), row)
-
-    return Inputs(str(path), ids, lazily, manifest=True)
-
-
-def _image_kind(kind: pa.DataType, path: Path) -> str:
-    pa = require_pyarrow()
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        return "path"
-    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
-        return "bytes"
-    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
-        return "struct"  # Hugging Face datasets' Image feature: {bytes, path}
-    raise InputError(f"{path}: the image column holds {kind}; it must hold paths (text) or image bytes")
-
-
-def _images(file: Any, kind: str) -> Iterator[Any]:
-    """The image column's values, one row group at a time (bytes are not all held at once)."""
-    for group in range(file.num_row_groups):
-        for value in file.read_row_group(group, columns=["image"]).column("image").to_pylist():
-            yield value["bytes"] if kind == "struct" and value is not None else value
-
-
-def _path_value(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise InputError(f"{where} has no image; give each row an image path")
-    return value.strip()
-
-
-def _bytes(value: Any) -> bytes:
-    """A row's image bytes; a null image is no bytes, which loading then reports as that row's error."""
-    return value if isinstance(value, bytes) else b""
 
 
 # -- out ---------------------------------------------------------------------------------------------------------
@@ -225,4 +147,4 @@ def _parquet_ids(path: Path, task: TaskName) -> set[str]:
     return done_ids(found, path, task)
 
 
-__all__ = ["ParquetResults", "journal_path", "parquet_inputs", "read_rows", "require_pyarrow", "schema", "table"]
+__all__ = ["ParquetResults", "journal_path", "read_rows", "schema", "table"]

@@ -250,7 +250,8 @@ def _write_shard(shard: Path, rows: list[Row], task: TaskName) -> None:
     if shard.suffix == ".jsonl":
         write_output(shard, "".join(row_line(row) + "\n" for row in rows))
         return
-    from vlmo.batch_parquet import require_pyarrow, table
+    from vlmo.batch_inputs import require_pyarrow
+    from vlmo.batch_parquet import table
 
     parquet = require_pyarrow().parquet
     write_output(shard, lambda tmp: parquet.write_table(table(rows, task), tmp))

@@ -10,7 +10,7 @@ A row is a JSON-ready dict with the columns `columns(task)` lists, in that order
 `vlmo detect --json` prints (boxes in pixels of the original image, masks as COCO RLE). An input that failed has
 its one-line message in `error` and null outputs; `error` is null otherwise.
 
-Results files (`open_results`):
+Results files (`vlmo.batch.open_results`):
 - `.jsonl`: one row per line, appended a batch at a time with `outputs.AppendLog` (one write, then fsync), so a
   kill loses at most the batch in flight; `resume` cuts a torn last line off and skips the ids already there.
 - `.parquet`: rows go to the journal `RESULTS.partial.jsonl` as above while the job runs; when it completes, the
@@ -97,24 +97,6 @@ def check_results_path(path: str | os.PathLike[str]) -> Path:
     return out
 
 
-def open_results(path: str | os.PathLike[str], task: TaskName, *, resume: bool, force: bool) -> Results:
-    """The results file `path` for a job of `task`: new (an existing one refused unless `force`), or with `resume`
-    the existing one, whose ids are then `done` (a file of another task's rows is refused)."""
-    out = check_results_path(path)
-    if not resume and not force and out.is_file():
-        raise OutputPathError(
-            f"{out} already exists; pass {{resume}} to continue it, {{force}} to replace it, or choose another --out",
-            out,
-            resume=None,
-            force=None,
-        )
-    if out.suffix.lower() == ".parquet":
-        from vlmo.batch_parquet import ParquetResults
-
-        return ParquetResults.open(out, task, resume=resume, force=force)
-    return JsonlResults.open(out, task, resume=resume, force=force)
-
-
 class JsonlResults:
     """Rows appended to a JSON Lines file, a batch per write + fsync (`outputs.AppendLog`)."""
 
@@ -180,7 +162,6 @@ __all__ = [
     "columns",
     "done_ids",
     "error_row",
-    "open_results",
     "output_columns",
     "parse_row",
     "read_done",

@@ -297,9 +297,8 @@ def batch(
     num_gpus_per_worker: Annotated[float, typer.Option(help="--ray: GPUs per replica (0: CPU).")] = 0.0,
 ) -> None:
     """Run one task over many images: one result row per input, in batches, resumable (docs/batch.md)."""
-    from vlmo.batch import BatchInterrupted, BatchJob, check_counts, write_results
+    from vlmo.batch import BatchInterrupted, BatchJob, check_counts, open_results, write_results
     from vlmo.batch_inputs import list_inputs
-    from vlmo.batch_results import open_results
 
     if resume and force:
         raise CliUsageError("pass --resume or --force, not both")
