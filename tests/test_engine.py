@@ -53,7 +53,7 @@ def _alone(vlm: VLMo, images: list[Image.Image]) -> list[str]:
 
 # Not bfloat16: its attention products round differently when a row's keys sit behind other rows' padding (a row
 # of the 8-row case below changed its second token in some process states, never in a fresh one), so that mode is
-# batch-invariant for most rows but not by construction (docs/serve.md, "Batching").
+# batch-invariant for most rows but not by construction (docs/serve.md, "Batching, limits, stopping").
 @pytest.mark.parametrize(
     "options",
     [
