@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlmo.errors import InputError
+from vlmo.jsonfile import json_line
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -236,13 +236,7 @@ def _jsonl_records(path: Path) -> list[Record]:
         if not line.strip():
             continue
         where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where} is not valid JSON ({e.msg}); write one JSON object per line") from None
-        if not isinstance(row, dict):
-            raise InputError(f"{where} must be a JSON object with an image field")
-        records.append((where, row))
+        records.append((where, json_line(line, where, "an image field", hint="write one JSON object per line")))
     return records
 
 

@@ -2,7 +2,8 @@
 
 The one JSON-file reader of vlmo, for a checkpoint's own files (`config.json`, the shard index, adapter and
 preprocessor configs) and for the data files users point at (VQAv2 questions/annotations, COCO instances). It
-depends on nothing but `vlmo.errors`, so every layer (weights/, data/, eval, the API) may import it.
+depends on nothing but `vlmo.errors`, so every layer (weights/, data/, eval, the API) may import it. `json_line`
+reads one line of a JSON Lines file the same way (training examples, `vlmo batch` manifests).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vlmo.errors import CheckpointError, VlmoError
+from vlmo.errors import CheckpointError, InputError, VlmoError
 
 
 def read_json(
@@ -43,3 +44,15 @@ def read_json(
     if not isinstance(doc, dict):
         raise error(f"{name} is not a JSON object (it holds a {type(doc).__name__}); {hint}")
     return doc
+
+
+def json_line(line: str, where: str, fields: str, hint: str = "") -> dict[str, Any]:
+    """The JSON object on one line of a JSON Lines file; `where` names the line ("rows.jsonl:3") in the InputError
+    for a line that is not JSON (followed by `hint`, if any) or not an object (which should hold `fields`)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{where} is not valid JSON ({err.msg}){'; ' + hint if hint else ''}") from None
+    if not isinstance(row, dict):
+        raise InputError(f"{where} must be a JSON object with {fields}")
+    return row

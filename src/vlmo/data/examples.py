@@ -8,7 +8,6 @@ a training run needs. `vlmo.finetune.finetune(cfg, dataset=...)` trains on any s
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from typing import Protocol
 
 from vlmo.data.vqav2 import VQAExample
 from vlmo.errors import InputError
+from vlmo.jsonfile import json_line
 from vlmo.processing import ImageInput
 
 
@@ -58,12 +58,7 @@ class JsonlDataset:
 
 def _parse_line(line: str, path: Path, number: int) -> Example:
     where = f"{path}:{number}"
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{where} is not valid JSON ({e.msg})") from None
-    if not isinstance(row, dict):
-        raise InputError(f"{where} must be a JSON object with image, prefix and suffix")
+    row = json_line(line, where, "image, prefix and suffix")
     missing = [k for k in ("image", "prefix", "suffix") if not isinstance(row.get(k), str)]
     if missing:
         raise InputError(f"{where} lacks string field(s) {', '.join(missing)}")
