@@ -100,6 +100,35 @@ def test_adapter_and_mode_are_in_the_key(ckpt: Path, adapter: Path) -> None:
     assert {e.path.name for e in cached()} == keys
 
 
+@pytest.mark.parametrize("mode", ["int8", "float16"])
+def test_an_adapter_with_a_dense_connector_projector_is_cached_with_it(
+    ckpt: Path, tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A LoRA + Dense Connector adapter (`vlmo_projector.*` beside it, as `finetune` exports one): the entry holds
+    that projector, so later loads read it quietly and bit-identically; the projector's files are in the key."""
+    model = vlmo_with_lora(ckpt, LoRAConfig(r=4, alpha=8))
+    model.use_projector("sci")
+    with torch.no_grad():  # a trained branch, not the zero start
+        model.projector.mlp.fc2.weight.normal_(0.0, 0.02)
+    adapter = save_adapter(model, tmp_path / "sci", LoRAConfig(r=4, alpha=8))
+    reference = logits(load(ckpt, mode, cache=False, adapter=adapter))
+    capfd.readouterr()
+    first = load(ckpt, mode, adapter=adapter)
+    (entry,) = cached()
+    assert first.model.cfg.projector.kind == "sci"
+    assert torch.equal(logits(first), reference)
+    forbid_preparing(monkeypatch)
+    second = load(ckpt, mode, adapter=adapter)
+    assert second.model.cfg.projector.kind == "sci"
+    assert torch.equal(logits(second), reference)
+    assert capfd.readouterr().err == ""
+    assert len(cached()) == 1
+    key = prepared.entry_key(ckpt, mode, adapter)
+    weights = adapter / "vlmo_projector.safetensors"
+    weights.write_bytes(weights.read_bytes())  # rewritten: a new identity (its ctime), the same bytes
+    assert prepared.entry_key(ckpt, mode, adapter) != key
+
+
 def test_float16_checkpoint_without_adapter_is_not_cached(ckpt: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 

@@ -76,6 +76,7 @@ __all__ = [
     "resolve_adapter",
     "save_adapter",
     "saved_module_parameters",
+    "use_saved_projector",
 ]
 
 logger = logging.getLogger(__name__)
@@ -268,17 +269,26 @@ def save_adapter(
     return out
 
 
-def _load_projector(model: PaliGemma, directory: Path) -> None:
-    """Switch to and load the Dense Connector projector saved beside an adapter (all its tensors, strictly)."""
+def use_saved_projector(model: PaliGemma, directory: Path) -> bool:
+    """Give `model` (a base model, on any device, meta included) the kind of Dense Connector projector saved beside
+    the adapter in `directory`, freshly initialised; False, and nothing changed, when the adapter has none. The
+    prepared-weights cache builds its model with this too, so an entry has the projector the adapter brings."""
     if not (directory / PROJECTOR_CONFIG).is_file():
-        return
+        return False
     fields = read_json(directory / PROJECTOR_CONFIG)
-    weights = directory / PROJECTOR_WEIGHTS
-    if not weights.is_file():
+    if not (directory / PROJECTOR_WEIGHTS).is_file():
         raise CheckpointError(f"{directory} has {PROJECTOR_CONFIG} but no {PROJECTOR_WEIGHTS}; copy the whole adapter")
     kind = fields.pop("kind", None)
     fields.pop("vision_layers", None)
     model.use_projector(str(kind), **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    return True
+
+
+def _load_projector(model: PaliGemma, directory: Path) -> None:
+    """Switch to and load the Dense Connector projector saved beside an adapter (all its tensors, strictly)."""
+    if not use_saved_projector(model, directory):
+        return
+    kind, weights = model.cfg.projector.kind, directory / PROJECTOR_WEIGHTS
     tensors = open_tensors(weights)
     expected = model.projector.state_dict()
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))

@@ -12,9 +12,10 @@ or the user's checkpoint directory. One folder per entry, named by the key, hold
 `meta.json` (model source, mode, sizes, created and last-used times; only for `vlmo cache ls/rm`).
 
 The key is a sha256 over: FORMAT_VERSION, vlmo's and torch's versions, the mode, and the identity of every file
-the loader reads (each `*.safetensors` weight file and `config.json`; for a merged adapter its config and weights
-by the same rule). A file's identity is its name, its size and its content identity: for a Hugging Face cache
-snapshot, a symlink into a `blobs/` folder whose name is 64 hex digits, that name (LFS blobs are named by the
+the loader reads (each `*.safetensors` weight file and `config.json`; for a merged adapter its config and weights,
+and the Dense Connector projector's `vlmo_projector.*` files beside them when it brings one, by the same rule). A
+file's identity is its name, its size and its content identity: for a Hugging Face cache snapshot, a symlink into
+a `blobs/` folder whose name is 64 hex digits, that name (LFS blobs are named by the
 sha256 of their content, so nothing is hashed); otherwise (st_size, st_mtime_ns, st_ctime_ns, st_ino, st_dev) plus
 a sha256 of the file's safetensors header (the first 8 + N bytes; config.json is hashed whole, it is small).
 Rewriting a file changes its ctime, which no user tool can set back (unlike mtime), so a local checkpoint whose
@@ -113,19 +114,20 @@ def file_identity(path: Path) -> dict[str, Any]:
 def entry_key(model_dir: Path, mode: PrepMode, adapter_dir: Path | None = None) -> str:
     """The hex digest naming the entry of this checkpoint (+ adapter) in this mode."""
     import vlmo
-    from vlmo.weights.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from vlmo.weights.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROJECTOR_CONFIG, PROJECTOR_WEIGHTS
     from vlmo.weights.loader import weight_files
 
     files = [model_dir / CONFIG_FILE, *weight_files(model_dir)]
+    adapter_files = [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+    if adapter_dir is not None:  # a Dense Connector projector's files, when present (a missing one: load_adapter says)
+        adapter_files += [n for n in (PROJECTOR_CONFIG, PROJECTOR_WEIGHTS) if (adapter_dir / n).is_file()]
     ident: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "vlmo": vlmo.__version__,
         "torch": torch.__version__,
         "mode": mode,
         "model": [file_identity(p) for p in files],
-        "adapter": None
-        if adapter_dir is None
-        else [file_identity(adapter_dir / name) for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)],
+        "adapter": None if adapter_dir is None else [file_identity(adapter_dir / name) for name in adapter_files],
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
@@ -152,7 +154,7 @@ def load_cached(
     mapped = adapter_dir is None
     if (entry / WEIGHTS_FILE).is_file():
         try:
-            net = _load_entry(entry / WEIGHTS_FILE, model_dir, mode, mapped)
+            net = _load_entry(entry / WEIGHTS_FILE, model_dir, mode, adapter_dir)
         except (VlmoError, ValueError, RuntimeError, KeyError, OSError) as e:
             _say(f"the prepared-weights cache entry {entry} was damaged ({_one_line(e)}); rebuilding it")
             shutil.rmtree(entry, ignore_errors=True)
@@ -166,7 +168,7 @@ def load_cached(
         _say(f"could not save prepared weights in the cache ({_one_line(e)}); loading without it")
         return finish(net)
     try:
-        return _load_entry(written, model_dir, mode, mapped)
+        return _load_entry(written, model_dir, mode, adapter_dir)
     except (VlmoError, ValueError, RuntimeError, KeyError, OSError) as e:  # e.g. removed meanwhile
         _say(f"could not read back the prepared-weights cache entry {entry} ({_one_line(e)}); loading without it")
         return finish(net)
@@ -180,14 +182,18 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def _load_entry(file: Path, model_dir: Path, mode: PrepMode, mapped: bool) -> PaliGemma:
+def _load_entry(file: Path, model_dir: Path, mode: PrepMode, adapter_dir: Path | None) -> PaliGemma:
+    from vlmo.weights.adapters import use_saved_projector
     from vlmo.weights.loader import load_config
 
     cfg = load_config(model_dir)  # part of the key: the same config the entry was made from
+    mapped = adapter_dir is None
     table = _checkpoint_embedding(model_dir, cfg) if mode == "int8" and mapped else None
     tensors = open_tensors(file)
     with torch.device("meta"):
         net = PaliGemma(cfg)
+    if adapter_dir is not None:
+        use_saved_projector(net, adapter_dir)  # the adapter's Dense Connector projector, if it brings one
     used: set[str] = set()
 
     def take(name: str, dtype: torch.dtype | None, shape: tuple[int, ...]) -> torch.Tensor:
