@@ -1,6 +1,6 @@
-"""Build the generated parts of the docs: the README's CLI reference and the output-format picture.
+"""Build the generated parts of the docs: the README's CLI reference and the pictures.
 
-    python docs/build.py            # rewrite README.md's CLI reference and docs/img/output-formats.png
+    python docs/build.py    # rewrite README.md's CLI reference, docs/img/output-formats.png and shapes-boxes.png
 
 The picture comes from the same stand-ins the tests use (`vlmo.testing.blob_mask_decoder`), applied to a model
 answer written by hand, so it shows exactly what vlmo's parsing, mask placement and drawing do.
@@ -58,9 +58,24 @@ def render_output_formats(path: Path) -> Path:
     return path
 
 
+# The README's quick start: what `vlmo detect` draws with `--out` (a test compares the two).
+SHAPES_LABELS = "circle ; square ; triangle"
+
+
+def render_shapes_boxes(path: Path) -> Path:
+    """The built-in model's boxes for all three kinds in examples/shapes.png, drawn as `vlmo detect --out` draws."""
+    from vlmo import VLMo
+
+    image = Image.open(ROOT / "examples" / "shapes.png").convert("RGB")
+    found = VLMo.from_pretrained("vlmo/shapes").detect(image, SHAPES_LABELS)
+    draw_detections(image, found).save(path, optimize=True)
+    return path
+
+
 def main() -> int:
     cli_reference.main(["--write", str(ROOT / "README.md")])
     print(render_output_formats(ROOT / "docs" / "img" / "output-formats.png"))
+    print(render_shapes_boxes(ROOT / "docs" / "img" / "shapes-boxes.png"))
     return 0
 
 

@@ -5,7 +5,9 @@ docs/demo-model.md's, run by `python -m vlmo.demo.evaluate`)."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from typer.testing import CliRunner
 from vlmo.demo import MODEL_DIR, MODEL_NAME
 from vlmo.demo.evaluate import iou, match_detections
 from vlmo.demo.shapes import (
+    ANY_KINDS,
     BOX_GAP,
     CENTRE_GAP,
     COLORS,
@@ -25,6 +28,7 @@ from vlmo.demo.shapes import (
     Shape,
     ShapesDataset,
     caption,
+    detect_kinds,
     detect_target,
     example_scene,
     label_map,
@@ -134,23 +138,53 @@ def test_recipe_runs_every_stage_and_resumes_without_redoing_them(tmp_path: Path
 
     spec = DemoSpec(image_size=32, patch_size=16, vision_width=16, vision_heads=1, vision_mlp=32, vision_layers=1,
                     text_width=16, text_heads=1, head_dim=16, text_mlp=32, text_layers=1)  # fmt: skip
-    recipe = Recipe(vision_steps=2, vision_batch_size=2, steps=2, focus_steps=2, batch_size=2, warmup_steps=1,
-                    save_every=0, processes=1, eval_images=0)  # fmt: skip
-    model = train(tmp_path, recipe, spec, progress=False)
-    for stage in ("init", "vision", "run/final", "focus/final", "model"):
-        assert (tmp_path / stage / "model.safetensors").is_file(), stage
-    report = json.loads((tmp_path / "metrics.json").read_text())
+    recipe = Recipe(vision_steps=2, vision_batch_size=2, steps=2, focus_steps=2, detect_steps=2, polish_steps=2,
+                    batch_size=2, warmup_steps=1, save_every=0, processes=1, eval_images=0)  # fmt: skip
+    model = train(tmp_path / "a", recipe, spec, progress=False)
+    for stage in ("init", "vision", "run/final", "focus/final", "detect/final", "polish/final", "model"):
+        assert (tmp_path / "a" / stage / "model.safetensors").is_file(), stage
+    report = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert set(report["vision_pretraining"]) >= {"patch_class_accuracy", "patch_kind_accuracy"}
     assert report["resumed_stages"] == []
-    stages = [tmp_path / stage / "model.safetensors" for stage in ("init", "vision", "run/final", "focus/final")]
+    stages = [tmp_path / "a" / stage / "model.safetensors" for stage in ("init", "vision", "run/final", "detect/final")]
     stamps = {p: p.stat().st_mtime_ns for p in stages}
-    again = train(tmp_path, recipe, spec, progress=False, resume=True)
-    assert json.loads((tmp_path / "metrics.json").read_text())["resumed_stages"] == ["focus", "init", "run", "vision"]
+    again = train(tmp_path / "a", recipe, spec, progress=False, resume=True)
+    resumed = json.loads((tmp_path / "a" / "metrics.json").read_text())["resumed_stages"]
+    assert resumed == ["init", "vision", "run", "focus", "detect", "polish"]
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}  # nothing retrained
     assert again == model
     assert VLMo.from_pretrained(model, device="cpu").generate(
         render(make_scene("t", 0)), "caption en", max_new_tokens=2
     )
+    # A run holding only a later stage's output (here stage 3's) goes on from it: the earlier stages are not needed.
+    shutil.copytree(tmp_path / "a" / "focus" / "final", tmp_path / "b" / "focus" / "final")
+    train(tmp_path / "b", recipe, spec, progress=False, resume=True)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["detect", "focus", "metrics.json", "model", "polish"]
+    resumed = json.loads((tmp_path / "b" / "metrics.json").read_text())["resumed_stages"]
+    assert resumed == ["init", "vision", "run", "focus"]
+
+
+def test_zooming_the_input_keeps_what_the_model_computes(tmp_path: Path) -> None:
+    """Stage 4 starts from stage 3's model with 2× the input and 2× the patch: on a 2× image it computes what the
+    old model computed on that image shrunk by averaging 2×2 blocks (the patch grid and all else unchanged)."""
+    from vlmo.demo.train import DemoSpec, write_initial_checkpoint, zoom_input
+    from vlmo.weights.loader import load_model
+
+    spec = DemoSpec(image_size=32, patch_size=8, vision_width=16, vision_heads=1, vision_mlp=32, vision_layers=1,
+                    text_width=16, text_heads=1, head_dim=16, text_mlp=32, text_layers=1)  # fmt: skip
+    small = load_model(write_initial_checkpoint(tmp_path / "small", spec), dtype=torch.float32)
+    zoomed_dir = zoom_input(tmp_path / "small", tmp_path / "zoomed", 2)
+    zoomed = load_model(zoomed_dir, dtype=torch.float32)
+    assert (zoomed.cfg.vision.image_size, zoomed.cfg.vision.patch_size) == (64, 16)
+    assert zoomed.cfg.num_image_tokens == small.cfg.num_image_tokens == 16
+    processor = json.loads((zoomed_dir / "preprocessor_config.json").read_text())
+    assert processor["size"] == {"height": 64, "width": 64} and processor["image_seq_length"] == 16
+    big = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = small.vision(torch.nn.functional.avg_pool2d(big, 2))[0]
+        torch.testing.assert_close(zoomed.vision(big)[0], expected, rtol=1e-4, atol=1e-5)
+    same = {k: v for k, v in zoomed.state_dict().items() if k != "vision.patch_embed.weight"}
+    assert all(torch.equal(v, small.state_dict()[k]) for k, v in same.items())
 
 
 def test_captions_list_shapes_left_to_right() -> None:
@@ -196,6 +230,26 @@ def test_targets_have_the_documented_format() -> None:
         assert [d.label for d in parse_detections(pair, (scene.width, scene.height))] == [
             k for k in kinds if k in ("circle", "square")
         ]
+        # every order of two or three kinds is asked, and the answer lists the objects left to right regardless
+        assert by_prompt["detect square ; circle"] == pair
+        everything = detect_target(scene, SHAPES)
+        assert [d.label for d in parse_detections(everything, (scene.width, scene.height))] == kinds
+        orders = [e for e in examples if e.kind == "detect" and len(detect_kinds(e)) == 3]
+        assert len(orders) == 6 and {e.suffix for e in orders} == {everything}
+    assert sum(e.kind == "detect" for e in examples) == 3 + 6 + 6
+
+
+def test_detect_prompts_name_as_many_kinds_as_asked() -> None:
+    rng = random.Random(2)
+    only_detect = {"detect": 1.0}
+    named = [len(detect_kinds(sample_task(scene, rng, only_detect))) for scene in scenes(150) for _ in range(4)]  # type: ignore[arg-type]
+    assert 0.5 < named.count(1) / named.count(2) < 4 and 3 not in named  # stages 2 and 3: one or two kinds, 2 : 1
+    named = [
+        len(detect_kinds(sample_task(scene, rng, only_detect, kinds_weights=ANY_KINDS)))  # type: ignore[arg-type]
+        for scene in scenes(150)
+        for _ in range(4)
+    ]
+    assert all(120 < named.count(n) < 280 for n in (1, 2, 3))  # the detection stage: each a third
 
 
 def test_generation_is_a_function_of_the_seed() -> None:
@@ -242,8 +296,9 @@ def test_detection_matching_counts_hits_at_iou_one_half() -> None:
     scene = make_scene("match", 0, num_shapes=2)
     kinds = [s.kind for s in scene.shapes]
     exact = detect_target(scene, kinds)
-    assert match_detections(exact, scene, kinds) == (2, 2, 2)
-    assert match_detections("", scene, kinds) == (0, 0, 2)
+    assert match_detections(exact, scene, kinds)[:3] == (2, 2, 2)
+    assert match_detections(exact, scene, kinds).ious == pytest.approx((1.0, 1.0), abs=0.02)  # loc bins round
+    assert match_detections("", scene, kinds) == (0, 0, 2, ())
     assert iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(1 / 3)
 
 
@@ -316,20 +371,24 @@ def test_shipped_model_answers_generated_images(shapes_model) -> None:  # noqa: 
 
 
 def test_shipped_model_detects_shapes(shapes_model) -> None:  # noqa: ANN001
-    """Boxes in pixels of the original image at IoU ≥ 0.5, square and not, for the prompts the model was taught:
-    one kind (`detect circle`), and two (`detect circle ; square`)."""
+    """Boxes in pixels of the original image, square and not, for prompts naming one, two or all three kinds in
+    scrambled orders: hits at IoU ≥ 0.5 and how tight they are."""
+    rng = random.Random(0)
     hits = objects = predicted = 0
-    for i, size in enumerate([(224, 224), (320, 200), (224, 224), (200, 360)]):
+    ious: list[float] = []
+    for i, size in enumerate([(224, 224), (320, 200), (224, 224), (200, 360), (224, 224), (400, 250)]):
         scene = make_scene("test-detect", i, size=size, num_shapes=2 + i % 2)
-        prompts = [[kind] for kind in SHAPES] + [list(SHAPES[:2]), list(SHAPES[1:])]
+        prompts = [[kind] for kind in SHAPES] + [rng.sample(SHAPES, 2) for _ in range(2)] + [rng.sample(SHAPES, 3)]
         for kinds in prompts:
             found = shapes_model.detect(render(scene), kinds)
             assert {d.label for d in found} <= set(kinds)
             as_text = encode_boxes([d.box for d in found], [d.label for d in found], (scene.width, scene.height))
-            tp, n_predicted, n_objects = match_detections(as_text, scene, kinds)
-            hits, predicted, objects = hits + tp, predicted + n_predicted, objects + n_objects
-    # 19 of 24 at the time of writing (held out: 80–93 % by prompt and size, docs/demo-model.md); guessing gets ~0
-    assert objects == 24 and hits >= 17 and predicted <= 27, (hits, predicted, objects)
+            matches = match_detections(as_text, scene, kinds)
+            hits, predicted, objects = hits + matches.hits, predicted + matches.predicted, objects + matches.objects
+            ious += matches.ious
+    # held out: 94–98 % by prompt and size (docs/demo-model.md); guessing gets ~0
+    assert objects == 50 and hits >= 45 and predicted <= 54, (hits, predicted, objects)
+    assert sum(ious) / len(ious) >= 0.78, ious  # held out: mean IoU 0.80–0.86
 
 
 def test_example_image_is_the_example_scene() -> None:
@@ -352,3 +411,84 @@ def test_cli_answers_the_readme_question_about_the_example_image(offline: None) 
     result = runner.invoke(app, ["caption", str(EXAMPLE), "--model", MODEL_NAME])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == "a yellow circle, a red square and a blue triangle"
+
+
+def test_cli_detects_the_readme_example_as_the_readme_shows(offline: None, tmp_path: Path) -> None:
+    """The README's quick start runs `vlmo detect` on examples/shapes.png with all three kinds, shows what it prints
+    and the picture it draws (docs/img/shapes-boxes.png, `python docs/build.py`): both must be what the shipped
+    model gives now, and every box must fit its shape (IoU ≥ 0.8 with the true box; held out, the mean is 0.86)."""
+    from PIL import Image
+
+    from vlmo.cli import app
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    command = 'vlmo detect examples/shapes.png "circle ; square ; triangle" --model vlmo/shapes --out boxes.png'
+    assert command in readme
+    shown = readme.split(command, 1)[1].split("```text\n", 1)[1].split("```", 1)[0].splitlines()
+    out = tmp_path / "boxes.png"
+    args = ["detect", str(EXAMPLE), "circle ; square ; triangle", "--model", MODEL_NAME, "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    printed = [line.split("\t") for line in result.stdout.strip().splitlines()]
+    assert [row[0] for row in printed] == [row.split()[0] for row in shown] == ["circle", "square", "triangle"]
+    for row, line in zip(printed, shown, strict=True):  # int8 kernels may round a bin differently on other CPUs
+        assert all(abs(float(a) - float(b)) <= 1.0 for a, b in zip(row[1:], line.split()[1:], strict=True)), line
+    for row, shape in zip(printed, example_scene().shapes, strict=True):
+        assert iou(tuple(float(v) for v in row[1:]), shape.box) >= 0.8, (row, shape.box)
+    with Image.open(out) as drawn, Image.open(root / "docs" / "img" / "shapes-boxes.png") as committed:
+        assert drawn.size == committed.size
+        a, b = drawn.convert("RGB").tobytes(), committed.convert("RGB").tobytes()
+        assert sum(x != y for x, y in zip(a, b, strict=True)) <= 0.02 * len(a)
+
+
+def test_sigterm_stops_the_recipe_and_its_worker_processes(tmp_path: Path) -> None:
+    """`kill` on `python -m vlmo.demo.train` must not leave its data-parallel workers training on alone (they are
+    separate processes, which a signal to the parent alone does not reach). Started in the background as a user
+    would (`… &` from a shell that then exits), so no process of the test is a parent that would notice."""
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    stages = ["--vision-steps", "0", "--steps", "5000", "--focus-steps", "0", "--detect-steps", "0"]
+    settings = ["--batch-size", "2", "--processes", "2", "--eval-images", "0"]
+    command = [sys.executable, "-m", "vlmo.demo.train", "--out", str(out), *stages, *settings]
+    line = f"{shlex.join(command)} > {shlex.quote(str(tmp_path / 'log'))} 2>&1 & echo $!"
+    parent = int(subprocess.run(["bash", "-c", line], capture_output=True, text=True, check=True).stdout)
+    metrics = out / "run" / "metrics.jsonl"
+
+    def steps() -> int:
+        return metrics.read_text().count("\n") if metrics.is_file() else 0
+
+    def alive(pid: int) -> bool:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+        return "\nState:\tZ" not in status
+
+    try:
+        deadline = time.monotonic() + 180
+        while steps() < 2:
+            assert alive(parent) and time.monotonic() < deadline, "the recipe did not start training"
+            time.sleep(0.5)
+        children = [
+            int(pid)
+            for pid in subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
+        ]
+        assert len(children) >= 2  # the two workers (and multiprocessing's resource tracker)
+        os.kill(parent, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while any(alive(pid) for pid in (parent, *children)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in (parent, *children) if alive(pid)]
+        before = steps()
+        time.sleep(2)
+        assert steps() == before  # nobody is training any more
+    finally:
+        for pid in (parent, *children) if "children" in locals() else (parent,):
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -86,12 +86,12 @@ class AppExample:
 
 
 def default_examples() -> list[AppExample]:
-    """Small pictures drawn at startup, whose answers are in the picture: a red circle and a blue square on a light
-    background (drawn like the scenes of the shapes demo, `vlmo.demo.shapes`), and a STOP sign for OCR."""
-    shapes = Image.new("RGB", (224, 224), (245, 245, 240))
-    draw = ImageDraw.Draw(shapes)
-    draw.ellipse((24, 70, 114, 160), fill=(220, 40, 40))
-    draw.rectangle((140, 80, 210, 150), fill=(40, 70, 220))
+    """Small pictures drawn at startup, whose answers are in the picture: the README's `examples/shapes.png` (a
+    yellow circle, a red square and a blue triangle, the scene `vlmo.demo.shapes.example_scene` draws; the built-in
+    `vlmo/shapes` model answers every shapes example right), and a STOP sign for OCR."""
+    from vlmo.demo.shapes import example_scene, render
+
+    shapes = render(example_scene())
     sign = Image.new("RGB", (320, 224), (250, 250, 250))
     draw = ImageDraw.Draw(sign)
     draw.rounded_rectangle((30, 42, 290, 182), radius=18, fill=(200, 20, 30))
@@ -101,7 +101,7 @@ def default_examples() -> list[AppExample]:
         AppExample(shapes, "ask", "how many shapes are there?"),
         AppExample(shapes, "caption"),
         AppExample(sign, "ocr"),
-        AppExample(shapes, "detect", "circle ; square"),
+        AppExample(shapes, "detect", "circle ; square ; triangle"),
         AppExample(shapes, "segment", "circle"),
     ]
 

