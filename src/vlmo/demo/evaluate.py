@@ -104,7 +104,11 @@ def evaluate_scenes(vlm: Any, scenes: list[Scene]) -> dict[str, Any]:
 
 
 def _detection_summary(matches: list[Matches]) -> dict[str, float | int]:
-    hits, predicted, objects = (sum(getattr(m, f) for m in matches) for f in ("hits", "predicted", "objects"))
+    hits, predicted, objects = (
+        sum(m.hits for m in matches),
+        sum(m.predicted for m in matches),
+        sum(m.objects for m in matches),
+    )
     ious = [v for m in matches for v in m.ious]
     return {
         "precision": hits / predicted if predicted else 1.0,

@@ -1,14 +1,15 @@
 """The recipe that trains the built-in `vlmo/shapes` model from scratch on the CPU, with vlmo's own training loop.
 
-    python -m vlmo.demo.train --out runs/shapes            # ≈ an hour on 2 CPU cores; see docs/demo-model.md
+    python -m vlmo.demo.train --out runs/shapes            # ≈ 2 h 15 min on 2 CPU cores; see docs/demo-model.md
     python -m vlmo.demo.train --out runs/shapes --install  # … and copy the result into the package
 
 Steps: (1) write a freshly initialised small PaliGemma-architecture checkpoint (`init/`) with a tokenizer from
 `vlmo.testing.build_tokenizer` over the shapes vocabulary; (2) pre-train the vision tower alone on per-patch labels
 (`pretrain_vision`, `vision/`); (3) `vlmo.finetune.finetune` with `train=("full",)` on `ShapesDataset` (scenes
-drawn on the fly; `run/`); (4) store the result in float16 (`model/`: weights, config, tokenizer, preprocessor
-config; loading casts to float32 on the CPU); (5) evaluate on held-out scenes (`vlmo.demo.evaluate`) and write
-`metrics.json`.
+drawn on the fly), in four stages: all tasks (`run/`), a focus on yes/no and boxes (`focus/`), detection on a
+zoomed input (`zoom_input`, `detect/`) and a polish (`polish/`); (4) store the result in float16 (`model/`:
+weights, config, tokenizer, preprocessor config; loading casts to float32 on the CPU); (5) evaluate on held-out
+scenes (`vlmo.demo.evaluate`) and write `metrics.json`.
 """
 
 from __future__ import annotations
