@@ -158,6 +158,15 @@ def tiny_checkpoint(tiny_checkpoints: dict[str, Path]) -> Path:
     return tiny_checkpoints["gqa"]
 
 
+def gaussian_noise(width: int, height: int, sigma: float, seed: int) -> Any:
+    """Grey Gaussian noise around 128 as an RGB image, the same on every run. (PIL's `Image.effect_noise` draws from
+    the C library's shared generator, which other code in the process moves: a failure on it could not be replayed.)"""
+    from PIL import Image
+
+    values = torch.randn(height, width, generator=torch.Generator().manual_seed(seed)) * sigma + 128
+    return Image.fromarray(values.round().clamp(0, 255).to(torch.uint8).numpy()).convert("RGB")
+
+
 # What the "taught" model answers: a tiny checkpoint fitted for a second to these examples, so task and CLI tests
 # check real answers (boxes, colours) coming out of the whole pipeline instead of random tokens.
 TAUGHT_DETECTION = "<loc0100><loc0200><loc0600><loc0700> cat ; <loc0300><loc0050><loc0900><loc0400> dog"

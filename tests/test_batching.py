@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import gaussian_noise
 from vlmo import VLMo
 from vlmo.nn.quant import REDUCE_RANGE, Float16Linear, Int8Head, Int8Linear, _pack, _quantize_rows, normalize_rows
 
@@ -99,9 +100,9 @@ def test_float16_linear_decode_rows_do_not_depend_on_the_batch() -> None:
 
 IMAGES = (
     lambda: Image.new("RGB", (96, 64), (255, 255, 250)),  # very bright
-    lambda: Image.effect_noise((80, 60), 25).point(lambda v: v // 6).convert("RGB"),  # dark and noisy
+    lambda: gaussian_noise(80, 60, 25, seed=1).point(lambda v: v // 6).convert("RGB"),  # dark and noisy
     lambda: Image.new("RGB", (50, 90), (220, 30, 30)),
-    lambda: Image.effect_noise((70, 70), 120).convert("RGB"),  # loud noise
+    lambda: gaussian_noise(70, 70, 120, seed=2),  # loud noise
 )
 PROMPTS = ("caption en", "answer en what is in the picture on the left side of the table?", "ocr", "detect cat")
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import gaussian_noise
 from vlmo import VLMo, tasks
 from vlmo.engine import Cancelled, Engine, EngineStopped, Finished, Piece, QueueFull
 from vlmo.errors import GenerationConfigError, InputError
@@ -26,9 +27,9 @@ needs_fbgemm = pytest.mark.skipif(
 
 IMAGES = (
     lambda: Image.new("RGB", (96, 64), (255, 255, 250)),
-    lambda: Image.effect_noise((80, 60), 25).point(lambda v: v // 6).convert("RGB"),
+    lambda: gaussian_noise(80, 60, 25, seed=1).point(lambda v: v // 6).convert("RGB"),
     lambda: Image.new("RGB", (50, 90), (220, 30, 30)),
-    lambda: Image.effect_noise((70, 70), 120).convert("RGB"),
+    lambda: gaussian_noise(70, 70, 120, seed=2),
 )
 # (image, prompt, max_new_tokens): different prompt lengths (left padding), different answer lengths (rows leave
 # at different steps, so waiting requests join a batch that is midway).

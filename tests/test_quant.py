@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import BLUE, RED, TAUGHT_EXAMPLES
+from conftest import BLUE, RED, TAUGHT_EXAMPLES, gaussian_noise
 from vlmo import VLMo
 from vlmo.cli import app as cli_app
 from vlmo.errors import InputError
@@ -64,7 +64,7 @@ def test_quantized_model_tracks_float32_logits(tiny_checkpoints: dict[str, Path]
     ref = VLMo.from_pretrained(path, device="cpu", dtype="float32")
     q8 = VLMo.from_pretrained(path, device="cpu", quantize="int8")
     assert q8.quantized and not ref.quantized and q8.dtype == torch.float32
-    images = [Image.effect_noise((80, 60), 60).convert("RGB"), Image.new("RGB", (50, 90), RED)]
+    images = [gaussian_noise(80, 60, 60, seed=0), Image.new("RGB", (50, 90), RED)]
     batch = ref.text.encode(["caption en", "answer en what is this thing?"], ["a cat on a mat", "a dog"])
     pixels = preprocess_images(images, ref.image_config)
     with torch.no_grad():
