@@ -139,9 +139,10 @@ def test_recipe_runs_every_stage_and_resumes_without_redoing_them(tmp_path: Path
     spec = DemoSpec(image_size=32, patch_size=16, vision_width=16, vision_heads=1, vision_mlp=32, vision_layers=1,
                     text_width=16, text_heads=1, head_dim=16, text_mlp=32, text_layers=1)  # fmt: skip
     recipe = Recipe(vision_steps=2, vision_batch_size=2, steps=2, focus_steps=2, detect_steps=2, polish_steps=2,
-                    batch_size=2, warmup_steps=1, save_every=0, processes=1, eval_images=0)  # fmt: skip
+                    refine_steps=2, batch_size=2, warmup_steps=1, save_every=0, processes=1, eval_images=0)  # fmt: skip
     model = train(tmp_path / "a", recipe, spec, progress=False)
-    for stage in ("init", "vision", "run/final", "focus/final", "detect/final", "polish/final", "model"):
+    finals = [f"{name}/final" for name in ("run", "focus", "detect", "polish", "refine")]
+    for stage in ("init", "vision", *finals, "model"):
         assert (tmp_path / "a" / stage / "model.safetensors").is_file(), stage
     report = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert set(report["vision_pretraining"]) >= {"patch_class_accuracy", "patch_kind_accuracy"}
@@ -150,7 +151,7 @@ def test_recipe_runs_every_stage_and_resumes_without_redoing_them(tmp_path: Path
     stamps = {p: p.stat().st_mtime_ns for p in stages}
     again = train(tmp_path / "a", recipe, spec, progress=False, resume=True)
     resumed = json.loads((tmp_path / "a" / "metrics.json").read_text())["resumed_stages"]
-    assert resumed == ["init", "vision", "run", "focus", "detect", "polish"]
+    assert resumed == ["init", "vision", "run", "focus", "detect", "polish", "refine"]
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}  # nothing retrained
     assert again == model
     assert VLMo.from_pretrained(model, device="cpu").generate(
@@ -159,7 +160,8 @@ def test_recipe_runs_every_stage_and_resumes_without_redoing_them(tmp_path: Path
     # A run holding only a later stage's output (here stage 3's) goes on from it: the earlier stages are not needed.
     shutil.copytree(tmp_path / "a" / "focus" / "final", tmp_path / "b" / "focus" / "final")
     train(tmp_path / "b", recipe, spec, progress=False, resume=True)
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["detect", "focus", "metrics.json", "model", "polish"]
+    later = ["detect", "focus", "metrics.json", "model", "polish", "refine"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == later
     resumed = json.loads((tmp_path / "b" / "metrics.json").read_text())["resumed_stages"]
     assert resumed == ["init", "vision", "run", "focus"]
 
@@ -386,9 +388,9 @@ def test_shipped_model_detects_shapes(shapes_model) -> None:  # noqa: ANN001
             matches = match_detections(as_text, scene, kinds)
             hits, predicted, objects = hits + matches.hits, predicted + matches.predicted, objects + matches.objects
             ious += matches.ious
-    # held out: 94–98 % by prompt and size (docs/demo-model.md); guessing gets ~0
-    assert objects == 50 and hits >= 45 and predicted <= 54, (hits, predicted, objects)
-    assert sum(ious) / len(ious) >= 0.78, ious  # held out: mean IoU 0.80–0.86
+    # held out: 96–99 % by prompt and size (docs/demo-model.md); guessing gets ~0. Here: 48 of 50, 50 predicted
+    assert objects == 50 and hits >= 46 and predicted <= 53, (hits, predicted, objects)
+    assert sum(ious) / len(ious) >= 0.8, ious  # held out: mean IoU 0.86–0.88; here 0.82
 
 
 def test_example_image_is_the_example_scene() -> None:

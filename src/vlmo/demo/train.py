@@ -1,15 +1,16 @@
 """The recipe that trains the built-in `vlmo/shapes` model from scratch on the CPU, with vlmo's own training loop.
 
-    python -m vlmo.demo.train --out runs/shapes            # ≈ 2 h 15 min on 2 CPU cores; see docs/demo-model.md
+    python -m vlmo.demo.train --out runs/shapes            # ≈ 4 h on 2 CPU cores; see docs/demo-model.md
     python -m vlmo.demo.train --out runs/shapes --install  # … and copy the result into the package
 
 Steps: (1) write a freshly initialised small PaliGemma-architecture checkpoint (`init/`) with a tokenizer from
 `vlmo.testing.build_tokenizer` over the shapes vocabulary; (2) pre-train the vision tower alone on per-patch labels
 (`pretrain_vision`, `vision/`); (3) `vlmo.finetune.finetune` with `train=("full",)` on `ShapesDataset` (scenes
-drawn on the fly), in four stages: all tasks (`run/`), a focus on yes/no and boxes (`focus/`), detection on a
-zoomed input (`zoom_input`, `detect/`) and a polish (`polish/`); (4) store the result in float16 (`model/`:
-weights, config, tokenizer, preprocessor config; loading casts to float32 on the CPU); (5) evaluate on held-out
-scenes (`vlmo.demo.evaluate`) and write `metrics.json`.
+drawn on the fly), in five stages: all tasks (`run/`), a focus on yes/no and boxes (`focus/`), detection on a
+zoomed input (`zoom_input`, `detect/`), then a polish (`polish/`) and a refinement (`refine/`) with ever more scenes
+of other sizes; (4) store the result in float16 (`model/`: weights, config, tokenizer, preprocessor config;
+loading casts to float32 on the CPU); (5) evaluate on held-out scenes (`vlmo.demo.evaluate`) and write
+`metrics.json`.
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ class Recipe:
     polish_steps: int = 4000  # stage 5: stage 4's data again, more of it at random sizes, at a lower rate
     polish_lr: float = 5e-5
     polish_square: float = 1 / 3
+    refine_steps: int = 6000  # stage 6: the same again, three quarters at random sizes (where boxes lag behind)
+    refine_lr: float = 5e-5
+    refine_square: float = 1 / 4
     seed: int = 0
     save_every: int = 1000  # resumable checkpoints in run/ (weights, optimizer, data position)
     processes: int = 2  # data-parallel CPU processes (gloo), one thread each; batch_size is the global batch
@@ -365,7 +369,8 @@ def train(
     progress: bool | None = None,
     resume: bool = False,
 ) -> Path:
-    """Run the whole recipe into `out` (init/, vision/, run/, focus/, detect/, polish/, model/, metrics.json);
+    """Run the whole recipe into `out` (init/, vision/, run/, focus/, detect/, polish/, refine/, model/,
+    metrics.json);
     returns `out/model`.
 
     `resume`: go on from the last stage whose output is in `out` (the stages before it are not needed), so an
@@ -391,6 +396,9 @@ def train(
     if recipe.polish_steps:
         polish = {**detect, "stream": "polish", "square": recipe.polish_square}
         stages.append(("polish", recipe.polish_steps, recipe.polish_lr, min(100, recipe.polish_steps // 10), polish))
+    if recipe.refine_steps:
+        refine = {**detect, "stream": "refine", "square": recipe.refine_square}
+        stages.append(("refine", recipe.refine_steps, recipe.refine_lr, min(100, recipe.refine_steps // 10), refine))
     order = ["init", "vision", *(stage[0] for stage in stages)]
     finished = _finished(out, order) if resume else set()
     last = max((order.index(name) for name in finished), default=-1)
@@ -530,6 +538,8 @@ _RECIPE_FLAGS: dict[str, str | None] = {
     "detect_zoom": "stage 4's larger input and patches (1: as before)",
     "polish_steps": "stage 5 (0: skip it)",
     "polish_lr": None,
+    "refine_steps": "stage 6 (0: skip it)",
+    "refine_lr": None,
     "batch_size": None,
     "lr": None,
     "warmup_steps": None,
@@ -544,7 +554,7 @@ _RECIPE_FLAGS: dict[str, str | None] = {
 def main(argv: list[str] | None = None) -> None:
     defaults = Recipe()
     parser = argparse.ArgumentParser(prog="python -m vlmo.demo.train", description=__doc__.split("\n\n")[0])
-    stages = "init/ vision/ run/ focus/ detect/ polish/"
+    stages = "init/ vision/ run/ focus/ detect/ polish/ refine/"
     parser.add_argument("--out", type=Path, required=True, help=f"run directory ({stages} model/ metrics.json)")
     for name, text in _RECIPE_FLAGS.items():
         default = getattr(defaults, name)
