@@ -1,7 +1,7 @@
 """Do the Dense Connector projector kinds help a fine-tune that needs spatial detail? PaliGemma's linear projector
 against `sti`, `sci`, `dci` and `seed` (`vlmo.nn.projector`), on a task the base model was never trained for.
 
-    python benchmarks/connector.py --jobs 2          # the whole table: 15 runs + the base model, ~30 min on 2 cores
+    python benchmarks/connector.py --jobs 2          # the whole table: 15 runs + the base model, 30–50 min on 2 cores
     python benchmarks/connector.py --steps 5 --seeds 0 --kinds linear,sti --train-size 16 --heldout-size 16 \
         --jobs 1 --work /tmp/conn-smoke --out /tmp/conn-smoke.json        # smoke run: about a minute
 
@@ -46,13 +46,14 @@ Every run is its own process with one torch thread, `--jobs` at a time; each wri
 finished) and a Markdown table to stdout; progress to stderr.
 
 Defaults: 600 steps of batch 16 (24 passes over the 400 questions), AdamW at a peak of 2e-3 after 20 warm-up steps,
-cosine decay to 0, LoRA rank 8 (alpha 16). In short trials of the linear run (seed 0), 300 steps at 1e-3 reached
-59.8 % held out, 300 at 2e-3 74.8 %, 600 at 2e-3 79.0 % (side questions 97 %, above/below 61 %).
+cosine decay to 0, LoRA rank 8 (alpha 16). In short trials of the linear run (seed 0, on the first round's model),
+300 steps at 1e-3 reached 59.8 % held out, 300 at 2e-3 74.8 %, 600 at 2e-3 79.0 % (side questions 97 %, above/below
+61 %).
 
-How long: on this project's 2-core machine (AMD EPYC, 1 thread per run) a step of batch 16 costs 0.30 s of CPU
-time, and loading plus the 800 answers about 10 s, so a run takes about 3.3 min; 15 runs + the base model with
-`--jobs 2`: about 28 min on an otherwise idle machine (the run's wall and CPU seconds are both recorded: a gap
-between them means the machine was shared).
+How long: on this project's 2-core machines (AMD EPYC, 1 thread per run) a step of batch 16 costs 0.30 s of CPU
+time with AVX-512 and about 0.55 s with AVX2 only, and loading plus the 800 answers about 10 s, so a run takes
+3.3–6 min; 15 runs + the base model with `--jobs 2`: 28 min (AVX-512) to 48 min (AVX2) on an otherwise idle
+machine (the run's wall and CPU seconds are both recorded: a gap between them means the machine was shared).
 """
 
 from __future__ import annotations
