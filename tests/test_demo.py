@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from vlmo.demo import MODEL_DIR, MODEL_NAME
-from vlmo.demo.evaluate import iou, match_detections
+from vlmo.demo.evaluate import iou, match_detections, other_size_scene
 from vlmo.demo.shapes import (
     ANY_KINDS,
     BOX_GAP,
@@ -302,6 +302,15 @@ def test_detection_matching_counts_hits_at_iou_one_half() -> None:
     assert match_detections(exact, scene, kinds).ious == pytest.approx((1.0, 1.0), abs=0.02)  # loc bins round
     assert match_detections("", scene, kinds) == (0, 0, 2, ())
     assert iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(1 / 3)
+
+
+def test_evaluation_of_other_sizes_has_no_default_size_scenes() -> None:
+    """The report's "other sizes" column measures other sizes only (`make_scene(size=None)` would make half of its
+    scenes 224×224 and lift it toward the 224 column), fixed per index."""
+    sizes = [(other_size_scene(i).width, other_size_scene(i).height) for i in range(200)]
+    assert (224, 224) not in sizes
+    assert all(160 <= side <= 400 for size in sizes for side in size)
+    assert len(set(sizes)) > 150 and sizes == [(s.width, s.height) for s in map(other_size_scene, range(200))]
 
 
 # -- the built-in name -------------------------------------------------------------------------------------------

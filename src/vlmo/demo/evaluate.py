@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 from collections import defaultdict
@@ -20,7 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from vlmo.demo.shapes import Scene, detect_kinds, make_scene, render, task_examples
+from vlmo.demo.shapes import Scene, detect_kinds, make_scene, random_size, render, task_examples
 from vlmo.detection import parse_detections
 
 HELDOUT_SEED = "heldout"
@@ -136,6 +137,13 @@ def ask_latency(vlm: Any, repeats: int = 20) -> dict[str, float]:
     return {"median_s": statistics.median(times), "max_s": max(times)}
 
 
+def other_size_scene(index: int) -> Scene:
+    """Held-out scene `index` at a random size other than the default: each side 160–400 px (`random_size` with no
+    224×224 share, which `make_scene(size=None)` would give half the scenes)."""
+    size = random_size(random.Random(f"{HELDOUT_SEED}:size:{index}"), square=0.0)
+    return make_scene(HELDOUT_SEED, index, size=size)
+
+
 def evaluate_model(
     model: str | Path, images: int = 500, random_sizes: int = 200, threads: int | None = 2
 ) -> dict[str, Any]:
@@ -150,8 +158,7 @@ def evaluate_model(
     report: dict[str, Any] = {"seed": HELDOUT_SEED, "load_seconds": round(load_seconds, 3)}
     report["square_224"] = evaluate_scenes(vlm, [make_scene(HELDOUT_SEED, i) for i in range(images)])
     if random_sizes:
-        scenes = [make_scene(HELDOUT_SEED, images + i, size=None) for i in range(random_sizes)]
-        report["random_sizes"] = evaluate_scenes(vlm, scenes)
+        report["random_sizes"] = evaluate_scenes(vlm, [other_size_scene(images + i) for i in range(random_sizes)])
     report["ask_latency"] = ask_latency(vlm)
     return report
 
