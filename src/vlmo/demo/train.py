@@ -1,16 +1,16 @@
 """The recipe that trains the built-in `vlmo/shapes` model from scratch on the CPU, with vlmo's own training loop.
 
-    python -m vlmo.demo.train --out runs/shapes            # ≈ 4 h on 2 CPU cores; see docs/demo-model.md
+    python -m vlmo.demo.train --out runs/shapes            # ≈ 5 h on 2 CPU cores; see docs/demo-model.md
     python -m vlmo.demo.train --out runs/shapes --install  # … and copy the result into the package
 
 Steps: (1) write a freshly initialised small PaliGemma-architecture checkpoint (`init/`) with a tokenizer from
 `vlmo.testing.build_tokenizer` over the shapes vocabulary; (2) pre-train the vision tower alone on per-patch labels
 (`pretrain_vision`, `vision/`); (3) `vlmo.finetune.finetune` with `train=("full",)` on `ShapesDataset` (scenes
-drawn on the fly), in five stages: all tasks (`run/`), a focus on yes/no and boxes (`focus/`), detection on a
-zoomed input (`zoom_input`, `detect/`), then a polish (`polish/`) and a refinement (`refine/`) with ever more scenes
-of other sizes; (4) store the result in float16 (`model/`: weights, config, tokenizer, preprocessor config;
-loading casts to float32 on the CPU); (5) evaluate on held-out scenes (`vlmo.demo.evaluate`) and write
-`metrics.json`.
+drawn on the fly), in six stages: all tasks (`run/`), a focus on yes/no and boxes (`focus/`), detection on a
+zoomed input (`zoom_input`, `detect/`), then a polish (`polish/`), a refinement (`refine/`) and a last stage
+(`sizes/`) with ever more scenes of other sizes; (4) store the result in float16 (`model/`: weights, config,
+tokenizer, preprocessor config; loading casts to float32 on the CPU); (5) evaluate on held-out scenes
+(`vlmo.demo.evaluate`) and write `metrics.json`.
 """
 
 from __future__ import annotations
@@ -94,6 +94,9 @@ class Recipe:
     refine_steps: int = 6000  # stage 6: the same again, three quarters at random sizes (where boxes lag behind)
     refine_lr: float = 5e-5
     refine_square: float = 1 / 4
+    sizes_steps: int = 3000  # stage 7: the same, nine tenths at other sizes (squashed shapes' boxes lag behind)
+    sizes_lr: float = 5e-5
+    sizes_square: float = 1 / 10
     seed: int = 0
     save_every: int = 1000  # resumable checkpoints in run/ (weights, optimizer, data position)
     processes: int = 2  # data-parallel CPU processes (gloo), one thread each; batch_size is the global batch
@@ -369,9 +372,8 @@ def train(
     progress: bool | None = None,
     resume: bool = False,
 ) -> Path:
-    """Run the whole recipe into `out` (init/, vision/, run/, focus/, detect/, polish/, refine/, model/,
-    metrics.json);
-    returns `out/model`.
+    """Run the whole recipe into `out` (init/, vision/, run/, focus/, detect/, polish/, refine/, sizes/, model/,
+    metrics.json); returns `out/model`.
 
     `resume`: go on from the last stage whose output is in `out` (the stages before it are not needed), so an
     interrupted run finishes, and a run whose recipe gained a stage continues from the stage before."""
@@ -399,6 +401,9 @@ def train(
     if recipe.refine_steps:
         refine = {**detect, "stream": "refine", "square": recipe.refine_square}
         stages.append(("refine", recipe.refine_steps, recipe.refine_lr, min(100, recipe.refine_steps // 10), refine))
+    if recipe.sizes_steps:
+        sizes = {**detect, "stream": "sizes", "square": recipe.sizes_square}
+        stages.append(("sizes", recipe.sizes_steps, recipe.sizes_lr, min(100, recipe.sizes_steps // 10), sizes))
     order = ["init", "vision", *(stage[0] for stage in stages)]
     finished = _finished(out, order) if resume else set()
     last = max((order.index(name) for name in finished), default=-1)
@@ -540,6 +545,8 @@ _RECIPE_FLAGS: dict[str, str | None] = {
     "polish_lr": None,
     "refine_steps": "stage 6 (0: skip it)",
     "refine_lr": None,
+    "sizes_steps": "stage 7 (0: skip it)",
+    "sizes_lr": None,
     "batch_size": None,
     "lr": None,
     "warmup_steps": None,
@@ -554,7 +561,7 @@ _RECIPE_FLAGS: dict[str, str | None] = {
 def main(argv: list[str] | None = None) -> None:
     defaults = Recipe()
     parser = argparse.ArgumentParser(prog="python -m vlmo.demo.train", description=__doc__.split("\n\n")[0])
-    stages = "init/ vision/ run/ focus/ detect/ polish/ refine/"
+    stages = "init/ vision/ run/ focus/ detect/ polish/ refine/ sizes/"
     parser.add_argument("--out", type=Path, required=True, help=f"run directory ({stages} model/ metrics.json)")
     for name, text in _RECIPE_FLAGS.items():
         default = getattr(defaults, name)
