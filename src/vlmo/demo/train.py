@@ -395,15 +395,10 @@ def train(
     }
     if recipe.detect_steps:
         stages.append(("detect", recipe.detect_steps, recipe.detect_lr, min(100, recipe.detect_steps // 10), detect))
-    if recipe.polish_steps:
-        polish = {**detect, "stream": "polish", "square": recipe.polish_square}
-        stages.append(("polish", recipe.polish_steps, recipe.polish_lr, min(100, recipe.polish_steps // 10), polish))
-    if recipe.refine_steps:
-        refine = {**detect, "stream": "refine", "square": recipe.refine_square}
-        stages.append(("refine", recipe.refine_steps, recipe.refine_lr, min(100, recipe.refine_steps // 10), refine))
-    if recipe.sizes_steps:
-        sizes = {**detect, "stream": "sizes", "square": recipe.sizes_square}
-        stages.append(("sizes", recipe.sizes_steps, recipe.sizes_lr, min(100, recipe.sizes_steps // 10), sizes))
+    for name in ("polish", "refine", "sizes"):  # stage 4's data from a new stream, ever more of other sizes
+        steps, lr, square = (getattr(recipe, f"{name}_{field}") for field in ("steps", "lr", "square"))
+        if steps:
+            stages.append((name, steps, lr, min(100, steps // 10), {**detect, "stream": name, "square": square}))
     order = ["init", "vision", *(stage[0] for stage in stages)]
     finished = _finished(out, order) if resume else set()
     last = max((order.index(name) for name in finished), default=-1)
