@@ -308,7 +308,7 @@ def test_detection_matching_counts_hits_at_iou_one_half() -> None:
 def test_evaluation_of_other_sizes_has_no_default_size_scenes() -> None:
     """The report's "other sizes" column measures other sizes only (`make_scene(size=None)` would make half of its
     scenes 224×224 and lift it toward the 224 column), fixed per index."""
-    sizes = [(other_size_scene(i).width, other_size_scene(i).height) for i in range(200)]
+    sizes = [(s.width, s.height) for s in map(other_size_scene, range(200))]
     assert (224, 224) not in sizes
     assert all(160 <= side <= 400 for size in sizes for side in size)
     assert len(set(sizes)) > 150 and sizes == [(s.width, s.height) for s in map(other_size_scene, range(200))]
