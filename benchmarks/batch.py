@@ -63,7 +63,7 @@ def write_images(folder: Path, count: int) -> list[Path]:
 def time_batch(vlm: Any, folder: Path, batch_size: int, max_new_tokens: int) -> float:
     """Seconds for `vlmo batch` (the CLI's code path) over the folder, model already loaded."""
     from vlmo.batch import BatchJob, open_results, write_results
-    from vlmo.batch_inputs import list_inputs
+    from vlmo.batch.inputs import list_inputs
 
     job = BatchJob(task="caption", max_new_tokens=max_new_tokens)
     with tempfile.TemporaryDirectory() as tmp:

@@ -252,8 +252,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     from vlmo import VLMo
-    from vlmo.finetune import finetune
-    from vlmo.finetune_config import FinetuneConfig
+    from vlmo.finetune import FinetuneConfig, finetune
     from vlmo.weights.safetensors_io import open_tensors
 
     train = spatial_set(TRAIN_STREAM, spec["train_size"])

@@ -13,7 +13,7 @@ vision tower runs for each; `--same-image` sends one image to all, which the ser
 After a warm-up (two requests at once), per concurrency level: requests/s and output tokens/s over the level's wall
 time (first request sent to last answer read), and the median and 95th percentile of the request latency (sent →
 last byte) and of the time to first token (sent → first content chunk). `--runs` repeats every level; the table
-shows medians over runs. Results go to benchmarks/results/serve-<size>.json (written atomically, `vlmo.outputs`).
+shows medians over runs. Results go to benchmarks/results/serve-<size>.json (written atomically, `vlmo.fileio.atomic`).
 """
 
 from __future__ import annotations
@@ -266,7 +266,7 @@ def main() -> None:
         "summary": summary,
         "runs": runs,
     }
-    from vlmo.outputs import write_output
+    from vlmo.fileio.atomic import write_output
 
     write_output(out, json.dumps(report, indent=2) + "\n", make_parents=True)
     print(table(summary))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from vlmo import cli_reference
+from vlmo.cli import reference as cli_reference
 from vlmo.detection import ParsedObject, box_to_bins, draw_detections, format_objects, parse_detections
 from vlmo.segmentation import draw_segmentations, parse_segmentations
 from vlmo.testing import blob_mask_decoder

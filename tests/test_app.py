@@ -35,9 +35,9 @@ from vlmo.app import (
     sampling_options,
     shown_as_ui_error,
 )
-from vlmo.cli import app as cli_app
+from vlmo.cli.commands import app as cli_app
+from vlmo.engine.features import FeatureCache
 from vlmo.errors import GenerationConfigError, ImageError, InputError
-from vlmo.features import FeatureCache
 
 CHROMIUM = Path("/usr/bin/chromium")
 DOCS_IMG = Path(__file__).resolve().parents[1] / "docs" / "img"

@@ -26,11 +26,11 @@ from typer.testing import CliRunner, Result
 from batch_scenes import BAD, LABELS, MODEL, SCENES, scene_ids, write_scene_folder
 from conftest import RED
 from vlmo import VLMo
-from vlmo.batch import BatchJob, run
-from vlmo.batch_inputs import BatchInput, list_inputs
-from vlmo.cli import app
+from vlmo.batch.inputs import BatchInput, list_inputs
+from vlmo.batch.runner import BatchJob, run
+from vlmo.cli.commands import app
 from vlmo.errors import InputError, OptionError
-from vlmo.outputs import AppendLog, OutputError
+from vlmo.fileio.atomic import AppendLog, OutputError
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,7 +248,7 @@ def test_parquet_manifest_of_image_bytes_to_parquet_results(folder: Path, vlm: V
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
-    from vlmo.batch_parquet import journal_path, read_rows
+    from vlmo.batch.parquet import journal_path, read_rows
 
     images = [(folder / f"scene-{i:02d}.png").read_bytes() for i in range(4)] + [b"not an image"]
     questions = ["what color is the circle?", None, "how many shapes are there?", None, "is there a red circle?"]
@@ -271,7 +271,7 @@ def test_parquet_manifest_of_image_bytes_to_parquet_results(folder: Path, vlm: V
 
 def test_parquet_results_resume_from_the_journal(folder: Path, captions: list[dict[str, Any]], tmp_path: Path) -> None:
     pytest.importorskip("pyarrow")
-    from vlmo.batch_parquet import journal_path, read_rows
+    from vlmo.batch.parquet import journal_path, read_rows
 
     out = tmp_path / "captions.parquet"
     journal = journal_path(out)
@@ -297,7 +297,7 @@ def test_parquet_results_resume_from_the_journal(folder: Path, captions: list[di
 
 def test_parquet_rows_equal_jsonl_rows_for_located_tasks(folder: Path, tmp_path: Path) -> None:
     pytest.importorskip("pyarrow")
-    from vlmo.batch_parquet import read_rows
+    from vlmo.batch.parquet import read_rows
 
     args = ["--task", "detect", "--labels", LABELS, "--limit", 8, *MODEL]
     ok(vlmo_cli("batch", folder, *args, "--out", tmp_path / "boxes.jsonl"))
@@ -460,7 +460,7 @@ def test_a_failed_append_leaves_no_partial_batch(tmp_path: Path, monkeypatch: py
 
 
 def test_ctrl_c_during_a_write_lets_the_write_finish_first() -> None:
-    from vlmo.batch import _sigint_deferred
+    from vlmo.batch.runner import _sigint_deferred
 
     finished = []
     with pytest.raises(KeyboardInterrupt):
@@ -475,7 +475,7 @@ def test_ctrl_c_during_a_write_lets_the_write_finish_first() -> None:
 def test_raw_prompts_and_the_progress_bar(
     folder: Path, captions: list[dict[str, Any]], vlm: VLMo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from vlmo.batch import open_results, write_results
+    from vlmo.batch.runner import open_results, write_results
 
     out = tmp_path / "raw.jsonl"
     results = open_results(out, "generate", resume=False, force=False)

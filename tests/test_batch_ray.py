@@ -16,15 +16,15 @@ from typer.testing import CliRunner
 
 from batch_scenes import LABELS, MODEL, scene_ids, write_scene_folder
 from vlmo import VLMo
-from vlmo.batch import BatchJob, run
-from vlmo.batch_inputs import list_inputs
-from vlmo.cli import app
+from vlmo.batch.inputs import list_inputs
+from vlmo.batch.runner import BatchJob, run
+from vlmo.cli.commands import app
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 pytest.importorskip("pyarrow")
 
-from vlmo.batch_ray import RayOptions, read_shards, run_ray  # noqa: E402 - needs Ray
+from vlmo.batch.ray_data import RayOptions, read_shards, run_ray  # noqa: E402 - needs Ray
 
 WORKER_TITLE = b"ray::MapWorker(MapBatches(_Worker))"  # what Ray names an actor's process
 

@@ -27,7 +27,7 @@ import vlmo
 import vlmo.api
 from conftest import BLUE, RED, TAUGHT_DETECTION
 from fake_hub import FakeHub, SilentServer, isolate_hf
-from vlmo.cli import app
+from vlmo.cli.commands import app
 
 SIZE = (96, 64)  # (width, height) of the images the model was taught on
 QUESTION = "what color is it?"
@@ -523,7 +523,7 @@ def test_eval_vqav2_prints_a_table_and_writes_scores(ckpt: str, tmp_path: Path) 
 
 def test_help_does_not_import_torch() -> None:
     """`vlmo -h` must be instant: the CLI module and `import vlmo` leave torch for when a model loads."""
-    code = "import sys, vlmo, vlmo.cli; print('torch' in sys.modules)"
+    code = "import sys, vlmo, vlmo.cli.commands; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "False", done.stderr
 
@@ -533,11 +533,13 @@ def test_no_numpy_warning_on_a_clean_install() -> None:
     hide_numpy = "import sys; sys.modules['numpy'] = None; "
     bare = subprocess.run([sys.executable, "-c", hide_numpy + "import torch"], capture_output=True, text=True)
     assert "Failed to initialize NumPy" in bare.stderr  # the warning this test is about, as torch gives it
-    code = hide_numpy + "import vlmo, vlmo.cli; from vlmo import VLMo; import torch; print(torch.ones(1).sum())"
+    code = (
+        hide_numpy + "import vlmo, vlmo.cli.commands; from vlmo import VLMo; import torch; print(torch.ones(1).sum())"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stderr == "", done.stderr
     # and a whole answer, the first (writing the prepared-weights cache) and the second (reading it), without numpy
-    answer = hide_numpy + "from vlmo.cli import main; main()"
+    answer = hide_numpy + "from vlmo.cli.commands import main; main()"
     example = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
     args = ["ask", str(example), "what color is the circle?", "--model", "vlmo/shapes"]
     for _ in range(2):
@@ -561,7 +563,7 @@ def test_an_answer_does_not_import_torch_compiler_or_sympy() -> None:
 
 def test_a_closed_pipe_is_not_an_error() -> None:
     """`vlmo info | head -1`: when the reader goes away, vlmo stops quietly (exit 141, as for SIGPIPE)."""
-    code = "import sys; sys.argv = ['vlmo', 'info']; from vlmo.cli import main; main()"
+    code = "import sys; sys.argv = ['vlmo', 'info']; from vlmo.cli.commands import main; main()"
     reader = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert reader.stdout is not None and reader.stderr is not None
     reader.stdout.close()  # before vlmo prints anything: `vlmo info` imports torch first

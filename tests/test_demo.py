@@ -411,7 +411,7 @@ def test_example_image_is_the_example_scene() -> None:
 
 
 def test_cli_answers_the_readme_question_about_the_example_image(offline: None) -> None:
-    from vlmo.cli import app
+    from vlmo.cli.commands import app
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     command = 'vlmo ask examples/shapes.png "what color is the circle?" --model vlmo/shapes'
@@ -431,7 +431,7 @@ def test_cli_detects_the_readme_example_as_the_readme_shows(offline: None, tmp_p
     model gives now, and every box must fit its shape (IoU ≥ 0.8 with the true box; held out, the mean is 0.86)."""
     from PIL import Image
 
-    from vlmo.cli import app
+    from vlmo.cli.commands import app
 
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text(encoding="utf-8")

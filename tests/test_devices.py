@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from vlmo import VLMo
-from vlmo.devices import resolve_device, resolve_dtype
 from vlmo.errors import DeviceError, InputError
+from vlmo.weights.devices import resolve_device, resolve_dtype
 
 
 def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch: pytest.MonkeyPatch) -> None:

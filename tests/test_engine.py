@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import gaussian_noise
 from vlmo import VLMo, tasks
-from vlmo.engine import Cancelled, Engine, EngineStopped, Finished, Piece, QueueFull
+from vlmo.engine.worker import Cancelled, Engine, EngineStopped, Finished, Piece, QueueFull
 from vlmo.errors import GenerationConfigError, InputError
 from vlmo.nn.paligemma import regroup
 

@@ -15,8 +15,8 @@ from PIL import Image
 from conftest import BLUE, RED
 from vlmo.data.vqav2 import VQAExample, load_vqav2
 from vlmo.errors import InputError
-from vlmo.eval import VQAReport, evaluate_vqa, vqa_accuracy
-from vlmo.eval_normalize import normalize_answer
+from vlmo.finetune.evaluate import VQAReport, evaluate_vqa, vqa_accuracy
+from vlmo.finetune.vqa_normalize import normalize_answer
 
 # ------------------------------------------------------------------------------------------------------------
 # The metric

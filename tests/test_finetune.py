@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from vlmo import VLMo
 from vlmo.data.examples import Example, JsonlDataset
 from vlmo.errors import InputError
-from vlmo.finetune import FinetuneConfig, finetune, sample_indices, warmup_cosine
+from vlmo.finetune.train import FinetuneConfig, finetune, sample_indices, warmup_cosine
 
 COLOURS = {"red": (210, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 210), "yellow": (230, 210, 40)}
 
@@ -248,7 +248,7 @@ def test_cli_finetune_then_ask_with_the_adapter(taught_checkpoint: Path, tmp_pat
     from typer.testing import CliRunner
 
     from conftest import RED
-    from vlmo.cli import app
+    from vlmo.cli.commands import app
 
     Image.new("RGB", (96, 64), RED).save(tmp_path / "red.png")
     line = {"image": "red.png", "prefix": "answer en what color is it?", "suffix": "blue"}
@@ -386,7 +386,7 @@ def test_resume_refuses_to_unpickle_a_malicious_training_state(tmp_path: Path) -
     from safetensors.torch import save_file
 
     from vlmo.errors import CheckpointError
-    from vlmo.finetune import load_checkpoint
+    from vlmo.finetune.train import load_checkpoint
 
     model, optimizer, scheduler = _resume_target()
     save_file({"weight": torch.zeros(2, 2)}, str(tmp_path / "trainable.safetensors"))
@@ -409,7 +409,7 @@ def test_resume_with_an_unreadable_training_state(tmp_path: Path, content: bytes
     from safetensors.torch import save_file
 
     from vlmo.errors import CheckpointError
-    from vlmo.finetune import load_checkpoint
+    from vlmo.finetune.train import load_checkpoint
 
     model, optimizer, scheduler = _resume_target()
     save_file({"weight": torch.zeros(2, 2)}, str(tmp_path / "trainable.safetensors"))
@@ -425,7 +425,7 @@ def test_resume_with_an_unreadable_training_state(tmp_path: Path, content: bytes
 def test_resume_reads_trainable_weights_through_the_validated_reader(tmp_path: Path) -> None:
     """trainable.safetensors with two tensors on the same bytes is refused, as every safetensors file is."""
     from vlmo.errors import CheckpointError
-    from vlmo.finetune import load_checkpoint
+    from vlmo.finetune.train import load_checkpoint
 
     model, optimizer, scheduler = _resume_target()
     header = {
@@ -442,7 +442,7 @@ def test_resume_reads_trainable_weights_through_the_validated_reader(tmp_path: P
 def test_cli_finetune_refuses_a_nan_learning_rate(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from vlmo.cli import app
+    from vlmo.cli.commands import app
 
     args = ["finetune", "--model", "vlmo/shapes", "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "run")]
     done = CliRunner().invoke(app, [*args, "--lr", "nan"])

@@ -1,4 +1,4 @@
-"""Nothing the user had is lost on write (vlmo.outputs): temp file + fsync + rename, exclusive creation without
+"""Nothing the user had is lost on write (vlmo.fileio.atomic): temp file + fsync + rename, exclusive creation without
 force, one-line errors naming the output and the real cause; and every writer of vlmo going through it.
 
 A full disk is simulated by making a write or `os.fsync` raise OSError(ENOSPC); a file "appearing meanwhile" by
@@ -16,12 +16,12 @@ import pytest
 from PIL import Image
 
 import vlmo.api
-import vlmo.outputs
+import vlmo.fileio.atomic
 from conftest import RED
 from test_cli import SIZE, assert_error, ok, vlmo_cli
-from vlmo.cli_errors import describe
+from vlmo.cli.errors import describe
 from vlmo.errors import InputError
-from vlmo.outputs import (
+from vlmo.fileio.atomic import (
     OutputError,
     OutputPathError,
     atomic_dir,
@@ -68,7 +68,7 @@ def test_disk_full_keeps_the_old_file_and_names_output_and_cause(
         disk_full()
 
     if where == "fsync":
-        monkeypatch.setattr(vlmo.outputs.os, "fsync", disk_full)
+        monkeypatch.setattr(vlmo.fileio.atomic.os, "fsync", disk_full)
     with pytest.raises(OutputError) as caught:
         write_output(out, half_then_full if where == "write" else b"complete", force=True)
     assert str(caught.value) == f"could not write {out}: no space left on device; free some space"
@@ -121,7 +121,7 @@ def test_without_hard_links_creation_is_still_exclusive(tmp_path: Path, monkeypa
     def no_links(src: object, dst: object) -> None:
         raise OSError(errno.EPERM, "Operation not permitted")
 
-    monkeypatch.setattr(vlmo.outputs.os, "link", no_links)
+    monkeypatch.setattr(vlmo.fileio.atomic.os, "link", no_links)
     out = tmp_path / "a.txt"
     write_output(out, "new", force=False)
     assert out.read_text() == "new"
@@ -167,7 +167,7 @@ def test_check_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert error(tmp_path / "no" / "x.png") == (f"no such directory for --out: {tmp_path / 'no'}", 2)
     check_output(tmp_path / "no" / "x.png", False, make_parents=True)  # the folder would be made
     assert error(tmp_path / "there.png" / "x.png", make_parents=True)[1] == 2  # a file where the folder goes
-    monkeypatch.setattr(vlmo.outputs, "_read_only", lambda folder: True)
+    monkeypatch.setattr(vlmo.fileio.atomic, "_read_only", lambda folder: True)
     message, code = error(tmp_path / "new.png")
     assert code == 1 and "read-only file system" in message and str(tmp_path / "new.png") in message
 
@@ -229,7 +229,7 @@ def test_weights_and_adapters_survive_a_full_disk(
     apply_lora(lora_model, LoRAConfig(r=2))
     save_adapter(lora_model, adapter, LoRAConfig(r=2))
     saved = {p: p.read_bytes() for p in (weights, adapter / ADAPTER_WEIGHTS)}
-    monkeypatch.setattr(vlmo.outputs.os, "fsync", disk_full)
+    monkeypatch.setattr(vlmo.fileio.atomic.os, "fsync", disk_full)
     for write, path in (
         (lambda: save_weights(model, tmp_path / "w"), weights),
         (lambda: save_adapter(lora_model, adapter, LoRAConfig(r=2)), adapter / ADAPTER_WEIGHTS),
@@ -242,9 +242,9 @@ def test_weights_and_adapters_survive_a_full_disk(
 def test_finetune_checkpoint_is_complete_or_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    import vlmo.finetune as finetune_module
-    from vlmo.finetune import save_checkpoint
-    from vlmo.finetune_config import FinetuneConfig
+    import vlmo.finetune.train as finetune_module
+    from vlmo.finetune.config import FinetuneConfig
+    from vlmo.finetune.train import save_checkpoint
 
     layer = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(layer.parameters())
@@ -267,7 +267,7 @@ def test_finetune_checkpoint_is_complete_or_absent(tmp_path: Path, monkeypatch: 
 
 
 def test_eval_write_creates_both_files_exclusively(tmp_path: Path) -> None:
-    from vlmo.eval import VQAReport
+    from vlmo.finetune.evaluate import VQAReport
 
     report = VQAReport(predictions=(), mode="official")
     out, results = tmp_path / "scores.json", tmp_path / "scores_results.json"
@@ -320,7 +320,7 @@ def test_detect_out_on_a_full_disk_keeps_the_old_image(
 ) -> None:
     out = tmp_path / "boxes.png"
     out.write_bytes(b"the user's picture")
-    monkeypatch.setattr(vlmo.outputs.os, "fsync", disk_full)
+    monkeypatch.setattr(vlmo.fileio.atomic.os, "fsync", disk_full)
     # --no-cache: on this full disk the prepared-weights cache would add its own warning line (test_prepared.py)
     line = assert_error(vlmo_cli("detect", red, "cat", "--model", ckpt, "--out", out, "--force", "--no-cache"), 1)
     assert line == f"error: could not write {out}: no space left on device; free some space"
@@ -337,7 +337,7 @@ def test_out_errors_are_one_line(red: Path, ckpt: str, tmp_path: Path, monkeypat
     (tmp_path / "run").write_text("a file")
     finetune = ("finetune", "--model", ckpt, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "run")
     assert_error(vlmo_cli(*finetune), 2, "is a file, not a folder")
-    monkeypatch.setattr(vlmo.outputs, "_read_only", lambda folder: True)
+    monkeypatch.setattr(vlmo.fileio.atomic, "_read_only", lambda folder: True)
     assert_error(vlmo_cli(*detect, tmp_path / "new.png"), 1, "read-only file system", str(tmp_path / "new.png"))
 
 

@@ -20,9 +20,9 @@ import vlmo.weights.prepared as prepared
 from conftest import RED
 from test_lora import vlmo_with_lora
 from vlmo import VLMo
-from vlmo.cli import app
+from vlmo.cli.commands import app
+from vlmo.fileio.atomic import OutputError
 from vlmo.nn.lora import LoRAConfig
-from vlmo.outputs import OutputError
 from vlmo.processing import preprocess_images
 from vlmo.weights.adapters import save_adapter
 
@@ -316,7 +316,7 @@ def test_first_load_shows_a_one_time_progress_bar_on_a_terminal(tmp_path: Path) 
 
     example = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
     env = {**os.environ, "VLMO_CACHE": str(tmp_path / "cache"), "COLUMNS": "120", "TERM": "xterm"}
-    code = "from vlmo.cli import main; main()"
+    code = "from vlmo.cli.commands import main; main()"
     args = ["ask", str(example), "what color is the circle?", "--model", "vlmo/shapes"]
 
     def run() -> tuple[str, str]:

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from conftest import BLUE, RED, TAUGHT_EXAMPLES, gaussian_noise
 from vlmo import VLMo
-from vlmo.cli import app as cli_app
+from vlmo.cli.commands import app as cli_app
 from vlmo.errors import InputError
 from vlmo.nn.quant import Float16Linear, Int8Embedding, Int8Linear, _quantize_rows, is_quantized, quantize_int8
 from vlmo.processing import preprocess_images

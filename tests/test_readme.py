@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlmo import cli_reference
+from vlmo.cli import reference as cli_reference
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_cli_reference_in_readme_is_current() -> None:
-    assert cli_reference.main(["--check", str(README)]) == 0, "run: python -m vlmo.cli_reference --write README.md"
+    assert cli_reference.main(["--check", str(README)]) == 0, "run: python -m vlmo.cli.reference --write README.md"
 
 
 def test_reference_lists_every_command_and_option() -> None:

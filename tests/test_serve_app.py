@@ -1,4 +1,4 @@
-"""The server's app object driven in this process (`vlmo.server.create_app`, through httpx's ASGI transport), for
+"""The server's app object driven in this process (`vlmo.serve.routes.create_app`, through httpx's ASGI transport), for
 what the subprocess tests of tests/test_serve.py cannot set up cheaply: the taught model's segmentation masks, a
 full queue, and remote images from a local HTTP server. Also the `vlmo serve` command's checks before loading.
 """
@@ -23,16 +23,16 @@ from typer.testing import CliRunner
 
 from conftest import RED
 from vlmo import VLMo, tasks
-from vlmo.cli import app as cli_app
+from vlmo.cli.commands import app as cli_app
 from vlmo.demo.shapes import make_scene, render
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi", reason="pip install 'vlmo[serve]'")
 pytest.importorskip("prometheus_client", reason="pip install 'vlmo[serve]'")
 
-from vlmo.engine import Engine  # noqa: E402
-from vlmo.server import ServerSettings, create_app  # noqa: E402
-from vlmo.server_errors import validation_message  # noqa: E402
+from vlmo.engine.worker import Engine  # noqa: E402
+from vlmo.serve.errors import validation_message  # noqa: E402
+from vlmo.serve.routes import ServerSettings, create_app  # noqa: E402
 
 
 def png(image: Image.Image) -> bytes:

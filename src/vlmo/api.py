@@ -30,9 +30,8 @@ from PIL import Image
 
 from vlmo import tasks
 from vlmo.detection import Detection, parse_detections
-from vlmo.devices import DTypeName, resolve_device, resolve_dtype
+from vlmo.engine.features import FeatureCache
 from vlmo.errors import InputError
-from vlmo.features import FeatureCache
 from vlmo.generation import (
     GenerateOptions,
     SamplingConfig,
@@ -54,6 +53,7 @@ from vlmo.processing import (
 )
 from vlmo.segmentation import Segmentation, parse_segmentations
 from vlmo.tasks import CaptionDetail, Prompt
+from vlmo.weights.devices import DTypeName, resolve_device, resolve_dtype
 from vlmo.weights.hub import resolve_model
 from vlmo.weights.policy import choose_quantization, load_for_inference, load_processors
 from vlmo.weights.prepared import source_name

@@ -14,7 +14,7 @@ open it with `vlmo.processing.load_image`, whose errors say what to do. Gradio s
 from its upload folder before any handler sees it.
 
 Several questions about one image, in any tab, reuse its encoded features: the model's `vlm.image_cache`
-(`vlmo.features.FeatureCache`, an LRU keyed by image content) sits under every task.
+(`vlmo.engine.features.FeatureCache`, an LRU keyed by image content) sits under every task.
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ from vlmo import tasks
 from vlmo.api import VLMo
 from vlmo.detection import Detection, draw_detections
 from vlmo.errors import ImageError, InputError, VlmoError
+from vlmo.fileio.atomic import atomic_path, write_output
 from vlmo.generation import GenerateOptions, SamplingConfig, drain
-from vlmo.outputs import atomic_path, write_output
 from vlmo.processing import load_image
 from vlmo.segmentation import Segmentation, draw_segmentations
-from vlmo.serving import check_port, load_model, say, warn_if_exposed
+from vlmo.serve.launch import check_port, load_model, say, warn_if_exposed
 
 if TYPE_CHECKING:
     import gradio
@@ -335,7 +335,7 @@ def _data_url_bytes(url: str | None) -> bytes | None:
 @contextmanager
 def shown_as_ui_error(gr: Any) -> Iterator[None]:
     """Turn any error into `gr.Error` carrying the CLI's one-line message (e.g. an ImageError's own text)."""
-    from vlmo.cli_errors import describe
+    from vlmo.cli.errors import describe
 
     try:
         yield

@@ -37,7 +37,7 @@ class OptionError(InputError):
     """A bad option value, or options that do not fit together.
 
     The message names options as `{name}` fields so that each face spells them its own way: the library as Python
-    keywords (`quantize="int8"`), the CLI as flags (`--quantize int8`, see `cli_errors.py`). An option given as None
+    keywords (`quantize="int8"`), the CLI as flags (`--quantize int8`, see `cli/errors.py`). An option given as None
     is named without a value (`dtype`, `--dtype`).
     """
 

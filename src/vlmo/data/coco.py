@@ -29,7 +29,7 @@ from typing import Any, TypeGuard
 
 from vlmo.detection import detect_prompt, encode_boxes
 from vlmo.errors import InputError
-from vlmo.jsonfile import read_json
+from vlmo.fileio.jsonfile import read_json
 
 _log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def write_jsonl(examples: Iterable[Mapping[str, Any]], path: str | os.PathLike[s
 
     The format `vlmo.data.examples.JsonlDataset` reads (`{"image", "prefix", "suffix"}` per line).
     """
-    from vlmo.outputs import write_output
+    from vlmo.fileio.atomic import write_output
 
     def write(tmp: Path) -> None:
         with tmp.open("w", encoding="utf-8") as f:

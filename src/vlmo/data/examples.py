@@ -3,7 +3,7 @@
 A dataset here is anything with `len()` and `get(index, epoch) -> Example`: the epoch lets a dataset vary what it
 returns per pass (VQAv2 samples one of the ten human answers each time, as big_vision does; a synthetic dataset
 such as `vlmo.demo.shapes.ShapesDataset` draws a fresh scene) while staying reproducible, which exact resumption of
-a training run needs. `vlmo.finetune.finetune(cfg, dataset=...)` trains on any such object.
+a training run needs. `vlmo.finetune.train.finetune(cfg, dataset=...)` trains on any such object.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Protocol
 
 from vlmo.data.vqav2 import VQAExample
 from vlmo.errors import InputError
-from vlmo.jsonfile import json_line
+from vlmo.fileio.jsonfile import json_line
 from vlmo.processing import ImageInput
 
 

@@ -3,7 +3,8 @@
     examples = load_vqav2("v2_OpenEnded_mscoco_val2014_questions.json", "v2_mscoco_val2014_annotations.json",
                           "val2014/")
 
-Evaluation (`vlmo.eval.evaluate_vqa`) and fine-tuning (`vlmo.data.examples.VQAv2Dataset`) both read it from here.
+Evaluation (`vlmo.finetune.evaluate.evaluate_vqa`) and fine-tuning (`vlmo.data.examples.VQAv2Dataset`) both read
+it from here.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmo.errors import InputError
-from vlmo.jsonfile import read_json
+from vlmo.fileio.jsonfile import read_json
 
 
 @dataclass(frozen=True)

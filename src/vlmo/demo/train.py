@@ -5,7 +5,7 @@
 
 Steps: (1) write a freshly initialised small PaliGemma-architecture checkpoint (`init/`) with a tokenizer from
 `vlmo.testing.build_tokenizer` over the shapes vocabulary; (2) pre-train the vision tower alone on per-patch labels
-(`pretrain_vision`, `vision/`); (3) `vlmo.finetune.finetune` with `train=("full",)` on `ShapesDataset` (scenes
+(`pretrain_vision`, `vision/`); (3) `vlmo.finetune.train.finetune` with `train=("full",)` on `ShapesDataset` (scenes
 drawn on the fly), in six stages: all tasks (`run/`), a focus on yes/no and boxes (`focus/`), detection on a
 zoomed input (`zoom_input`, `detect/`), then a polish (`polish/`), a refinement (`refine/`) and a last stage
 (`sizes/`) with ever more scenes of other sizes; (4) store the result in float16 (`model/`: weights, config,
@@ -457,7 +457,7 @@ def _finetune_stage(
     progress: bool | None,
 ) -> None:
     """Train the whole model of checkpoint `start` with `finetune` on `ShapesDataset(**data)` into `run_dir`."""
-    from vlmo.finetune import FinetuneConfig
+    from vlmo.finetune.train import FinetuneConfig
 
     cfg = FinetuneConfig(
         model=str(start),
@@ -497,7 +497,7 @@ def _worker(rank: int, world: int, port: str | int, cfg: Any, recipe: Recipe, da
     core for a moment delays the others once per step (the gradient all-reduce), not once per operator."""
     import os
 
-    from vlmo.finetune import finetune
+    from vlmo.finetune.train import finetune
 
     if world > 1:
         env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}

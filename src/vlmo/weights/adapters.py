@@ -45,11 +45,11 @@ from torch import nn
 
 from vlmo.config import projector_to_hf
 from vlmo.errors import CheckpointError, ConfigError, InputError
-from vlmo.jsonfile import read_json
+from vlmo.fileio.atomic import atomic_path, write_output
+from vlmo.fileio.jsonfile import read_json
 from vlmo.nn import lora
 from vlmo.nn.lora import LoRAConfig, LoRALinear, adaptable_layers, lora_modules, untie_head
 from vlmo.nn.paligemma import PaliGemma
-from vlmo.outputs import atomic_path, write_output
 from vlmo.weights.hub import (
     ModelNotFoundError,
     OfflineError,
@@ -256,7 +256,7 @@ def save_adapter(
     config = _peft_config(cfg, _target_modules(model, set(mods)), rank_pattern, alpha_pattern, base_model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # Each file whole or not at all (vlmo.outputs): a failed write leaves the previous adapter's file in place.
+    # Each file whole or not at all (vlmo.fileio.atomic): a failed write leaves the previous adapter's file in place.
     write_output(out / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True))
     with atomic_path(out / ADAPTER_WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})

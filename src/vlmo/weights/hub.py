@@ -61,7 +61,7 @@ from rich.progress import (
 from tqdm.std import tqdm
 
 from vlmo.errors import CheckpointError, OptionError, VlmoError
-from vlmo.jsonfile import read_json
+from vlmo.fileio.jsonfile import read_json
 from vlmo.weights.files import (
     CONFIG_FILE,
     INDEX_FILE,

@@ -16,7 +16,7 @@ from torch import nn
 
 from vlmo.config import PaliGemmaConfig
 from vlmo.errors import CheckpointError, ConfigError
-from vlmo.jsonfile import read_json
+from vlmo.fileio.jsonfile import read_json
 from vlmo.nn.paligemma import PaliGemma
 from vlmo.weights.files import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, check_shard_name
 from vlmo.weights.keys import KeyMap

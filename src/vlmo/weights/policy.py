@@ -21,11 +21,11 @@ from typing import Literal
 import torch
 
 from vlmo.config import PaliGemmaConfig
-from vlmo.devices import DTypeName
 from vlmo.errors import InputError, OptionError
-from vlmo.jsonfile import read_json
+from vlmo.fileio.jsonfile import read_json
 from vlmo.nn.paligemma import PaliGemma
 from vlmo.processing import ImageProcessorConfig, TextProcessor
+from vlmo.weights.devices import DTypeName
 from vlmo.weights.files import PREPROCESSOR_FILE, TOKENIZER_FILE
 from vlmo.weights.loader import load_model
 

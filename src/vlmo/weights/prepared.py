@@ -30,7 +30,7 @@ entry); with one it is an `Int8Embedding` (the head's q/scale when tied), exactl
 the merged model's state dict in float16. A load from the entry builds the same modules from the same numbers
 as a load without it, so the logits are bit-identical.
 
-Safety: an entry is written through `vlmo.outputs` (temporary file, fsync, rename), so an interrupted write leaves
+Safety: an entry is written through `vlmo.fileio.atomic` (temporary file, fsync, rename), so an interrupted write leaves
 nothing a later load trusts, and two processes preparing the same entry both succeed (the last rename wins; each
 maps a complete file). It is read through the validated reader (`safetensors_io.open_tensors`) and checked
 against the model's names, shapes and dtypes: a damaged entry is one line on stderr, deleted and rebuilt. A write
@@ -57,8 +57,8 @@ import torch
 from torch import nn
 
 from vlmo.errors import CheckpointError, VlmoError
+from vlmo.fileio.atomic import OutputError, write_output
 from vlmo.nn.paligemma import PaliGemma
-from vlmo.outputs import OutputError, write_output
 from vlmo.weights.files import CONFIG_FILE
 from vlmo.weights.safetensors_io import DTYPES, open_tensors, release_pages
 

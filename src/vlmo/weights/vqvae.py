@@ -36,8 +36,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vlmo.errors import CheckpointError
+from vlmo.fileio.atomic import OutputError, atomic_path
 from vlmo.nn.vqvae import VQVAEDecoder, VQVAEEncoder
-from vlmo.outputs import OutputError, atomic_path
 from vlmo.weights.hub import (
     DiskFullError,
     DownloadError,
@@ -128,7 +128,7 @@ def _vae_tensors(path: PathArg | None, cache_dir: PathArg | None) -> tuple[dict[
 
 
 def _save_converted(tensors: dict[str, torch.Tensor], target: Path) -> None:
-    """Write atomically (vlmo.outputs: temp file, fsync, rename), so a crash never leaves a half file that looks
+    """Write atomically (vlmo.fileio.atomic: temp file, fsync, rename), so a crash never leaves a half file that looks
     converted."""
     try:
         with atomic_path(target, make_parents=True) as tmp:

@@ -10,9 +10,9 @@ from safetensors.torch import save_file
 
 from vlmo.config import projector_to_hf
 from vlmo.errors import InputError
-from vlmo.jsonfile import read_json
+from vlmo.fileio.atomic import atomic_path, write_output
+from vlmo.fileio.jsonfile import read_json
 from vlmo.nn.paligemma import PaliGemma
-from vlmo.outputs import atomic_path, write_output
 from vlmo.weights.files import CONFIG_FILE, OPTIONAL_FILES, SINGLE_FILE, TOKENIZER_FILE
 from vlmo.weights.keys import KeyMap
 from vlmo.weights.loader import NOT_A_CHECKPOINT

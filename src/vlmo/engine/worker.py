@@ -12,7 +12,7 @@ the running batch with `nn.paligemma.regroup`); a finished or cancelled row leav
 the same whatever else runs beside them: each row keeps its own positions and keys, and the int8 layers scale
 activations per row (`tests/test_engine.py` checks it against `VLMo.generate` one by one).
 
-Who uses it: `vlmo serve` (`vlmo.server`). The engine builds no prompt (that is `vlmo.tasks`) and parses no
+Who uses it: `vlmo serve` (`vlmo.serve.routes`). The engine builds no prompt (that is `vlmo.tasks`) and parses no
 answer (`VLMo.parse_located`): it turns (image, `Prompt`, options) into text.
 """
 

@@ -1,7 +1,7 @@
 """The `vlmo` command line. It parses arguments and calls the Python API; nothing else lives here.
 
 Results go to stdout (plain text, or one JSON object with `--json`); progress, hints and errors go to stderr.
-Errors are one line (see `vlmo/cli_errors.py`); `VLMO_DEBUG=1` adds the traceback.
+Errors are one line (see `vlmo/cli/errors.py`); `VLMO_DEBUG=1` adds the traceback.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import typer
 
 from vlmo import __version__
-from vlmo.cli_errors import CliUsageError, ErrorHandlingGroup
-from vlmo.cli_options import (
+from vlmo.cli.errors import CliUsageError, ErrorHandlingGroup
+from vlmo.cli.options import (
     DEFAULT_MODEL,
     LOCATE,
     MAX_TOKENS,
@@ -35,7 +35,7 @@ from vlmo.cli_options import (
     shared_options,
     stderr,
 )
-from vlmo.finetune_config import FinetuneConfig
+from vlmo.finetune.config import FinetuneConfig
 
 if TYPE_CHECKING:
     from vlmo.detection import Detection
@@ -229,7 +229,7 @@ def _locate(
         found = masks = vlm.segment(pil, labels, mask_decoder=mask_decoder, **run.options)
         boxes = [s.to_detection() for s in masks]
     if out is not None:
-        from vlmo.outputs import atomic_path, image_format
+        from vlmo.fileio.atomic import atomic_path, image_format
 
         drawn = draw_detections(pil, boxes) if task == "detect" else draw_segmentations(pil, masks)
         with atomic_path(out, force=force) as tmp:  # never a half image, never a file that appeared meanwhile
@@ -249,7 +249,7 @@ def _locate(
 def _check_output(out: Path | None, force: bool) -> None:
     if out is None:
         return
-    from vlmo.outputs import check_output, image_format
+    from vlmo.fileio.atomic import check_output, image_format
 
     check_output(out, force, what="--out")
     image_format(out)
@@ -297,8 +297,8 @@ def batch(
     num_gpus_per_worker: Annotated[float, typer.Option(help="--ray: GPUs per replica (0: CPU).")] = 0.0,
 ) -> None:
     """Run one task over many images: one result row per input, in batches, resumable (docs/batch.md)."""
-    from vlmo.batch import BatchInterrupted, BatchJob, check_counts, open_results, write_results
-    from vlmo.batch_inputs import list_inputs
+    from vlmo.batch.inputs import list_inputs
+    from vlmo.batch.runner import BatchInterrupted, BatchJob, check_counts, open_results, write_results
 
     if resume and force:
         raise CliUsageError("pass --resume or --force, not both")
@@ -320,7 +320,7 @@ def batch(
     inputs = list_inputs(source)
     job.check_inputs(inputs)
     if use_ray:
-        from vlmo.batch_ray import RayOptions, run_ray
+        from vlmo.batch.ray_data import RayOptions, run_ray
 
         load = {f: getattr(run, f) for f in ("model", "revision", "adapter", "device", "dtype", "quantize", "cache")}
         ray_options = RayOptions(num_workers=num_workers, num_gpus_per_worker=num_gpus_per_worker)
@@ -362,8 +362,8 @@ def finetune(
     force: Annotated[bool, typer.Option("--force", "-f", help="Write into a non-empty --out.")] = False,
 ) -> None:
     """Fine-tune a model (LoRA by default) on JSONL or VQAv2 data; prints the final model's path."""
-    from vlmo.finetune import finetune as run_finetune
-    from vlmo.outputs import check_output_dir
+    from vlmo.fileio.atomic import check_output_dir
+    from vlmo.finetune.train import finetune as run_finetune
 
     out = check_output_dir(config["out"], what="--out")
     if out.exists() and any(out.iterdir()) and config["resume"] is None and not force:
@@ -406,13 +406,13 @@ def eval_vqav2(
 ) -> None:
     """VQA accuracy (official metric) with a table per answer type."""
     from vlmo.data.vqav2 import load_vqav2
-    from vlmo.eval import evaluate_vqa
+    from vlmo.finetune.evaluate import evaluate_vqa
 
     if mode not in ("official", "normalize_all"):
         raise CliUsageError(f"unknown --mode {mode!r}; use official or normalize_all")
     if out is not None:  # the report and the results file beside it, before the model loads
-        from vlmo.eval import results_path_for
-        from vlmo.outputs import check_output
+        from vlmo.fileio.atomic import check_output
+        from vlmo.finetune.evaluate import results_path_for
 
         check_output(out, force, what="--out", make_parents=True)
         check_output(results_path_for(out), force, what="--out", make_parents=True)
@@ -556,10 +556,10 @@ def serve_command(
     ] = 30.0,
 ) -> None:
     """Serve the model over HTTP: an OpenAI-compatible chat API, plus detect, segment, health and metrics."""
-    from vlmo.server_run import check_dependencies, serve
+    from vlmo.serve.run import check_dependencies, serve
 
     check_dependencies()  # before importing the server, which needs them
-    from vlmo.server import ServerSettings
+    from vlmo.serve.routes import ServerSettings
 
     settings = ServerSettings(
         model_name=served_model_name or run.model,
@@ -597,7 +597,7 @@ def info(json_out: JsonOut = False) -> None:
     """Show versions, devices, and the models in the Hugging Face cache."""
     import torch
 
-    from vlmo.devices import resolve_device, resolve_dtype
+    from vlmo.weights.devices import resolve_device, resolve_dtype
     from vlmo.weights.hub import cache_location, cached_models
     from vlmo.weights.policy import choose_quantization
 

@@ -25,9 +25,9 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import suppress
 from typing import Any
 
-from vlmo.server_errors import ApiError
-from vlmo.server_metrics import ServerMetrics
-from vlmo.serving import say
+from vlmo.serve.errors import ApiError
+from vlmo.serve.launch import say
+from vlmo.serve.metrics import ServerMetrics
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

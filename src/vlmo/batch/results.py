@@ -10,12 +10,12 @@ A row is a JSON-ready dict with the columns `columns(task)` lists, in that order
 `vlmo detect --json` prints (boxes in pixels of the original image, masks as COCO RLE). An input that failed has
 its one-line message in `error` and null outputs; `error` is null otherwise.
 
-Results files (`vlmo.batch.open_results`):
+Results files (`vlmo.batch.runner.open_results`):
 - `.jsonl`: one row per line, appended a batch at a time with `outputs.AppendLog` (one write, then fsync), so a
   kill loses at most the batch in flight; `resume` cuts a torn last line off and skips the ids already there.
 - `.parquet`: rows go to the journal `RESULTS.partial.jsonl` as above while the job runs; when it completes, the
   Parquet file is written (atomically: `outputs.atomic_path`) from the earlier file's rows and the journal, and
-  the journal removed (`vlmo.batch_parquet`). A single Parquet file cannot be appended to, so this is what makes
+  the journal removed (`vlmo.batch.parquet`). A single Parquet file cannot be appended to, so this is what makes
   it resumable.
 """
 
@@ -27,9 +27,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-from vlmo.batch_inputs import BatchInput
+from vlmo.batch.inputs import BatchInput
 from vlmo.errors import InputError
-from vlmo.outputs import AppendLog, OutputPathError
+from vlmo.fileio.atomic import AppendLog, OutputPathError
 from vlmo.tasks import TaskName
 
 Row = dict[str, Any]

@@ -1,5 +1,5 @@
 """`FinetuneConfig`: everything a fine-tuning run needs, as one validated dataclass (no torch, so that the CLI can
-derive `vlmo finetune`'s options from it without loading torch; the training itself is `vlmo.finetune`)."""
+derive `vlmo finetune`'s options from it without loading torch; the training itself is `vlmo.finetune.train`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ TRAIN_PARTS: tuple[TrainPart, ...] = ("lora", "projector", "attention", "full")
 
 
 def _help(text: str) -> dict[str, str]:
-    """A field's help text, which `vlmo finetune --help` shows (`vlmo.cli_options.config_options`)."""
+    """A field's help text, which `vlmo finetune --help` shows (`vlmo.cli.options.config_options`)."""
     return {"help": text}
 
 

@@ -1,8 +1,8 @@
 """One table from exceptions to one-line messages and exit codes, for the CLI.
 
 Exit codes: 2 for usage errors (something typed can be fixed: arguments, options, input files, an output path that
-exists, is a folder or a broken link: `vlmo.outputs.OutputPathError`), 1 for runtime failures (model, hub, disk,
-memory, an output that could not be written: `vlmo.outputs.OutputError`), 130 for Ctrl-C. The traceback is shown
+exists, is a folder or a broken link: `vlmo.fileio.atomic.OutputPathError`), 1 for runtime failures (model, hub, disk,
+memory, an output that could not be written: `vlmo.fileio.atomic.OutputError`), 130 for Ctrl-C. The traceback is shown
 only with VLMO_DEBUG=1. Messages of `VlmoError`s already end with what to do next; the table adds hints for the others.
 """
 

@@ -28,7 +28,7 @@ from urllib.parse import unquote, urlsplit
 from PIL import Image
 
 from vlmo.processing import load_image
-from vlmo.server_errors import BadRequest, PayloadTooLarge
+from vlmo.serve.errors import BadRequest, PayloadTooLarge
 
 if TYPE_CHECKING:
     import httpx

@@ -1,4 +1,4 @@
-"""`vlmo serve`: check the options, load the model once, serve the HTTP API (`vlmo.server`) with uvicorn, and stop
+"""`vlmo serve`: check the options, load the model once, serve the HTTP API (`vlmo.serve.routes`) with uvicorn, and stop
 cleanly on SIGINT/SIGTERM.
 
 Stopping: the first signal stops taking connections and new requests (503) and lets the accepted ones finish,
@@ -20,12 +20,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vlmo.errors import InputError, VlmoError
-from vlmo.serving import check_port, load_model, say, warn_if_exposed
+from vlmo.serve.launch import check_port, load_model, say, warn_if_exposed
 
 if TYPE_CHECKING:
     from vlmo.api import VLMo
-    from vlmo.engine import Engine
-    from vlmo.server import ServerSettings
+    from vlmo.engine.worker import Engine
+    from vlmo.serve.routes import ServerSettings
 
 # After the engine has stopped, how long the handlers get to send their last bytes before their connections are
 # abandoned (only a client that does not read its answer needs it).
@@ -59,7 +59,7 @@ def serve(
 ) -> None:
     """`vlmo serve`: everything the user typed is checked before the (slow) model load; then serve until a signal.
 
-    `load` loads the model (progress on stderr); `settings` say what clients may do (`vlmo.server.ServerSettings`).
+    `load` loads the model (progress on stderr); `settings` say what clients may do (`routes.ServerSettings`).
     """
     check_dependencies()
     for flag, value in (("--max-batch-size", max_batch_size), ("--max-queue", max_queue)):
@@ -74,8 +74,8 @@ def serve(
 
     import uvicorn
 
-    from vlmo.engine import Engine
-    from vlmo.server import create_app
+    from vlmo.engine.worker import Engine
+    from vlmo.serve.routes import create_app
 
     engine = Engine(vlm, max_batch_size=max_batch_size, max_queue=max_queue)
     config = uvicorn.Config(

@@ -1,6 +1,6 @@
 """`vlmo batch`: one task over a whole data set, batched through the model, one result row per input.
 
-    from vlmo.batch import run
+    from vlmo.batch.runner import run
     for row in run("vlmo/shapes", "photos/", task="caption"):
         print(row["id"], row["text"] if row["error"] is None else row["error"])
 
@@ -10,9 +10,9 @@ in which every row has its own prompt from `vlmo.tasks`. Greedy answers do not d
 are read and decoded on a background thread while the model runs the current one. An input that cannot be used (not
 an image, a manifest row without a question) becomes a row with its one-line `error`, never the end of the run.
 
-`write_results` is what the CLI runs: rows appended to a results file a batch at a time (`vlmo.batch_results`),
+`write_results` is what the CLI runs: rows appended to a results file a batch at a time (`vlmo.batch.results`),
 a progress bar on a terminal, and Ctrl-C stopping with every finished batch on disk. Rows and files:
-`vlmo.batch_results`; inputs and ids: `vlmo.batch_inputs`; the Ray path: `vlmo.batch_ray`.
+`vlmo.batch.results`; inputs and ids: `vlmo.batch.inputs`; the Ray path: `vlmo.batch.ray_data`.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vlmo import tasks
-from vlmo.batch_inputs import BatchInput, Inputs, as_inputs
-from vlmo.batch_results import JsonlResults, Results, Row, check_results_path, error_row, result_row
+from vlmo.batch.inputs import BatchInput, Inputs, as_inputs
+from vlmo.batch.results import JsonlResults, Results, Row, check_results_path, error_row, result_row
 from vlmo.errors import InputError, OptionError, VlmoError
-from vlmo.outputs import OutputPathError
+from vlmo.fileio.atomic import OutputPathError
 from vlmo.tasks import Prompt, TaskName
 
 if TYPE_CHECKING:
@@ -286,10 +286,10 @@ def run(
     limit: int | None = None,
     **load_options: Any,
 ) -> Iterator[Row]:
-    """Run `task` over `inputs` and yield one result row per input, in input order (`vlmo.batch_results`).
+    """Run `task` over `inputs` and yield one result row per input, in input order (`vlmo.batch.results`).
 
     `vlm_or_model_id`: a loaded `VLMo`, or what `VLMo.from_pretrained` takes (with `load_options`, e.g. device).
-    `inputs`: a folder, glob, list of paths or manifest (`vlmo.batch_inputs.list_inputs`), or a list of image paths
+    `inputs`: a folder, glob, list of paths or manifest (`vlmo.batch.inputs.list_inputs`), or a list of image paths
     or `BatchInput`s. `question` / `labels` / `prompt`: the task's value for rows that do not carry their own.
     `skip`: ids already done (what `--resume` passes); `limit`: only the first N inputs. Everything is checked
     before the model loads; the rows come as the batches finish.
@@ -364,7 +364,7 @@ def open_results(path: str | os.PathLike[str], task: TaskName, *, resume: bool, 
             force=None,
         )
     if out.suffix.lower() == ".parquet":
-        from vlmo.batch_parquet import ParquetResults
+        from vlmo.batch.parquet import ParquetResults
 
         return ParquetResults.open(out, task, resume=resume, force=force)
     return JsonlResults.open(out, task, resume=resume, force=force)

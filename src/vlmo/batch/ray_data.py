@@ -2,8 +2,8 @@
 
     inputs ──from_items──▶ map_batches(_Worker: an actor pool, one loaded VLMo per actor) ──▶ shard sink ──▶ RESULTS/
 
-The inputs are listed by the driver (`vlmo.batch_inputs`: the same ids as a single-process run) and become a Ray
-dataset; each actor loads the model once and runs `vlmo.batch.process` on its batches, the function the
+The inputs are listed by the driver (`vlmo.batch.inputs`: the same ids as a single-process run) and become a Ray
+dataset; each actor loads the model once and runs `vlmo.batch.runner.process` on its batches, the function the
 single-process run uses, so the rows are the same (greedy answers do not depend on the batch). RESULTS is a folder
 of shards, `part-<run>-<n>.jsonl` or `.parquet` (the folder's name says which: `*.jsonl` gives JSON Lines, anything
 else Parquet), each written whole (temporary file, fsync, rename) on the driver's node, so a cluster needs no shared
@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmo.batch import BatchJob, Summary, check_counts, load, process
-from vlmo.batch_inputs import BatchInput, Inputs
-from vlmo.batch_results import Row, done_ids, parse_row, row_line
+from vlmo.batch.inputs import BatchInput, Inputs
+from vlmo.batch.results import Row, done_ids, parse_row, row_line
+from vlmo.batch.runner import BatchJob, Summary, check_counts, load, process
 from vlmo.errors import OptionError, VlmoError
-from vlmo.outputs import OutputPathError, check_output_dir, write_output
+from vlmo.fileio.atomic import OutputPathError, check_output_dir, write_output
 from vlmo.tasks import TaskName
 
 
@@ -206,7 +206,7 @@ class _Worker:
         self.job = job
 
     def __call__(self, batch: Any) -> Any:
-        from vlmo.batch_parquet import table
+        from vlmo.batch.parquet import table
 
         rows = batch.to_pylist()
         images = [r["data"] if r["path"] is None else r["path"] for r in rows]
@@ -250,8 +250,8 @@ def _write_shard(shard: Path, rows: list[Row], task: TaskName) -> None:
     if shard.suffix == ".jsonl":
         write_output(shard, "".join(row_line(row) + "\n" for row in rows))
         return
-    from vlmo.batch_inputs import require_pyarrow
-    from vlmo.batch_parquet import table
+    from vlmo.batch.inputs import require_pyarrow
+    from vlmo.batch.parquet import table
 
     parquet = require_pyarrow().parquet
     write_output(shard, lambda tmp: parquet.write_table(table(rows, task), tmp))
@@ -262,7 +262,7 @@ def read_shard(shard: Path) -> list[Row]:
     if shard.suffix == ".jsonl":
         lines = shard.read_text(encoding="utf-8").splitlines()
         return [parse_row(line, f"{shard}:{n}") for n, line in enumerate(lines, 1)]
-    from vlmo.batch_parquet import read_rows
+    from vlmo.batch.parquet import read_rows
 
     return read_rows(shard)
 

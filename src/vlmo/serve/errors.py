@@ -3,7 +3,7 @@
 Every error the server sends is `{"error": {"message": …, "type": …, "code": …, "param": null}}` with a one-line
 message, so the official `openai` client raises its usual exceptions (`BadRequestError`, `AuthenticationError`,
 …) with vlmo's message. The library's errors are translated here into the server's words (HTTP codes, and the
-request's parameter names: `max_tokens` where the library says `max_new_tokens`), as `cli_errors.py` does for the
+request's parameter names: `max_tokens` where the library says `max_new_tokens`), as `cli/errors.py` does for the
 command line.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlmo.engine import Cancelled, EngineStopped, QueueFull
+from vlmo.engine.worker import Cancelled, EngineStopped, QueueFull
 from vlmo.errors import GenerationConfigError, ImageError, InputError, OptionError, VlmoError, python_option
 
 # How long a client told "busy" (503) should wait before it retries, in seconds (the Retry-After header).

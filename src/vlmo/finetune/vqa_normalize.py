@@ -11,8 +11,8 @@ Two steps, applied in this order to an answer that is already stripped (newlines
    "isnt" → "isn't") and join with single spaces.
 
 `normalize_answer` applies both. When the official script applies them is a separate question, answered in
-`vlmo.eval.vqa_accuracy`. The tables are the official ones, entries and oddities included: the keys with capitals
-("Im", "Ive") can never match lower-cased words, and "somebody'd" maps to "somebodyd".
+`vlmo.finetune.evaluate.vqa_accuracy`. The tables are the official ones, entries and oddities included: the keys
+with capitals ("Im", "Ive") can never match lower-cased words, and "somebody'd" maps to "somebodyd".
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from vlmo.engine import Finished, Job, Piece
-from vlmo.server_errors import api_error
+from vlmo.engine.worker import Finished, Job, Piece
+from vlmo.serve.errors import api_error
 
 
 def usage(fin: Finished) -> dict[str, int]:

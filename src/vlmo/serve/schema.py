@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from vlmo import tasks
 from vlmo.generation import GenerateOptions
-from vlmo.server_errors import BadRequest
+from vlmo.serve.errors import BadRequest
 from vlmo.tasks import Prompt
 
 MAX_STOP_STRINGS = 4  # as OpenAI's API

@@ -1,11 +1,11 @@
 """`vlmo serve`'s HTTP API: an OpenAI-compatible chat endpoint, detection and segmentation as JSON, health and
-Prometheus metrics, for one model shared by every client through `vlmo.engine.Engine`.
+Prometheus metrics, for one model shared by every client through `vlmo.engine.worker.Engine`.
 
     engine = Engine(VLMo.from_pretrained("vlmo/shapes"), max_batch_size=8, max_queue=64)
     app = create_app(engine, ServerSettings(model_name="vlmo/shapes"))   # an ASGI app: uvicorn, or tests directly
 
 The app starts the engine's worker when it starts (ASGI lifespan) and shuts it down when it stops, cancelling
-whatever is still running with an error. `vlmo.server_run.serve` is what `vlmo serve` runs: it loads the model,
+whatever is still running with an error. `vlmo.serve.run.serve` is what `vlmo serve` runs: it loads the model,
 and on SIGINT/SIGTERM lets accepted requests finish before the app stops.
 
 Layers, each in its own module: `server_http` (API key, body cap, log line, request metrics), `server_schema`
@@ -32,15 +32,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from vlmo import tasks
-from vlmo.engine import Cancelled, Engine, Finished, Job
+from vlmo.engine.worker import Cancelled, Engine, Finished, Job
 from vlmo.errors import InputError, VlmoError
 from vlmo.generation import GenerateOptions, SamplingConfig
-from vlmo.server_errors import ApiError, api_error, validation_message
-from vlmo.server_http import TOKENS_STATE, RequestGuard
-from vlmo.server_media import MediaPolicy, fetch_image
-from vlmo.server_metrics import ServerMetrics
-from vlmo.server_openai import ChatAnswer, usage
-from vlmo.server_schema import ChatRequest, LocateRequest
+from vlmo.serve.chat import ChatAnswer, usage
+from vlmo.serve.errors import ApiError, api_error, validation_message
+from vlmo.serve.guard import TOKENS_STATE, RequestGuard
+from vlmo.serve.media import MediaPolicy, fetch_image
+from vlmo.serve.metrics import ServerMetrics
+from vlmo.serve.schema import ChatRequest, LocateRequest
 from vlmo.tasks import Prompt
 
 MB = 1024 * 1024

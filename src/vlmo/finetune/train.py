@@ -35,8 +35,8 @@ from torch import nn
 from vlmo.data.collate import Collator, TrainBatch
 from vlmo.data.examples import Dataset, JsonlDataset, VQAv2Dataset
 from vlmo.errors import CheckpointError, InputError
-from vlmo.finetune_config import DATA_CHOICE, FinetuneConfig
-from vlmo.outputs import atomic_dir
+from vlmo.fileio.atomic import atomic_dir
+from vlmo.finetune.config import DATA_CHOICE, FinetuneConfig
 from vlmo.weights.safetensors_io import open_tensors
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ class Dist:
 
 def init_distributed(device: str) -> Dist:
     """Join the process group torchrun set up (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA."""
-    from vlmo.devices import resolve_device
+    from vlmo.weights.devices import resolve_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dev = resolve_device(device)
@@ -343,7 +343,7 @@ def save_checkpoint(
 ) -> None:
     """Trainable weights (safetensors) + optimizer, scheduler and RNG state (tensors only) + the run config.
 
-    The folder is filled under a temporary name and renamed into place (`vlmo.outputs.atomic_dir`): a checkpoint
+    The folder is filled under a temporary name and renamed into place (`vlmo.fileio.atomic.atomic_dir`): a checkpoint
     is complete or absent, never half written, and a failed write leaves an earlier checkpoint of that name intact.
     """
     state = {

@@ -14,10 +14,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vlmo.batch_inputs import require_pyarrow
-from vlmo.batch_results import Row, done_ids, parse_row, read_done
+from vlmo.batch.inputs import require_pyarrow
+from vlmo.batch.results import Row, done_ids, parse_row, read_done
 from vlmo.errors import InputError
-from vlmo.outputs import AppendLog, OutputPathError, atomic_path, check_output
+from vlmo.fileio.atomic import AppendLog, OutputPathError, atomic_path, check_output
 from vlmo.tasks import TaskName
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ class ParquetResults:
         return cls(path, task, log, done, replace=True)
 
     def write(self, rows: list[Row]) -> None:
-        from vlmo.batch_results import row_line
+        from vlmo.batch.results import row_line
 
         self.log.append([row_line(row) for row in rows])
         self.done.update(row["id"] for row in rows)

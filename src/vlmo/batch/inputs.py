@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlmo.errors import InputError
-from vlmo.jsonfile import json_line
+from vlmo.fileio.jsonfile import json_line
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -2,7 +2,7 @@
 
     from vlmo import VLMo
     from vlmo.data.vqav2 import load_vqav2
-    from vlmo.eval import evaluate_vqa
+    from vlmo.finetune.evaluate import evaluate_vqa
     examples = load_vqav2("v2_OpenEnded_mscoco_val2014_questions.json", "v2_mscoco_val2014_annotations.json",
                           "val2014/")
     report = evaluate_vqa(VLMo.from_pretrained("google/paligemma-3b-ft-vqav2-224"), examples[:1000])
@@ -10,7 +10,7 @@
     report.write("vqav2_report.json")    # + vqav2_report_results.json in the official results format
 
 The metric follows the official evaluation script (GT-Vision-Lab/VQA, `PythonEvaluationTools/vqaEvaluation/
-vqaEval.py`, master since 2021); its normalisation rules live in `vlmo.eval_normalize`. The official files are
+vqaEval.py`, master since 2021); its normalisation rules live in `vlmo.finetune.vqa_normalize`. The official files are
 read by `vlmo.data.vqav2`.
 """
 
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from vlmo.data.vqav2 import VQAExample
 from vlmo.errors import InputError
-from vlmo.eval_normalize import clean_whitespace, normalize_words, strip_punctuation
+from vlmo.finetune.vqa_normalize import clean_whitespace, normalize_words, strip_punctuation
 
 if TYPE_CHECKING:
     from vlmo.api import VLMo
@@ -53,7 +53,7 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], mode: AccuracyMode = "
     most a prediction can score is 2/3), except a single answer, which leaves nothing to compare with once left
     out: there the score is exact match (1 or 0) after normalisation.
 
-    Normalisation (rules in `vlmo.eval_normalize`): every answer gets newlines/tabs → spaces and is stripped.
+    Normalisation (rules in `vlmo.finetune.vqa_normalize`): every answer gets newlines/tabs → spaces and is stripped.
     mode "official": as the official script does it, punctuation, lower-casing, number words, articles and
     contractions are processed — for the prediction and the human answers alike — only when the human answers
     disagree (more than one distinct stripped answer). When all humans wrote the same string, the prediction
@@ -194,10 +194,10 @@ class VQAReport:
         """Write `to_json()` to `path` and `results()` to `results_path` (default: `results_path_for(path)`),
         creating folders as needed. Returns both paths.
 
-        Each file is written whole or not at all (`vlmo.outputs`). `force=False` replaces neither file: an existing
-        one is an `OutputPathError`, and the report is removed again if the results file cannot be created.
+        Each file is written whole or not at all (`vlmo.fileio.atomic`). `force=False` replaces neither file: an
+        existing one is an `OutputPathError`, and the report is removed again if the results file cannot be created.
         """
-        from vlmo.outputs import write_output
+        from vlmo.fileio.atomic import write_output
 
         report_file = Path(path)
         results_file = Path(results_path) if results_path is not None else results_path_for(report_file)
