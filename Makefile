@@ -30,7 +30,7 @@ demo: $(VENV)/.vlmo-core   ## answer, caption and detect with the built-in model
 test: $(VENV)/.vlmo-test   ## the default test run (under 3 minutes on 2 cores), as CI runs it
 	$(BIN)/python -m pytest -q
 
-test-slow: $(VENV)/.vlmo-test   ## the slow tests only: torchrun, Ray with killed workers, the browser, the recipe
+test-slow: $(VENV)/.vlmo-test   ## the slow tests only: torchrun, the Ray runs, the browser, the recipe
 	$(BIN)/python -m pytest -q -m slow || [ $$? -eq 5 ]  # 5: no test is marked slow
 
 lint: $(VENV)/.vlmo-test   ## ruff lint and format check, mypy type check of src/

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
-from vlmo import VLMo
-from vlmo.generation import SamplingConfig, generate_steps
+from vlmo import VLMo, tasks
+from vlmo.engine.scheduler import Collector, Scheduler
 
 PROMPTS = ("caption en", "answer en what color is the large shape on the left?", "detect circle ; square", "ocr")
 
@@ -52,9 +52,11 @@ def outputs(vlm: VLMo, new_tokens: int) -> list[dict[str, torch.Tensor]]:
         cache = vlm.model.new_cache(1, batch.input_ids.shape[1] + 1)
         logits, _ = vlm.model.prefill(batch.input_ids, features, batch.attention_mask, cache, all_logits=True)
         text = (batch.input_ids != vlm.model.cfg.image_token_id)[0]
-        steps = generate_steps(vlm.model, batch.input_ids, batch.attention_mask, features,
-                             SamplingConfig(max_new_tokens=new_tokens), [], vlm.text.pad_id)  # fmt: skip
-        out.append({"logits": logits[0, text].float(), "greedy": torch.cat([tokens for tokens, _ in steps])})
+        scheduler, sink = Scheduler(vlm, max_batch_size=1, ignore_eos=True), Collector()
+        scheduler.step([scheduler.request(image, tasks.raw(prompt), {"max_new_tokens": new_tokens}, sink)])
+        while scheduler.running:
+            scheduler.step()
+        out.append({"logits": logits[0, text].float(), "greedy": torch.tensor(sink.finished().token_ids)})
     return out
 
 

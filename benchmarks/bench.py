@@ -74,8 +74,8 @@ def worker(mode: str, model_dir: str, new_tokens: int, threads: int, device: str
     started = time.perf_counter()
     answers: list[tuple[float, list[float]]] = []  # per answer: its start and each token's time
     if engine == "vlmo":
-        from vlmo import VLMo
-        from vlmo.generation import SamplingConfig, generate_steps
+        from vlmo import VLMo, tasks
+        from vlmo.engine.scheduler import Collector, Scheduler
 
         options: dict[str, Any] = {"quantize": "int8"} if kind == "int8" else {"dtype": kind}
         vlm = VLMo.from_pretrained(model_dir, device=device, progress=False, **options)
@@ -86,12 +86,14 @@ def worker(mode: str, model_dir: str, new_tokens: int, threads: int, device: str
             vlm.image_cache.clear()
             times: list[float] = []
             t0 = time.perf_counter()
-            features = vlm.encode_images([image])
-            batch = vlm.text.encode([PROMPT])
-            ids, mask = batch.input_ids.to(vlm.device), batch.attention_mask.to(vlm.device)
-            steps = generate_steps(vlm.model, ids, mask, features, SamplingConfig(max_new_tokens=new_tokens), [],
-                                   vlm.text.pad_id)  # fmt: skip
-            for _ in steps:
+            # The engine's loop, every answer exactly `new_tokens` long (no <eos>), a time after every token.
+            scheduler = Scheduler(vlm, max_batch_size=1, ignore_eos=True)
+            request = scheduler.request(image, tasks.raw(PROMPT), {"max_new_tokens": new_tokens}, Collector())
+            scheduler.step([request])
+            sync()
+            times.append(time.perf_counter())
+            while scheduler.running:
+                scheduler.step()
                 sync()
                 times.append(time.perf_counter())
             answers.append((t0, times))

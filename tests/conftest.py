@@ -1,6 +1,8 @@
 """Shared fixtures: tiny random PaliGemma checkpoints written by transformers' own `save_pretrained`.
 
-Tests never download anything. A checkpoint is built once per session per config and reused (read-only).
+Tests never download anything. A checkpoint is built once per session per config and reused (read-only), and so
+is a model that several test files ask for in the same way (`shapes_int8`, `shapes_float32`, `tiny_float32`): lent,
+never to be changed (a test that trains, merges or swaps parts loads its own).
 """
 
 from __future__ import annotations
@@ -8,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,10 +31,47 @@ def pytest_configure(config: pytest.Config) -> None:
     session-scoped fixtures load models before the per-test isolation below applies, and no test may write into
     the user's cache."""
     os.environ["VLMO_CACHE"] = _SESSION_CACHE
+    # One intra-op thread, here and (through the variable) in every process a test starts, unless the caller chose:
+    # the test models are tiny, so a second thread gains nothing, while two threads per process on a busy 2-core
+    # machine wait on each other (test_tasks.py with test_engine.py, other work running: 113 s with 2, 11 s with 1).
+    if "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
+
+def _living_children() -> list[str]:
+    """This process's children that are still running (not zombies), as "pid: command line"."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, parent = stat.read_text().rsplit(")", 1)[1].split()[:2]
+            if int(parent) == os.getpid() and state != "Z":
+                command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"{stat.parent.name}: {command.strip()}")
+        except (OSError, IndexError, ValueError):
+            continue  # ended while we looked
+    return found
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own finish, which tears the session's fixtures down
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a test left a Ray cluster or a process of its own (a server, a worker) running."""
+    left = []
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        left.append("a Ray cluster (ray.init without ray.shutdown)")
+    if Path("/proc/self/stat").exists():
+        left += _living_children()
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write("\n")  # after the progress line, which has no end of line yet
+            reporter.write_line("still running after the tests: " + "; ".join(left), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(autouse=True)
@@ -156,6 +197,57 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_checkpoints: dict[str, Path]) -> Path:
     return tiny_checkpoints["gqa"]
+
+
+# -- models lent to several test files ----------------------------------------------------------------------------
+# Loaded once per session (each file used to load its own). The image-feature cache is emptied at every module's
+# start, so a module sees a cache as fresh as a model of its own; the weights are checked at the end of the session.
+
+_LENT: list[Any] = []
+
+
+def _fingerprint(vlm: Any) -> tuple[Any, ...]:
+    state = vlm.model.state_dict()
+    sums = tuple((k, v.dtype, tuple(v.shape), float(v.double().sum())) for k, v in state.items())
+    return vlm.model.cfg, vlm.model.training, sums
+
+
+def _lend(vlm: Any) -> Iterator[Any]:
+    before = _fingerprint(vlm)
+    _LENT.append(vlm)
+    yield vlm
+    _LENT.remove(vlm)
+    assert _fingerprint(vlm) == before, "a test changed a shared model: give that test a model of its own"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_image_caches() -> None:
+    for vlm in _LENT:
+        vlm.image_cache.clear()
+
+
+@pytest.fixture(scope="session")
+def shapes_int8() -> Iterator[Any]:
+    """The built-in model `vlmo/shapes` in vlmo's CPU default mode (int8), as `vlmo serve` runs it."""
+    from vlmo import VLMo
+
+    yield from _lend(VLMo.from_pretrained("vlmo/shapes", device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def shapes_float32() -> Iterator[Any]:
+    """`vlmo/shapes` with `quantize="none"` (float32), as the batch tests run it (`--quantize none`)."""
+    from vlmo import VLMo
+
+    yield from _lend(VLMo.from_pretrained("vlmo/shapes", quantize="none"))
+
+
+@pytest.fixture(scope="session")
+def tiny_float32(tiny_checkpoints: dict[str, Path]) -> Iterator[Any]:
+    """The `gqa` tiny checkpoint in float32 on the CPU."""
+    from vlmo import VLMo
+
+    yield from _lend(VLMo.from_pretrained(tiny_checkpoints["gqa"], device="cpu", dtype="float32"))
 
 
 def gaussian_noise(width: int, height: int, sigma: float, seed: int) -> Any:

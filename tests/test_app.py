@@ -246,25 +246,31 @@ def test_stream_reuses_given_image_features(vlm: VLMo) -> None:
 
 
 class Recorded:
-    """Counts `vlm.model.decode` calls and keeps every generate_steps generator made, so a test can see them end."""
+    """Counts `vlm.model.decode` calls and keeps every generator that steps the engine's loop for the library
+    (`VLMo._pieces` for streams, `VLMo._finish_steps` for the rest), so a test can see them end."""
 
     def __init__(self, vlm: VLMo, monkeypatch: pytest.MonkeyPatch) -> None:
-        import vlmo.api
+        from vlmo.api import VLMo
 
         self.decodes = 0
         self.loops: list[Any] = []
-        decode, steps = vlm.model.decode, vlmo.api.generate_steps
+        decode, pieces, finish = vlm.model.decode, VLMo._pieces, VLMo._finish_steps
 
         def counted(*args: Any, **kwargs: Any) -> Any:
             self.decodes += 1
             return decode(*args, **kwargs)
 
-        def kept(*args: Any, **kwargs: Any) -> Any:
-            self.loops.append(steps(*args, **kwargs))
+        def kept_pieces(*args: Any, **kwargs: Any) -> Any:
+            self.loops.append(pieces(*args, **kwargs))
+            return self.loops[-1]
+
+        def kept_finish(owner: VLMo, *args: Any, **kwargs: Any) -> Any:
+            self.loops.append(finish(owner, *args, **kwargs))
             return self.loops[-1]
 
         monkeypatch.setattr(vlm.model, "decode", counted)
-        monkeypatch.setattr(vlmo.api, "generate_steps", kept)
+        monkeypatch.setattr(VLMo, "_pieces", staticmethod(kept_pieces))
+        monkeypatch.setattr(VLMo, "_finish_steps", kept_finish)
 
     def all_closed(self) -> bool:
         return bool(self.loops) and all(inspect.getgeneratorstate(g) == inspect.GEN_CLOSED for g in self.loops)
@@ -413,6 +419,7 @@ def artifacts(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow  # Chromium and a Gradio server; the handlers it drives are tested in-process above
 @pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # Gradio's own pandas deprecations
 def test_app_in_a_real_browser(app: VlmoApp, tmp_path: Path, artifacts: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("gradio", reason='gradio is not installed: pip install "vlmo[app]"')

@@ -2,7 +2,7 @@
 error rows; manifests with per-row questions; Parquet in and out; resume after Ctrl-C and after SIGKILL; the
 append log that makes a kill lose at most the batch in flight.
 
-The data set (tests/batch_scenes.py) is 60 `vlmo/shapes` scenes and 3 files that are not images. The model runs in
+The data set (tests/batch_scenes.py) is 24 `vlmo/shapes` scenes and 3 files that are not images. The model runs in
 float32 (`--quantize none`), the fastest mode for this tiny model; batching changes no answer in any mode
 (tests/test_batching.py).
 """
@@ -66,8 +66,8 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def vlm() -> VLMo:
-    return VLMo.from_pretrained("vlmo/shapes", quantize="none")
+def vlm(shapes_float32: VLMo) -> VLMo:
+    return shapes_float32  # conftest.py: loaded once, shared with test_batch_ray.py
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def _expected(vlm: VLMo, task: str, image: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("task", ["ask", "ocr", "detect"])
 def test_every_task_through_the_cli_equals_vlmo_one_by_one(task: str, folder: Path, vlm: VLMo, tmp_path: Path) -> None:
-    """The first 12 inputs (the 3 bad files sort first) for each task; the caption test above runs all 63 and the
+    """The first 12 inputs (the 3 bad files sort first) for each task; the caption test above runs all 27 and the
     segment test below runs on a model taught to segment (the shapes model was not)."""
     out = tmp_path / "rows.jsonl"
     extra = {"ask": ["-q", "how many shapes are there?"], "ocr": [], "detect": ["--labels", LABELS]}[task]
@@ -376,7 +376,10 @@ NO_MODEL = ["--model", "/no/such/model"]  # had the model been loaded, the error
         (["--task", "detect", "--labels", "a ; <b>", "--out", "x.jsonl"], "'<'"),
         (["--task", "paint", "--out", "x.jsonl"], "unknown --task paint"),
         (["--task", "caption", "--out", "x.csv"], "name a .jsonl or .parquet file"),
-        (["--task", "caption", "--out", "x.jsonl", "--batch-size", "0"], "--batch-size 0 must be"),
+        (
+            ["--task", "caption", "--out", "x.jsonl", "--batch-size", "0"],
+            "--batch-size must be a whole number ≥ 1, got 0",
+        ),
         (["--task", "caption", "--out", "x.jsonl", "--resume", "--force"], "--resume or --force"),
         (["--task", "caption", "--detail", "huge", "--out", "x.jsonl"], "unknown caption detail"),
         (["--task", "caption", "--out", "x.jsonl", "--max-tokens", "0"], "max"),
@@ -488,15 +491,19 @@ def test_raw_prompts_and_the_progress_bar(
     assert {r["task"] for r in rows} == {"generate"} and {r["prompt"] for r in rows} == {"caption en"}
 
 
-def test_locate_runs_each_images_own_labels_in_one_batch(folder: Path, vlm: VLMo) -> None:
+def test_run_answers_each_images_own_prompt_in_one_batch(folder: Path, vlm: VLMo) -> None:
+    """`VLMo.run` with lists: every image its own prompt, any task, as one batch (what manifest rows need)."""
     from vlmo import tasks
 
     images = [str(folder / f"scene-0{n}.png") for n in (1, 2, 4)]  # a square; two circles; square, triangle, circle
     labels = ["square", "circle ; triangle", "triangle"]
-    found = vlm.locate(images, [tasks.detect(lab) for lab in labels])
-    assert found == [vlm.detect(im, lab) for im, lab in zip(images, labels, strict=True)]
-    assert [len(f) for f in found] == [1, 2, 1]
-    with pytest.raises(InputError, match="one task"):
-        vlm.locate(images[:2], [tasks.detect("circle"), tasks.segment("circle")])
-    with pytest.raises(InputError, match="same length"):
-        vlm.locate(images, [tasks.detect("circle")])
+    answers = vlm.run(images, [tasks.detect(lab) for lab in labels])
+    assert isinstance(answers, list)
+    assert [a.objects for a in answers] == [vlm.detect(im, lab) for im, lab in zip(images, labels, strict=True)]
+    assert [len(a.objects or []) for a in answers] == [1, 2, 1]
+    mixed = vlm.run(images[:2], [tasks.detect("circle"), tasks.prompt("caption")])
+    assert isinstance(mixed, list)
+    assert mixed[0].objects == vlm.detect(images[0], "circle") and mixed[1].text == vlm.caption(images[1])
+    assert mixed[1].payload() == {"task": "caption", "text": mixed[1].text}
+    with pytest.raises(InputError, match="3 images but 2 prompts"):
+        vlm.run(images, [tasks.detect("circle")] * 2)

@@ -17,33 +17,40 @@ from typer.testing import CliRunner
 from batch_scenes import LABELS, MODEL, scene_ids, write_scene_folder
 from vlmo import VLMo
 from vlmo.batch.inputs import list_inputs
+from vlmo.batch.ray_data import RayOptions, read_shards, run_ray
 from vlmo.batch.runner import BatchJob, run
 from vlmo.cli.commands import app
 
-ray = pytest.importorskip("ray")
-pytest.importorskip("ray.data")
-pytest.importorskip("pyarrow")
-
-from vlmo.batch.ray_data import RayOptions, read_shards, run_ray  # noqa: E402 - needs Ray
+# Each test starts a local Ray (seconds) and runs the whole folder on it: both are slow (`make test-slow`).
+pytestmark = pytest.mark.slow
 
 WORKER_TITLE = b"ray::MapWorker(MapBatches(_Worker))"  # what Ray names an actor's process
+SCENES = 60  # enough batches that a worker killed a second into the job dies in the middle of it
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray() -> Any:
+    """Ray with Ray Data, and pyarrow: imported when these tests run, not when the default run collects them."""
+    pytest.importorskip("ray.data")
+    pytest.importorskip("pyarrow")
+    return pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_scene_folder(tmp_path_factory.mktemp("batch") / "scenes")
+    return write_scene_folder(tmp_path_factory.mktemp("batch") / "scenes", SCENES)
 
 
 @pytest.fixture(scope="module")
-def vlm() -> VLMo:
-    return VLMo.from_pretrained("vlmo/shapes", quantize="none")
+def vlm(shapes_float32: VLMo) -> VLMo:
+    return shapes_float32  # conftest.py: loaded once, shared with test_batch.py
 
 
 def by_id(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: row["id"])
 
 
-def test_ray_rows_equal_the_single_process_rows(folder: Path, vlm: VLMo, tmp_path: Path) -> None:
+def test_ray_rows_equal_the_single_process_rows(folder: Path, vlm: VLMo, ray: Any, tmp_path: Path) -> None:
     """The CLI starts (and stops) a local Ray itself: 2 workers, JSON Lines shards in a folder."""
     out = tmp_path / "captions.jsonl"
     args = ["batch", str(folder), "--task", "caption", "--out", str(out), "--ray", "--num-workers", "2", *MODEL]
@@ -53,7 +60,7 @@ def test_ray_rows_equal_the_single_process_rows(folder: Path, vlm: VLMo, tmp_pat
     assert not ray.is_initialized()
     assert out.is_dir() and {p.suffix for p in out.iterdir()} == {".jsonl"}
     rows = read_shards(out)
-    assert sorted(row["id"] for row in rows) == scene_ids()  # exactly one row per input
+    assert sorted(row["id"] for row in rows) == scene_ids(SCENES)  # exactly one row per input
     assert by_id(rows) == list(run(vlm, folder, task="caption"))
     again = CliRunner().invoke(app, args, prog_name="vlmo")
     assert again.exit_code == 2 and "--resume" in again.stderr  # shards are not mixed with another run's
@@ -107,8 +114,8 @@ def test_a_killed_worker_still_gives_every_input_exactly_one_row(folder: Path, v
         killer.join(timeout=5)
     assert killed.get("during_run"), "no worker was killed while the job ran"
     rows = read_shards(out)
-    ids = [row["id"] for row in rows]
-    assert len(ids) == len(scene_ids()) and sorted(ids) == scene_ids()  # counted: no duplicates, none missing
+    ids, expected = [row["id"] for row in rows], scene_ids(SCENES)
+    assert len(ids) == len(expected) and sorted(ids) == expected  # counted: no duplicates, none missing
     assert summary.rows == len(rows) and summary.errors == 3
     reference = list(run(vlm, folder, task="detect", labels=LABELS))
     assert by_id(rows) == reference

@@ -328,7 +328,7 @@ def test_bad_image_is_caught_before_the_model_loads(images: dict[str, Path], tmp
         (["--sample", "--temperature", "0"], "temperature"),
         (["--top-p", "2"], "top_p"),
         (["--top-k", "-1"], "top_k"),
-        (["--max-tokens", "0"], "max_new_tokens"),
+        (["--max-tokens", "0"], "--max-tokens must be a whole number ≥ 1, got 0"),
     ],
 )
 def test_invalid_sampling_is_a_usage_error_before_loading(

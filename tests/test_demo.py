@@ -132,6 +132,7 @@ def test_vision_pretraining_trains_the_tower_only(tmp_path: Path) -> None:
     VLMo.from_pretrained(tmp_path / "vision", device="cpu", quantize="none")  # a complete checkpoint
 
 
+@pytest.mark.slow  # the whole recipe, 8 stages twice over
 def test_recipe_runs_every_stage_and_resumes_without_redoing_them(tmp_path: Path) -> None:
     from vlmo import VLMo
     from vlmo.demo.train import DemoSpec, Recipe, train
@@ -349,14 +350,6 @@ def test_built_in_name_resolves_to_the_package_without_the_hub(offline: None) ->
 # -- the shipped model -------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shapes_model():  # noqa: ANN201 - a VLMo
-    from vlmo import VLMo
-
-    torch.set_num_threads(2)
-    return VLMo.from_pretrained(MODEL_DIR, device="cpu")
-
-
 def test_shipped_model_loads_offline_in_float32(offline: None) -> None:
     from vlmo import VLMo
 
@@ -364,7 +357,7 @@ def test_shipped_model_loads_offline_in_float32(offline: None) -> None:
     assert vlm.source == MODEL_DIR and vlm.dtype == torch.float32
 
 
-def test_shipped_model_answers_generated_images(shapes_model) -> None:  # noqa: ANN001
+def test_shipped_model_answers_generated_images(shapes_int8) -> None:  # noqa: ANN001
     """Every question type on 8 fixed scenes (count, colour, caption, yes/no; about 130 questions), in vlmo's CPU
     default mode (int8). Held out, the shipped model gets 96–100 % of each type right (docs/demo-model.md); the
     floors here leave room for a stray miss, and chance is far below them."""
@@ -373,7 +366,7 @@ def test_shipped_model_answers_generated_images(shapes_model) -> None:  # noqa: 
     for i in range(8):
         scene = make_scene("test", i, size=(224, 224) if i % 2 else (300, 180))
         examples = [e for e in task_examples(scene) if e.kind != "detect"]
-        answers = shapes_model.generate(render(scene), [e.prefix for e in examples], max_new_tokens=24)
+        answers = shapes_int8.generate(render(scene), [e.prefix for e in examples], max_new_tokens=24)
         for example, answer in zip(examples, answers, strict=True):
             right[example.kind] = right.get(example.kind, 0) + (answer == example.suffix)
             asked[example.kind] = asked.get(example.kind, 0) + 1
@@ -382,7 +375,7 @@ def test_shipped_model_answers_generated_images(shapes_model) -> None:  # noqa: 
     assert right["color"] >= asked["color"] - 1 and right["exists"] >= 88, (right, asked)
 
 
-def test_shipped_model_detects_shapes(shapes_model) -> None:  # noqa: ANN001
+def test_shipped_model_detects_shapes(shapes_int8) -> None:  # noqa: ANN001
     """Boxes in pixels of the original image, square and not, for prompts naming one, two or all three kinds in
     scrambled orders: hits at IoU ≥ 0.5 and how tight they are."""
     rng = random.Random(0)
@@ -392,7 +385,7 @@ def test_shipped_model_detects_shapes(shapes_model) -> None:  # noqa: ANN001
         scene = make_scene("test-detect", i, size=size, num_shapes=2 + i % 2)
         prompts = [[kind] for kind in SHAPES] + [rng.sample(SHAPES, 2) for _ in range(2)] + [rng.sample(SHAPES, 3)]
         for kinds in prompts:
-            found = shapes_model.detect(render(scene), kinds)
+            found = shapes_int8.detect(render(scene), kinds)
             assert {d.label for d in found} <= set(kinds)
             as_text = encode_boxes([d.box for d in found], [d.label for d in found], (scene.width, scene.height))
             matches = match_detections(as_text, scene, kinds)
@@ -454,6 +447,7 @@ def test_cli_detects_the_readme_example_as_the_readme_shows(offline: None, tmp_p
         assert sum(x != y for x, y in zip(a, b, strict=True)) <= 0.02 * len(a)
 
 
+@pytest.mark.slow  # a detached recipe with two worker processes, trained until killed
 def test_sigterm_stops_the_recipe_and_its_worker_processes(tmp_path: Path) -> None:
     """`kill` on `python -m vlmo.demo.train` must not leave its data-parallel workers training on alone (they are
     separate processes, which a signal to the parent alone does not reach). Started in the background as a user

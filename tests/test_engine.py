@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import gaussian_noise
 from vlmo import VLMo, tasks
 from vlmo.engine.worker import Cancelled, Engine, EngineStopped, Finished, Piece, QueueFull
-from vlmo.errors import GenerationConfigError, InputError
+from vlmo.errors import GenerationConfigError, InputError, VlmoError
 from vlmo.nn.paligemma import regroup
 
 needs_fbgemm = pytest.mark.skipif(
@@ -109,7 +109,7 @@ def test_events_usage_and_finish_reasons(taught_checkpoint: Path) -> None:
     assert "".join(e.text for e in stopped[:-1]) == "a red"  # nothing past the stop string was ever streamed
 
     detection = engine.submit(red, tasks.detect("cat ; dog")).result()
-    assert vlm.parse_located("detect", detection.text, red.size, detection.ended) == vlm.detect(red, "cat ; dog")
+    assert vlm.answer(tasks.detect("cat ; dog"), detection, red.size).objects == vlm.detect(red, "cat ; dog")
     engine.shutdown()
 
 
@@ -138,7 +138,7 @@ def test_bad_requests_are_refused_before_they_wait(tiny_checkpoint: Path) -> Non
         engine.submit(image, tasks.raw("caption en"), {"max_new_tokens": 10**6})
     with pytest.raises(InputError, match="PIL image"):
         engine.submit(b"bytes", tasks.raw("caption en"))  # type: ignore[arg-type]
-    with pytest.raises(InputError, match="stop strings"):
+    with pytest.raises(GenerationConfigError, match="stop must be a non-empty string"):
         engine.submit(image, tasks.raw("caption en"), stop=[""])
     with pytest.raises(InputError, match="max_batch_size"):
         Engine(vlm, max_batch_size=0)
@@ -248,3 +248,31 @@ def test_regroup_keeps_each_rows_keys_right_aligned(tiny_checkpoint: Path) -> No
     assert int(merged.key_valid[0].sum()) == span_a and int(merged.key_valid[1].sum()) == span_b1
     assert torch.equal(merged.cache.k[:, 1, :, end - span_b1 : end], b.cache.k[:, 1, :, b.length - span_b1 : b.length])
     assert torch.equal(merged.next_pos, torch.stack([a.next_pos[0], b.next_pos[1]]))
+
+
+def test_an_error_sampling_one_row_fails_that_row_alone(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row whose sampler fails (here made to raise) gets its error; the rows beside it, greedy or sampled, go on
+    and answer as they do alone."""
+    import vlmo.engine.scheduler as scheduler
+
+    vlm = VLMo.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32")
+    image = IMAGES[0]()
+    alone = vlm.generate(image, "caption en", max_new_tokens=6)
+    real = scheduler.select_next
+
+    def failing(logits: torch.Tensor, cfg: object, generator: object) -> torch.Tensor:
+        if getattr(cfg, "top_k", 0) == 3:  # the row to break
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(logits, cfg, generator)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(scheduler, "select_next", failing)
+    engine = Engine(vlm, max_batch_size=3)
+    bad = engine.submit(image, tasks.raw("caption en"), {"max_new_tokens": 6, "do_sample": True, "top_k": 3})
+    greedy = engine.submit(image, tasks.raw("caption en"), {"max_new_tokens": 6})
+    sampled = engine.submit(image, tasks.raw("caption en"), {"max_new_tokens": 6, "do_sample": True, "seed": 1})
+    engine.start()
+    with pytest.raises(VlmoError, match="generation failed: RuntimeError: probability tensor"):
+        bad.result()
+    assert greedy.result().text == alone
+    assert sampled.result().text == vlm.generate(image, "caption en", max_new_tokens=6, do_sample=True, seed=1)
+    engine.shutdown()

@@ -94,6 +94,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two processes under torchrun
 def test_two_process_ddp_equals_one_process_with_the_same_global_batch(
     tiny_checkpoint: Path, vqa: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -132,16 +133,18 @@ def test_warmup_then_cosine() -> None:
 @pytest.mark.parametrize(
     ("kw", "words"),
     [
-        ({"train": ("everything",)}, "--train"),
-        ({"steps": 0}, "steps"),
-        ({"vqa_questions": "q.json"}, "--data"),  # both kinds of data files
-        ({"data": None, "vqa_questions": "q.json"}, "--vqa-annotations"),  # half the VQAv2 layout
+        ({"train": ("everything",)}, "^train must list some of lora, projector, attention, full; got everything"),
+        ({"steps": 0}, "^steps must be a whole number ≥ 1, got 0$"),
+        ({"lora_r": 0}, "^lora_r must be a whole number ≥ 1, got 0$"),
+        ({"save_every": -1}, "^save_every must be a whole number ≥ 0, got -1$"),
+        ({"vqa_questions": "q.json"}, "either as data "),  # both kinds of data files
+        ({"data": None, "vqa_questions": "q.json"}, "vqa_annotations"),  # half the VQAv2 layout
         ({"lr": 0.0}, "lr"),
         ({"lr": float("nan")}, "lr must be a number > 0, got nan"),
         ({"lr": float("inf")}, "lr"),
         ({"max_grad_norm": float("nan")}, "max_grad_norm"),
         ({"weight_decay": float("nan")}, "weight_decay"),
-        ({"lora_dropout": 1.0}, "lora_dropout"),
+        ({"lora_dropout": 1.0}, "^lora_dropout must be a number ≥ 0 and < 1, got 1.0$"),
     ],
 )
 def test_config_errors(kw: dict, words: str, tmp_path: Path) -> None:
@@ -174,7 +177,7 @@ def test_finetune_trains_on_a_dataset_object(tiny_checkpoint: Path, tmp_path: Pa
 
 def test_finetune_needs_data_from_exactly_one_place(tiny_checkpoint: Path, tmp_path: Path) -> None:
     bare = FinetuneConfig(model=str(tiny_checkpoint), out=str(tmp_path / "run"))  # allowed: a dataset may come
-    with pytest.raises(InputError, match="--data FILE.jsonl"):
+    with pytest.raises(InputError, match=r"^give training data either as data \(a JSONL file\) or as all of vqa_"):
         finetune(bare)
     with pytest.raises(InputError, match="not both"):
         finetune(config(tiny_checkpoint, tmp_path / "x.jsonl", tmp_path / "run"), dataset=SolidColours())
@@ -341,6 +344,7 @@ def test_progress_shows_loss_learning_rate_and_speed(
     assert "loss" in err and "lr" in err and "samples/s" in err
 
 
+@pytest.mark.slow  # two processes under torchrun
 def test_two_process_fsdp_equals_one_process(tiny_checkpoint: Path, vqa: tuple[Path, Path], tmp_path: Path) -> None:
     from safetensors.torch import load_file as load
 
@@ -446,5 +450,5 @@ def test_cli_finetune_refuses_a_nan_learning_rate(tmp_path: Path) -> None:
 
     args = ["finetune", "--model", "vlmo/shapes", "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "run")]
     done = CliRunner().invoke(app, [*args, "--lr", "nan"])
-    assert done.exit_code == 2 and done.output.strip() == "error: lr must be a number > 0, got nan"
+    assert done.exit_code == 2 and done.output.strip() == "error: --lr must be a number > 0, got nan"
     assert not (tmp_path / "run").exists()

@@ -10,13 +10,14 @@ import torch
 from PIL import Image
 
 from vlmo import SamplingConfig, VLMo
+from vlmo.engine.scheduler import Collector, Finished, Scheduler
 from vlmo.errors import GenerationConfigError, InputError
-from vlmo.generation import generate_steps, select_next
+from vlmo.generation import select_next
 
 
 @pytest.fixture(scope="module")
-def vlm(tiny_checkpoints: dict[str, Path]) -> VLMo:
-    return VLMo.from_pretrained(tiny_checkpoints["gqa"], device="cpu", dtype="float32")
+def vlm(tiny_float32: VLMo) -> VLMo:
+    return tiny_float32  # conftest.py: loaded once, shared with test_model_details.py
 
 
 def picture(seed: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
@@ -99,29 +100,76 @@ def test_select_next_applies_top_k_then_temperature_then_top_p() -> None:
     assert int(select_next(logits, SamplingConfig(), None)) == 0
 
 
-def generate_ids(*args: object) -> list[torch.Tensor]:
-    """The tokens of `generate_steps`, step by step."""
-    return [tokens for tokens, _ in generate_steps(*args)]  # type: ignore[arg-type]
+def run_rows(
+    vlm: VLMo, prompts: list[str], images: list[object], max_new_tokens: int, eos: set[int] | None = None
+) -> tuple[list[Finished], list[list[int]]]:
+    """The engine's loop (`Scheduler`) over rows that all join at once: each row's end and its token ids."""
+    from vlmo import tasks
+
+    scheduler = Scheduler(vlm, max_batch_size=len(prompts))
+    if eos is not None:
+        scheduler._eos = frozenset(eos)
+    sinks = [Collector() for _ in prompts]
+    requests = [
+        scheduler.request(im, tasks.raw(p), {"max_new_tokens": max_new_tokens}, sink)  # type: ignore[arg-type]
+        for p, im, sink in zip(prompts, images, sinks, strict=True)
+    ]
+    ids: dict[int, list[int]] = {}
+    detokenize = vlm.detokenize
+
+    def spy(row_ids: list[int]) -> str:  # the scheduler decodes each row's ids after every token
+        ids[id(row_ids)] = list(row_ids)
+        return detokenize(row_ids)
+
+    vlm.detokenize = spy  # type: ignore[method-assign]
+    try:
+        scheduler.step(requests)
+        while scheduler.running:
+            scheduler.step()
+    finally:
+        del vlm.detokenize
+    return [sink.finished() for sink in sinks], list(ids.values())
 
 
 def test_max_new_tokens_and_eos_stop(vlm: VLMo) -> None:
-    batch = vlm.text.encode(["caption en"])
-    feats = vlm.encode_images([picture(2)])
-    cfg = SamplingConfig(max_new_tokens=9)
-    steps = list(generate_ids(vlm.model, batch.input_ids, batch.attention_mask, feats, cfg, [1], 0))
-    assert len(steps) == 9
+    (end,), (ids,) = run_rows(vlm, ["caption en"], [picture(2)], 9)
+    assert (end.finish_reason, end.ended, end.completion_tokens, len(ids)) == ("length", False, 9, 9)
     # Declare the 4th greedy token an end-of-sequence token: generation must stop right there.
-    stop = int(steps[3][0])
-    assert stop not in {int(s[0]) for s in steps[:3]}, "pick a prompt whose 4th token is new"
-    stopped = list(generate_ids(vlm.model, batch.input_ids, batch.attention_mask, feats, cfg, [stop], 0))
-    assert [int(s[0]) for s in stopped] == [int(s[0]) for s in steps[:4]]
-    # In a batch, a finished row yields padding while the others go on.
-    batch2 = vlm.text.encode(["caption en", "ocr"])
-    feats2 = vlm.encode_images([picture(2), picture(3)])
-    rows = torch.stack(list(generate_ids(vlm.model, batch2.input_ids, batch2.attention_mask, feats2, cfg, [stop], 0)))
-    first = rows[:, 0].tolist()
-    assert first[: first.index(stop) + 1] == [int(s[0]) for s in steps[:4]]
-    assert all(t == 0 for t in first[first.index(stop) + 1 :])
+    stop = ids[3]
+    assert stop not in ids[:3], "pick a prompt whose 4th token is new"
+    (end,), (stopped,) = run_rows(vlm, ["caption en"], [picture(2)], 9, eos={stop})
+    assert stopped == ids[:3] and (end.finish_reason, end.ended, end.completion_tokens) == ("stop", True, 4)
+    assert end.text == vlm.detokenize(ids[:3])
+    # In a batch, a finished row leaves while the other goes on to its own end.
+    ends, _ = run_rows(vlm, ["caption en", "ocr"], [picture(2), picture(3)], 9, eos={stop})
+    assert ends[0].text == end.text and ends[0].ended
+    assert ends[1].completion_tokens >= 1
+
+
+def test_stop_strings_end_the_answer_and_are_not_shown(vlm: VLMo) -> None:
+    """`stop=` is a library option: the answer ends where a stop string first appears, without it, in generate,
+    stream and the task methods alike, and it is checked like the other options."""
+    full = vlm.generate(picture(4), "caption en", max_new_tokens=24)
+    assert len(full) > 4
+    stop = full[2:4]
+    cut = full[: full.index(stop)]
+    assert vlm.generate(picture(4), "caption en", max_new_tokens=24, stop=[stop, "never there"]) == cut
+    assert "".join(vlm.stream(picture(4), "caption en", max_new_tokens=24, stop=stop)) == cut
+    assert vlm.caption(picture(4), max_new_tokens=24, stop=[stop]) == vlm.generate(
+        picture(4), "caption en", max_new_tokens=24, stop=stop
+    )
+    for bad in ([""], [3], "", ["x"] * 17):
+        with pytest.raises(GenerationConfigError, match="stop"):
+            vlm.generate(picture(4), "caption en", stop=bad)  # type: ignore[arg-type]
+
+
+def test_a_misspelled_option_is_a_type_error_naming_the_nearest(vlm: VLMo) -> None:
+    with pytest.raises(TypeError, match="'max_new_token'.*did you mean 'max_new_tokens'"):
+        vlm.caption(picture(0), max_new_token=2)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="'temprature'.*'temperature'"):
+        vlm.generate(picture(0), "caption en", temprature=0.5)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="'stops'"):
+        list(vlm.stream(picture(0), "caption en", stops=["a"]))  # type: ignore[call-arg]
 
 
 def test_stream_pieces_concatenate_to_generate(vlm: VLMo) -> None:
@@ -265,12 +313,12 @@ def test_a_prompt_longer_than_the_context_is_refused_before_any_work(
             call()
         assert "\n" not in str(info.value) and "shorten" in str(info.value)
     assert (caches.count, vision.count) == (0, 0)
-    # generate_steps itself refuses when called, before allocating the cache
-    batch = short.text.encode([tasks_ask(question)])
-    feats = torch.zeros(1, short.model.cfg.num_image_tokens, short.model.cfg.text.hidden_size)
+    # the engine's loop itself refuses such a request when it is made, before it waits or runs
+    from vlmo import tasks
+
     with pytest.raises(InputError, match="positions"):
-        generate_steps(short.model, batch.input_ids, batch.attention_mask, feats, SamplingConfig(), [1], 0)
-    assert caches.count == 0
+        Scheduler(short).request(picture(0), tasks.ask(question), {"max_new_tokens": 1}, Collector())
+    assert (caches.count, vision.count) == (0, 0)
 
 
 def tasks_ask(question: str) -> str:
@@ -298,16 +346,6 @@ def test_the_largest_seed_works(vlm: VLMo) -> None:
 def test_closing_a_stream_stops_generation_at_once(vlm: VLMo, monkeypatch: pytest.MonkeyPatch) -> None:
     import inspect
 
-    import vlmo.api
-
-    made: list[object] = []
-    real_steps = vlmo.api.generate_steps
-
-    def recorded(*args: object, **kwargs: object) -> object:
-        made.append(real_steps(*args, **kwargs))  # type: ignore[arg-type]
-        return made[-1]
-
-    monkeypatch.setattr(vlmo.api, "generate_steps", recorded)
     decodes = Calls(monkeypatch, vlm.model, "decode")
     pieces = vlm.stream(picture(4), "caption en", max_new_tokens=200)
     first = [next(pieces), next(pieces)]
@@ -315,6 +353,8 @@ def test_closing_a_stream_stops_generation_at_once(vlm: VLMo, monkeypatch: pytes
     before = decodes.count
     assert before <= 4
     pieces.close()  # what Gradio does when the client has gone (GeneratorExit at the next yield)
-    (inner,) = made
-    assert inspect.getgeneratorstate(inner) == inspect.GEN_CLOSED  # type: ignore[arg-type]
+    assert inspect.getgeneratorstate(pieces) == inspect.GEN_CLOSED
+    assert decodes.count == before
+    with pytest.raises(StopIteration):
+        next(pieces)
     assert decodes.count == before

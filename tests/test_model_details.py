@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +16,8 @@ from vlmo.processing import ImageProcessorConfig, preprocess_images
 
 
 @pytest.fixture(scope="module")
-def vlm(tiny_checkpoints: dict[str, Path]) -> VLMo:
-    return VLMo.from_pretrained(tiny_checkpoints["gqa"], device="cpu", dtype="float32")
+def vlm(tiny_float32: VLMo) -> VLMo:
+    return tiny_float32  # conftest.py: loaded once, shared with test_generation.py
 
 
 def test_pixels_are_normalised_with_mean_and_std_one_half_not_imagenet() -> None:

@@ -231,12 +231,17 @@ def test_validation_errors_become_one_line() -> None:
 def test_settings_are_checked(tmp_path: Path) -> None:
     from vlmo.errors import InputError
 
-    with pytest.raises(InputError, match="--max-image-mb"):
+    # Python spellings here; the CLI's flags in test_serve_checks_its_options_before_loading
+    with pytest.raises(InputError, match="^max_image_mb must be a number > 0 and < 1000000, got 0$"):
         ServerSettings(model_name="m", max_image_mb=0)
-    with pytest.raises(InputError, match="--allowed-local-media-path"):
+    with pytest.raises(InputError, match="^allowed_local_media_path must be an existing folder"):
         ServerSettings(model_name="m", allowed_local_media_path=tmp_path / "none")
-    with pytest.raises(InputError, match="--api-key"):
+    with pytest.raises(InputError, match="^api_key is empty"):
         ServerSettings(model_name="m", api_key=" ")
+    with pytest.raises(InputError, match="^no such file for mask_decoder: "):
+        ServerSettings(model_name="m", mask_decoder=tmp_path / "none.npz")
+    with pytest.raises(InputError, match="^remote_timeout must be a number > 0 and < 3600, got 0$"):
+        ServerSettings(model_name="m", remote_timeout=0)
     settings = ServerSettings(model_name="m", max_image_mb=3)
     assert settings.max_image_bytes == 3 * 1024 * 1024 and settings.max_body_bytes > 4 * 1024 * 1024
 
@@ -255,13 +260,13 @@ def test_serve_without_the_extra_says_what_to_install(monkeypatch: pytest.Monkey
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        (["--max-image-mb", "0"], "--max-image-mb"),
-        (["--max-batch-size", "0"], "--max-batch-size"),
-        (["--max-queue", "0"], "--max-queue"),
+        (["--max-image-mb", "0"], "--max-image-mb must be a number > 0 and < 1000000, got 0.0"),
+        (["--max-batch-size", "0"], "--max-batch-size must be a whole number ≥ 1, got 0"),
+        (["--max-queue", "0"], "--max-queue must be a whole number ≥ 1, got 0"),
         (["--allowed-local-media-path", "/no/such/folder"], "--allowed-local-media-path"),
-        (["--mask-decoder", "/no/such/file.npz"], "--mask-decoder"),
-        (["--port", "70000"], "--port"),
-        (["--shutdown-timeout", "-1"], "--shutdown-timeout"),
+        (["--mask-decoder", "/no/such/file.npz"], "no such file for --mask-decoder: /no/such/file.npz"),
+        (["--port", "70000"], "--port must be a whole number from 1 to 65535, got 70000"),
+        (["--shutdown-timeout", "-1"], "--shutdown-timeout must be a number ≥ 0 and < 86400, got -1.0"),
     ],
 )
 def test_serve_checks_its_options_before_loading(args: list[str], words: str) -> None:

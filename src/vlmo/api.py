@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Generator, Sequence
-from contextlib import closing
+from collections.abc import Generator, Sequence
 from pathlib import Path
-from typing import Literal, TypeVar, overload
+from typing import Any, TypeVar, overload
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -31,17 +30,10 @@ from PIL import Image
 from vlmo import tasks
 from vlmo.detection import Detection, parse_detections
 from vlmo.engine.features import FeatureCache
+from vlmo.engine.scheduler import Collector, Finished, Request, Scheduler
 from vlmo.errors import InputError
-from vlmo.generation import (
-    GenerateOptions,
-    SamplingConfig,
-    Steps,
-    check_token_budget,
-    drain,
-    generate_steps,
-    make_generator,
-)
-from vlmo.nn.paligemma import PaliGemma
+from vlmo.generation import GenerateOptions, drain
+from vlmo.nn.paligemma import DecodeState, PaliGemma
 from vlmo.nn.vqvae import VQVAEDecoder
 from vlmo.processing import (
     EncodedBatch,
@@ -52,7 +44,7 @@ from vlmo.processing import (
     preprocess_images,
 )
 from vlmo.segmentation import Segmentation, parse_segmentations
-from vlmo.tasks import CaptionDetail, Prompt
+from vlmo.tasks import Answer, CaptionDetail, Prompt
 from vlmo.weights.devices import DTypeName, resolve_device, resolve_dtype
 from vlmo.weights.hub import resolve_model
 from vlmo.weights.policy import choose_quantization, load_for_inference, load_processors
@@ -60,8 +52,6 @@ from vlmo.weights.prepared import source_name
 
 T = TypeVar("T")
 PromptInput = str | Prompt
-# What generation yields to its caller each step (every row's new token, whether it continues the row's text).
-RowSteps = Generator[tuple[list[int], list[bool]], None, None]
 
 
 class VLMo:
@@ -143,6 +133,41 @@ class VLMo:
 
         return is_quantized(self.model)
 
+    # -- what the engine's loop uses (`vlmo.engine.scheduler`) ---------------------------------------------------
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        """The token ids that end an answer: the config's and the tokenizer's `<eos>`."""
+        return frozenset(self.model.cfg.eos_token_ids) | {self.text.eos_id}
+
+    @property
+    def context_length(self) -> int:
+        """Positions the decoder can attend over: prompt (image tokens included) + new tokens must fit."""
+        return self.model.cfg.text.max_position_embeddings
+
+    def prompt_length(self, prompt: str) -> int:
+        """Positions `prompt` takes, its image tokens included (what the token budget counts)."""
+        return int(self.text.encode([prompt]).input_ids.shape[1])
+
+    def tokenize(self, prompts: Sequence[str]) -> EncodedBatch:
+        """Prompts → left-padded token ids with their `<image>` slots (`processing.TextProcessor.encode`)."""
+        return self.text.encode(list(prompts))
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Generated token ids → text, special tokens skipped."""
+        return self.text.decode(ids)
+
+    def prefill(self, batch: EncodedBatch, features: torch.Tensor, room: int) -> tuple[torch.Tensor, DecodeState]:
+        """The prompts through the decoder into a new cache with `room` slots to spare: the last position's logits
+        dt[B, V] and the state `decode` continues from. `features`: dt[B, N, D] (`encode_images`)."""
+        cache = self.model.new_cache(batch.input_ids.shape[0], batch.input_ids.shape[1] + room)
+        ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+        return self.model.prefill(ids, features, mask, cache)
+
+    def decode(self, tokens: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """One token per row int64[B] → next logits dt[B, V]; the cache in `state` grows by one slot."""
+        return self.model.decode(tokens, state)
+
     # -- generation ------------------------------------------------------------------------------------------
 
     @overload
@@ -168,10 +193,11 @@ class VLMo:
         `image` is a path, encoded bytes or a PIL image. Lists of images and prompts of equal length run as one
         batch and return a list; one image with several prompts (or one prompt for several images) is broadcast,
         and the image is encoded once. Greedy by default; `do_sample` with temperature/top_k/top_p and a `seed`
-        for reproducible sampling. Stops at `<eos>` or after `max_new_tokens` (default: the task's, 64 for text).
+        for reproducible sampling (row i of a batch samples as it would alone with seed + i). Stops at `<eos>`, at
+        the first of the `stop` strings, or after `max_new_tokens` (default: each prompt's task's, 64 for text).
         """
         images, prompts, batched = _pair_up(image, prompt)
-        texts = [text for text, _ in self._run(images, prompts, options)]
+        texts = [end.text for end in drain(self._finish_steps(images, prompts, options))]
         return texts if batched else texts[0]
 
     def stream(
@@ -185,38 +211,114 @@ class VLMo:
         """Like `generate` for one image and prompt, but yields pieces of text as tokens arrive.
 
         The pieces concatenate to exactly what `generate` returns. A piece is held back while it ends inside a
-        multi-byte character (byte-fallback tokens). Bad options or input raise here, before the first piece.
-        `image_features`: dt[1, N, D], this image's `encode_images([image])` result, kept by a caller that asks
-        several things about one image; the vision tower is then skipped (and `image` is not read again).
-        Closing the generator (as a server does when its client has gone) stops generation at once.
+        multi-byte character (byte-fallback tokens) or may begin a `stop` string. Bad options or input raise here,
+        before the first piece. `image_features`: dt[1, N, D], this image's `encode_images([image])` result, kept by
+        a caller that asks several things about one image; the vision tower is then skipped (and `image` is not
+        read again). Closing the generator (as a server does when its client has gone) stops generation at once.
         """
         if not isinstance(prompt, str | Prompt):
             raise InputError("stream takes one prompt; use generate for several")
         (task,) = _prompts(prompt)
-        cfg = SamplingConfig.from_options(options, task.max_new_tokens)
-        batch = self._encode([task.text], cfg)
-        features = self._features([image], image_features, 1)
-        return self._pieces(self._steps(features, batch, cfg, options.get("seed")))
+        scheduler = Scheduler(self, max_batch_size=1)
+        sink = Collector()
+        features = None if image_features is None else self._check_features(image_features)
+        request = scheduler.request(None, task, options, sink, features=features)
+        if features is None:
+            request.image = load_image(image)
+        return self._pieces(scheduler, request, sink)
 
-    def _pieces(self, steps: RowSteps) -> Generator[str, None, None]:
-        """Text pieces as tokens arrive; closing this generator closes `steps`, so generation stops at once."""
-        ids: list[int] = []
-        shown = ""
-        with closing(steps):
-            for tokens, live in steps:
-                if live[0]:
-                    ids.append(tokens[0])
-                text = self.text.decode(ids)
-                if text.endswith("\ufffd") or not text.startswith(shown):
-                    continue
-                if len(text) > len(shown):
-                    yield text[len(shown) :]
-                    shown = text
-        text = self.text.decode(ids)
-        if text.startswith(shown) and len(text) > len(shown):
-            yield text[len(shown) :]
+    @staticmethod
+    def _pieces(scheduler: Scheduler, request: Request, sink: Collector) -> Generator[str, None, None]:
+        """The engine's loop for one request, in this thread: its pieces as they arrive. Closing this generator
+        simply stops stepping, so no further token is computed."""
+        scheduler.step([request])
+        yield from sink.take()
+        while scheduler.running:
+            scheduler.step()
+            yield from sink.take()
+        sink.finished()  # raises the request's error, if it failed
 
-    # -- tasks (prompts and payloads: `vlmo.tasks`) ----------------------------------------------------------
+    # -- any task (prompts and payloads: `vlmo.tasks`) -------------------------------------------------------
+
+    @overload
+    def run(
+        self,
+        image: ImageInput,
+        prompt: Prompt,
+        *,
+        mask_decoder: str | os.PathLike[str] | None = None,
+        **options: Unpack[GenerateOptions],
+    ) -> Answer: ...
+
+    @overload
+    def run(
+        self,
+        image: ImageInput | Sequence[ImageInput],
+        prompt: Prompt | Sequence[Prompt],
+        *,
+        mask_decoder: str | os.PathLike[str] | None = None,
+        **options: Unpack[GenerateOptions],
+    ) -> Answer | list[Answer]: ...
+
+    def run(
+        self,
+        image: ImageInput | Sequence[ImageInput],
+        prompt: Prompt | Sequence[Prompt],
+        *,
+        mask_decoder: str | os.PathLike[str] | None = None,
+        **options: Unpack[GenerateOptions],
+    ) -> Answer | list[Answer]:
+        """Answer any task's prompt (`tasks.prompt(task, …)`, `tasks.ask(…)`, …) about an image: the text, and for
+        detect / segment the objects in the image's pixels (`tasks.Answer`; `.payload()` is its JSON). The one
+        method every face calls, whatever the task.
+
+        Lists run as one batch, each image with its own prompt (of any task: a manifest whose rows carry their own
+        labels), and return a list; one image with several prompts is encoded once, as in `generate`.
+        """
+        return drain(self.run_steps(image, prompt, mask_decoder=mask_decoder, **options))
+
+    def run_steps(
+        self,
+        image: ImageInput | Sequence[ImageInput],
+        prompt: Prompt | Sequence[Prompt],
+        *,
+        mask_decoder: str | os.PathLike[str] | None = None,
+        **options: Unpack[GenerateOptions],
+    ) -> Generator[None, None, Answer | list[Answer]]:
+        """`run` one generated token at a time: yields None after each step and returns what `run` returns (as the
+        generator's return value). For a caller that must be able to stop midway (the app, a server whose client
+        has gone): closing the generator stops generation at once."""
+        images, prompts, batched = _pair_up(image, prompt)
+        if not all(isinstance(p, Prompt) for p in (prompt if isinstance(prompt, list | tuple) else [prompt])):
+            raise InputError("run takes vlmo.tasks.Prompt objects (tasks.prompt(task, ...)); use generate for text")
+        if any(p.task == "segment" for p in prompts):
+            self.mask_decoder(mask_decoder)  # a decoder it cannot have is an error before any generation
+        loaded = [load_image(im) for im in images]
+        loaded = loaded * len(prompts) if len(loaded) == 1 else loaded
+        ends = yield from self._finish_steps(loaded, prompts, options)
+        answers = [
+            self.answer(p, end, im.size, mask_decoder=mask_decoder)
+            for im, p, end in zip(loaded, prompts, ends, strict=True)
+        ]
+        return answers if batched else answers[0]
+
+    def answer(
+        self,
+        prompt: Prompt,
+        end: Finished,
+        size: tuple[int, int],
+        *,
+        mask_decoder: str | os.PathLike[str] | None = None,
+    ) -> Answer:
+        """The `Answer` to `prompt` from the engine's `Finished` event, for an image of `size` (w, h): a located
+        task's objects parsed in its pixels (when `<eos>` did not end the answer, the last object may be cut short
+        and is dropped). For callers that drive the engine themselves (the server, `vlmo batch`)."""
+        objects: list[Detection] | list[Segmentation] | None = None
+        if prompt.task == "detect":
+            objects = _drop_cut(parse_detections(end.text, size), end.ended)
+        elif prompt.task == "segment":
+            objects = _drop_cut(parse_segmentations(end.text, size, self.mask_decoder(mask_decoder)), end.ended)
+        return Answer(prompt, end.text, size, end.finish_reason, objects)
 
     def ask(
         self,
@@ -283,7 +385,8 @@ class VLMo:
         """`detect` one generated token at a time: yields None after each token and returns what `detect` returns
         (as the generator's return value). For a caller that must be able to stop midway, such as a server whose
         client has gone: closing the generator stops generation at once."""
-        return (yield from self._locate(image, tasks.detect(labels), options, parse_detections))
+        found = yield from self._locate(image, tasks.detect(labels), None, options)
+        return found
 
     @overload
     def segment(
@@ -331,9 +434,9 @@ class VLMo:
     ) -> Generator[None, None, list[Segmentation] | list[list[Segmentation]]]:
         """`segment` one generated token at a time, as `detect_steps` is `detect`: closing it stops generation."""
         prompt = tasks.segment(labels)
-        decoder = self.mask_decoder(mask_decoder)
-        parse = lambda text, size: parse_segmentations(text, size, decoder)  # noqa: E731
-        return (yield from self._locate(image, prompt, options, parse))
+        self.mask_decoder(mask_decoder)
+        found = yield from self._locate(image, prompt, mask_decoder, options)
+        return found
 
     def mask_decoder(self, mask_decoder: str | os.PathLike[str] | None = None) -> VQVAEDecoder:
         """The VQ-VAE mask decoder `segment` uses (a local `vae-oid.npz` / .safetensors, or None for the default,
@@ -346,134 +449,58 @@ class VLMo:
             self._mask_decoders[key] = load_mask_decoder(mask_decoder)
         return self._mask_decoders[key]
 
-    def parse_located(
-        self,
-        task: Literal["detect", "segment"],
-        text: str,
-        size: tuple[int, int],
-        ended: bool,
-        *,
-        mask_decoder: str | os.PathLike[str] | None = None,
-    ) -> list[Detection] | list[Segmentation]:
-        """A `detect` / `segment` answer's objects, as `detect` and `segment` return them, for a caller that ran
-        the generation itself (the server's engine): `text` is the generated answer for an image of `size`
-        (w, h) in pixels, `ended` whether `<eos>` ended it. When it did not, the last object may be cut short and
-        is dropped, as `detect` does."""
-        if task == "detect":
-            return _drop_cut(parse_detections(text, size), ended)
-        if task == "segment":
-            return _drop_cut(parse_segmentations(text, size, self.mask_decoder(mask_decoder)), ended)
-        raise InputError(f"parse_located takes task 'detect' or 'segment', got {task!r}")
-
-    def locate(
-        self,
-        images: Sequence[ImageInput],
-        prompts: Sequence[Prompt],
-        *,
-        mask_decoder: str | os.PathLike[str] | None = None,
-        **options: Unpack[GenerateOptions],
-    ) -> list[list[Detection]] | list[list[Segmentation]]:
-        """`detect` or `segment` for a batch in which every image has its own labels, run as one padded batch.
-
-        `prompts`: one `tasks.detect(...)` per image, or one `tasks.segment(...)` per image (one task per call).
-        Returns a list of objects per image, as `detect` / `segment` do for a list of images. For callers whose
-        rows carry their own labels, such as `vlmo batch` reading a manifest.
-        """
-        kinds = {p.task if isinstance(p, Prompt) else None for p in prompts}
-        if kinds not in ({"detect"}, {"segment"}):
-            raise InputError("locate takes one task's prompts: a list of tasks.detect(...) or of tasks.segment(...)")
-        if not isinstance(images, list | tuple) or len(images) != len(prompts):
-            raise InputError("locate takes a list of images and a list of prompts of the same length")
-        # A list of images in, so a list per image out (`_locate`'s other case, one image, cannot happen here).
-        if kinds == {"detect"}:
-            detections = drain(self._locate(list(images), list(prompts), options, parse_detections))
-            return detections  # type: ignore[return-value]
-        decoder = self.mask_decoder(mask_decoder)
-        parse = lambda text, size: parse_segmentations(text, size, decoder)  # noqa: E731
-        segmentations = drain(self._locate(list(images), list(prompts), options, parse))
-        return segmentations  # type: ignore[return-value]
-
     def _locate(
         self,
         image: ImageInput | Sequence[ImageInput],
-        prompt: Prompt | Sequence[Prompt],
+        prompt: Prompt,
+        mask_decoder: str | os.PathLike[str] | None,
         options: GenerateOptions,
-        parse: Callable[[str, tuple[int, int]], list[T]],
-    ) -> Generator[None, None, list[T] | list[list[T]]]:
-        """Shared by detect/segment: generate (a step per token), parse each answer against its original size."""
-        images, prompts, batched = _pair_up(image, prompt)
+    ) -> Generator[None, None, list[Any] | list[list[Any]]]:
+        """Shared by detect/segment: `run_steps`, keeping each answer's objects."""
+        answers = yield from self.run_steps(image, prompt, mask_decoder=mask_decoder, **options)
+        if isinstance(answers, list):
+            return [a.objects or [] for a in answers]
+        return answers.objects or []
+
+    # -- the engine's loop, in the caller's thread -----------------------------------------------------------
+
+    def _finish_steps(
+        self, images: Sequence[ImageInput], prompts: Sequence[Prompt], options: GenerateOptions
+    ) -> Generator[None, None, list[Finished]]:
+        """Every row through the engine's loop (`Scheduler`), all joining at the first step; yields None after every
+        step and returns each row's `Finished`. Every row is checked (options, token budget) before any image is
+        read or encoded. Closing it stops generation at once; a row's error is raised."""
+        scheduler = Scheduler(self, max_batch_size=len(prompts))
+        sinks = [Collector() for _ in prompts]
+        requests = [
+            scheduler.request(None, p, options, sink, seed_offset=i)
+            for i, (p, sink) in enumerate(zip(prompts, sinks, strict=True))
+        ]
         loaded = [load_image(im) for im in images]
-        answers = yield from self._run_steps(loaded, prompts, options)
-        out = [_drop_cut(parse(text, im.size), ended) for im, (text, ended) in zip(loaded, answers, strict=True)]
-        return out if batched else out[0]
+        for request, image in zip(requests, loaded * len(prompts) if len(loaded) == 1 else loaded, strict=True):
+            request.image = image  # one image for several prompts: decoded once, encoded once (`image_cache`)
+        scheduler.step(requests)
+        while True:
+            for sink in sinks:
+                if isinstance(sink.end, BaseException):
+                    raise sink.end
+            if not scheduler.running:
+                break
+            yield
+            scheduler.step()
+        return [sink.finished() for sink in sinks]
 
-    # -- the loop under every task ---------------------------------------------------------------------------
-
-    def _run(
-        self, images: Sequence[ImageInput], prompts: Sequence[Prompt], options: GenerateOptions
-    ) -> list[tuple[str, bool]]:
-        """Generate for a batch: per row, the text and whether it ended with `<eos>` (False: cut by max tokens)."""
-        return drain(self._run_steps(images, prompts, options))
-
-    def _run_steps(
-        self, images: Sequence[ImageInput], prompts: Sequence[Prompt], options: GenerateOptions
-    ) -> Generator[None, None, list[tuple[str, bool]]]:
-        """`_run` yielding None after every step; closing it stops generation at once."""
-        cfg = SamplingConfig.from_options(options, max(p.max_new_tokens for p in prompts))
-        batch = self._encode([p.text for p in prompts], cfg)
-        features = self._features(images, None, len(prompts))
-        rows: list[list[int]] = [[] for _ in prompts]
-        live = [True] * len(prompts)
-        with closing(self._steps(features, batch, cfg, options.get("seed"))) as steps:
-            for tokens, live in steps:
-                for row, token, alive in zip(rows, tokens, live, strict=True):
-                    if alive:
-                        row.append(token)
-                yield
-        return [(self.text.decode(r), not alive) for r, alive in zip(rows, live, strict=True)]
-
-    def _encode(self, prompts: Sequence[str], cfg: SamplingConfig) -> EncodedBatch:
-        """Tokenize the prompts and check the token budget (`generation.check_token_budget`), before any image is
-        encoded or cache allocated: a prompt too long for the model costs nothing but its tokenization."""
-        batch = self.text.encode(list(prompts))
-        check_token_budget(batch.input_ids.shape[1], cfg.max_new_tokens, self.model.cfg.text.max_position_embeddings)
-        return batch
-
-    def _steps(self, features: torch.Tensor, batch: EncodedBatch, cfg: SamplingConfig, seed: int | None) -> RowSteps:
-        """Per step: every row's new token and whether it continues the row's text (`generation.generate_steps`).
-
-        `features`: dt[B or 1, N, D], the images' `encode_images` result (one image is broadcast to every prompt).
-        Closing the returned generator closes generate_steps' own, so no further step runs.
-        """
-        rows = batch.input_ids.shape[0]
-        if features.shape[0] == 1 and rows > 1:
-            features = features.expand(rows, -1, -1)
-        eos = sorted(set(self.model.cfg.eos_token_ids) | {self.text.eos_id})
-        steps = generate_steps(
-            self.model,
-            batch.input_ids.to(self.device),
-            batch.attention_mask.to(self.device),
-            features,
-            cfg,
-            eos,
-            self.text.pad_id,
-            make_generator(seed, self.device),
-        )
-        return _as_lists(steps)
-
-    def _features(self, images: Sequence[ImageInput], given: torch.Tensor | None, rows: int) -> torch.Tensor:
-        """The images' features dt[B or 1, N, D]: `given` checked against this model, else encoded (and cached)."""
-        if given is None:
-            return self.encode_images(images)
+    def _check_features(self, given: torch.Tensor) -> torch.Tensor:
+        """`stream`'s `image_features`, checked against this model: dt[1, N, D]."""
         want = (self.model.cfg.num_image_tokens, self.model.cfg.text.hidden_size)
-        if not isinstance(given, torch.Tensor) or given.ndim != 3 or tuple(given.shape[1:]) != want:
+        if isinstance(given, torch.Tensor) and given.ndim == 3 and tuple(given.shape[1:]) == want and len(given) != 1:
+            raise InputError(f"image_features hold {len(given)} images for 1 prompt; pass one image's features")
+        if not isinstance(given, torch.Tensor) or given.ndim != 3 or tuple(given.shape) != (1, *want):
             got = tuple(given.shape) if isinstance(given, torch.Tensor) else type(given).__name__
             raise InputError(
                 f"image_features must have shape (1, {want[0]}, {want[1]}) for this model, got {got}; "
                 "pass this model's encode_images([image])"
             )
-        if given.shape[0] not in (1, rows):
-            raise InputError(f"image_features hold {given.shape[0]} images for {rows} prompts; pass one per prompt")
         return given.to(self.device, self.dtype)
 
     def encode_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
@@ -492,13 +519,6 @@ class VLMo:
 def _drop_cut(found: list[T], ended: bool) -> list[T]:
     """A located answer's objects; without `<eos>` at its end, the last one may be cut short and is dropped."""
     return found if ended or not found else found[:-1]
-
-
-def _as_lists(steps: Steps) -> RowSteps:
-    """generate_steps' tensors as lists; closing this closes `steps`."""
-    with closing(steps):
-        for tokens, live in steps:
-            yield tokens.tolist(), live.tolist()
 
 
 def _prompts(prompt: PromptInput | Sequence[PromptInput]) -> list[Prompt]:

@@ -35,12 +35,12 @@ from PIL import Image, ImageDraw, ImageFont
 
 from vlmo import tasks
 from vlmo.api import VLMo
-from vlmo.detection import Detection, draw_detections
-from vlmo.errors import ImageError, InputError, VlmoError
+from vlmo.detection import Detection
+from vlmo.errors import ImageError, InputError, OptionError, VlmoError, braced, check_count, check_file
 from vlmo.fileio.atomic import atomic_path, write_output
 from vlmo.generation import GenerateOptions, SamplingConfig, drain
 from vlmo.processing import load_image
-from vlmo.segmentation import Segmentation, draw_segmentations
+from vlmo.segmentation import Segmentation
 from vlmo.serve.launch import check_port, load_model, say, warn_if_exposed
 
 if TYPE_CHECKING:
@@ -280,21 +280,14 @@ class VlmoApp:
     def located_steps(
         self, task: Literal["detect", "segment"], image: UIImage, labels: str, options: GenerateOptions | None = None
     ) -> Generator[None, None, Located]:
-        """`detect` / `segment` yielding None after every generated token (`VLMo.detect_steps`) and returning the
+        """`detect` / `segment` yielding None after every generated token (`VLMo.run_steps`) and returning the
         `Located` result; closing it stops generation at the next step (what the UI does when its client goes)."""
         pil, name = self.load(image)
-        found: list[Detection] | list[Segmentation]
-        if task == "detect":
-            found = cast(list[Detection], (yield from self.vlm.detect_steps(pil, _labels(labels), **(options or {}))))
-            rows = [[d.label, *(round(c, 1) for c in d.box)] for d in found]
-            drawn = draw_detections(pil, found)
-        else:
-            steps = self.vlm.segment_steps(pil, _labels(labels), mask_decoder=self.mask_decoder, **(options or {}))
-            found = cast(list[Segmentation], (yield from steps))
-            rows = [[s.label, *(round(c, 1) for c in s.box), int(s.mask.sum())] for s in found]
-            drawn = draw_segmentations(pil, found)
-        payload = tasks.located_payload(task, pil.size, found)
-        return Located(drawn, rows, self._json(payload, name), found)
+        prompt = tasks.prompt(task, labels=_labels(labels))
+        steps = self.vlm.run_steps(pil, prompt, mask_decoder=self.mask_decoder, **(options or {}))
+        answer = cast(tasks.Answer, (yield from steps))
+        rows = [[label, *(round(c, 1) for c in box), *rest] for label, box, rest in _split_rows(answer)]
+        return Located(answer.draw(pil), rows, self._json(answer.payload(), name), answer.objects or [])
 
     def _json(self, payload: dict[str, Any], name: str) -> Path:
         """Write a download file shaped like the CLI's `--json` output; each result gets its own folder."""
@@ -304,6 +297,11 @@ class VlmoApp:
         path = folder / f"{payload['task']}.json"
         data = {"model": self.model_name, "image": name, **payload}
         return write_output(path, json.dumps(data, ensure_ascii=False, indent=1), force=False)
+
+
+def _split_rows(answer: tasks.Answer) -> list[tuple[str, list[float], list[int]]]:
+    """Each object's row as (label, box, the rest: the mask area for segment)."""
+    return [(str(row[0]), [float(c) for c in row[1:5]], [int(v) for v in row[5:]]) for row in answer.rows()]
 
 
 def _labels(labels: str) -> list[str]:
@@ -513,7 +511,7 @@ def start(
     max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB,
 ) -> RunningApp:
     """Build the UI and start serving it in background threads; returns once the server accepts requests."""
-    _check_upload_limit(max_upload_mb)
+    check_count(max_upload_mb, "max_upload_mb")
     gr = import_gradio()
     demo = build_ui(app)
     demo.queue(default_concurrency_limit=1)
@@ -534,7 +532,7 @@ def start(
         if "empty port" not in str(exc):  # Gradio's words when the port is taken
             raise
         busy = f"port {port} is in use" if port else "no free port from 7860 on"
-        raise InputError(f"{busy} on {host}; pass another --port") from exc
+        raise OptionError(f"{busy} on {braced(host)}; pass another {{port}}", port=None) from exc
     return RunningApp(share_url or url, demo, app)
 
 
@@ -551,9 +549,8 @@ def serve(
     """`vlmo app`: check the options and Gradio, load the model once with `load` (progress on stderr), serve until
     Ctrl-C. `model_name` is what the page and messages call the model."""
     import_gradio()  # before the (slow) model load
-    if mask_decoder is not None and not Path(mask_decoder).is_file():
-        raise InputError(f"no such file for --mask-decoder: {mask_decoder}")
-    _check_upload_limit(max_upload_mb)
+    check_file(mask_decoder, "mask_decoder")
+    check_count(max_upload_mb, "max_upload_mb")
     check_port(host, port)
     vlm = load_model(load, model_name)
     app = VlmoApp(vlm, model_name=model_name, mask_decoder=mask_decoder)
@@ -589,11 +586,6 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _check_upload_limit(max_upload_mb: int) -> None:
-    if isinstance(max_upload_mb, bool) or not isinstance(max_upload_mb, int) or max_upload_mb < 1:
-        raise InputError(f"the upload limit (--max-upload-mb) must be a whole number ≥ 1, got {max_upload_mb!r}")
 
 
 __all__ = [

@@ -49,7 +49,7 @@ from typing import Any, Literal
 
 from PIL import Image, ImageDraw, ImageFont
 
-from vlmo.errors import InputError
+from vlmo.errors import InputError, check_count
 
 __all__ = [
     "NUM_LOC_BINS",
@@ -279,9 +279,7 @@ def draw_detections(image: Image.Image, detections: Sequence[Detection], *, widt
     if not detections:
         return canvas
     img_w, img_h = canvas.size
-    line = width if width is not None else max(1, round(max(img_w, img_h) / 250))
-    if line < 1:
-        raise InputError(f"width must be at least 1 pixel, got {line}")
+    line = check_count(width, "width") if width is not None else max(1, round(max(img_w, img_h) / 250))
     font = _font(max(10, round(min(img_w, img_h) / 32)))
     colours = label_colours(d.label for d in detections)
     draw = ImageDraw.Draw(canvas)

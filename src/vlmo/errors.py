@@ -6,6 +6,8 @@ from bugs. Internal invariants use `assert`; user input never does.
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable
 
 
@@ -59,3 +61,71 @@ class DeviceError(OptionError):
 def python_option(name: str, value: object) -> str:
     """How the library names an option in messages: `quantize="int8"`, or `quantize` without a value."""
     return name if value is None else f'{name}="{value}"'
+
+
+def braced(text: object) -> str:
+    """`text` for an `OptionError` template, which is `str.format`ted: its braces doubled (a path, a value)."""
+    return str(text).replace("{", "{{").replace("}", "}}")
+
+
+def _got(value: object) -> str:
+    """The value a check refused, as the message shows it: its repr, cut short, ready for a template."""
+    shown = repr(value)
+    return braced(shown if len(shown) <= 40 else shown[:37] + "...")
+
+
+# The shared checks of options, one per kind of value, called where an option enters (the CLI's options, a job's or
+# a server's settings, a public function's arguments) and trusted below. Each names the option as a `{name}` field.
+
+
+def check_count(value: object, name: str, *, minimum: int = 1, maximum: int | None = None) -> int:
+    """`value` as an int, or OptionError naming the option `name` (spelled by each face) unless it is a whole number
+    ≥ `minimum` (and ≤ `maximum`, where given). The one check for counts and sizes (batch sizes, queue lengths,
+    workers, steps, ports, …)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        wanted = f"≥ {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+        raise OptionError(f"{{{name}}} must be a whole number {wanted}, got {_got(value)}", **{name: None})
+    return value
+
+
+def check_number(
+    value: object, name: str, *, above: float | None = None, minimum: float | None = None, below: float | None = None
+) -> float:
+    """`value` as a float, or OptionError naming the option `name` unless it is a finite number (int or float,
+    not bool) > `above` (or ≥ `minimum`) and < `below`, where given. The one check for amounts: seconds,
+    megabytes, learning rates, GPUs per worker, …
+
+        check_number(0, "max_image_mb", above=0)  # OptionError: max_image_mb must be a number > 0, got 0
+    """
+    bounds = [f"> {_bound(above)}"] if above is not None else []
+    bounds += [f"≥ {_bound(minimum)}"] if minimum is not None else []
+    bounds += [f"< {_bound(below)}"] if below is not None else []
+    try:
+        number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an int too large for a float
+        number = math.inf
+    if not (
+        math.isfinite(number)
+        and (above is None or number > above)
+        and (minimum is None or number >= minimum)
+        and (below is None or number < below)
+    ):
+        wanted = "a number " + " and ".join(bounds) if bounds else "a finite number"
+        raise OptionError(f"{{{name}}} must be {wanted}, got {_got(value)}", **{name: None})
+    return number
+
+
+def _bound(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def check_file(path: str | os.PathLike[str] | None, name: str) -> None:
+    """OptionError naming the option `name` unless `path` is None or an existing file (checked before a model loads,
+    where the file is read only later: a mask decoder, …)."""
+    if path is not None and not os.path.isfile(path):
+        raise OptionError(f"no such file for {{{name}}}: {braced(os.fspath(path))}", **{name: None})

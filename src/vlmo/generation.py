@@ -1,7 +1,8 @@
-"""Token generation: prefill once, then decode one token at a time over the preallocated cache.
+"""Generation options and how a next token is picked; the loop that uses them is `vlmo.engine.scheduler`.
 
-This module knows nothing about text: it takes token-id tensors and yields token ids. `api.py` builds strings on top.
-Sampling order is top-k → temperature → top-p, from an explicit, seedable `torch.Generator`.
+`GenerateOptions` are the keyword options of every generating call, checked by `SamplingConfig.from_options`
+(an unknown keyword is a TypeError naming the nearest valid one, as for any Python function). Sampling order is
+top-k → temperature → top-p, from an explicit, seedable `torch.Generator`.
 
 Limits (docs/reliability.md): `check_token_budget` is the one token-budget rule, that the prompt and the new tokens
 fit the model's context; `check_seed` the one seed rule, that a seed fits torch's 64-bit generator.
@@ -9,6 +10,7 @@ fit the model's context; `check_seed` the one seed rule, that a seed fits torch'
 
 from __future__ import annotations
 
+import difflib
 import math
 import operator
 from collections.abc import Generator, Sequence
@@ -18,14 +20,15 @@ from typing import SupportsIndex, TypedDict, TypeVar
 import torch
 
 from vlmo.errors import GenerationConfigError, InputError
-from vlmo.nn.paligemma import PaliGemma
 
 
 class GenerateOptions(TypedDict, total=False):
     """The keyword options every generating call accepts (`VLMo.generate`, the task methods, `stream`).
 
     A missing `max_new_tokens` means the task's default (`vlmo.tasks`); either must fit the model's context with
-    the prompt (`check_token_budget`). `seed` (0 to 2**64 - 1) makes sampling reproducible.
+    the prompt (`check_token_budget`). `seed` (0 to 2**64 - 1) makes sampling reproducible; row i of a batch
+    samples as it would alone with seed + i. `stop`: strings that end the answer where one first appears (the
+    answer excludes it; finish reason "stop").
     """
 
     max_new_tokens: int
@@ -34,6 +37,7 @@ class GenerateOptions(TypedDict, total=False):
     top_p: float
     top_k: int
     seed: int | None
+    stop: Sequence[str]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,9 +74,12 @@ class SamplingConfig:
     def from_options(cls, options: GenerateOptions, default_max_new_tokens: int) -> SamplingConfig:
         """The validated config for `options`, with the task's default length where none is given.
 
-        The seed is checked here too (`check_seed`), so that every option fails before any work.
+        The seed and stop strings are checked here too (`check_seed`, `check_stop`), and the keywords themselves
+        (`check_option_names`), so that every option fails before any work.
         """
+        check_option_names(options)
         check_seed(options.get("seed"))
+        check_stop(options.get("stop", ()))
         return cls(
             max_new_tokens=options.get("max_new_tokens", default_max_new_tokens),
             do_sample=options.get("do_sample", False),
@@ -128,6 +135,29 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
     return torch.Generator(device=device).manual_seed(value)
 
 
+def check_option_names(options: object) -> None:
+    """TypeError for a keyword that is not a generation option, naming the nearest one (`max_new_token` →
+    `max_new_tokens`): a misspelled option must not be silently ignored."""
+    if not isinstance(options, dict):
+        raise InputError(f"options must be a dict of generation options, got {type(options).__name__}")
+    known = GenerateOptions.__annotations__
+    for name in options:
+        if name not in known:
+            near = difflib.get_close_matches(str(name), list(known), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; the options are {', '.join(known)}"
+            raise TypeError(f"unexpected keyword argument {name!r}{hint}")
+
+
+def check_stop(stop: object) -> tuple[str, ...]:
+    """Stop strings as a tuple: a string or a list of non-empty strings (at most 16, each at most 256 characters)."""
+    items = [stop] if isinstance(stop, str) else stop
+    if not isinstance(items, list | tuple) or not all(isinstance(s, str) and s for s in items):
+        raise GenerationConfigError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    if len(items) > 16 or any(len(s) > 256 for s in items):
+        raise GenerationConfigError("stop takes at most 16 strings of at most 256 characters each")
+    return tuple(items)
+
+
 def check_token_budget(prompt_length: int, max_new_tokens: int, context: int) -> None:
     """The token budget, one rule for every generating call: prompt + max_new_tokens ≤ the model's context.
 
@@ -146,51 +176,6 @@ def check_token_budget(prompt_length: int, max_new_tokens: int, context: int) ->
             f"the prompt takes {prompt_length} of the model's {context} positions; "
             f"max_new_tokens may be at most {context - prompt_length}"
         )
-
-
-Steps = Generator[tuple[torch.Tensor, torch.Tensor], None, None]
-
-
-def generate_steps(
-    model: PaliGemma,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    image_features: torch.Tensor,
-    cfg: SamplingConfig,
-    eos_ids: Sequence[int],
-    pad_id: int,
-    generator: torch.Generator | None = None,
-) -> Steps:
-    """Yield, step by step, every row's next token int64[B] and whether it continues the row's text, bool[B].
-
-    input_ids/attention_mask: int64[B, T], left-padded prompts; image_features: dt[B, N, D] from
-    `model.encode_images` (computed once by the caller, so one image can serve several prompts). A row's
-    end-of-sequence token is yielded with `live` False, and so is every step after it, whose token is `pad_id`.
-    The loop stops when every row is done or after `cfg.max_new_tokens` steps. So a row ended with `<eos>` exactly
-    when its last `live` is False, and was cut short by `max_new_tokens` otherwise: this is the one place that
-    tracks finished rows.
-
-    The token budget (`check_token_budget`) is checked when this is called, before the cache is allocated; work
-    starts at the first step. Closing the generator (`.close()`) ends it at once: no further decode step runs.
-    """
-    check_token_budget(input_ids.shape[1], cfg.max_new_tokens, model.cfg.text.max_position_embeddings)
-
-    @torch.inference_mode()
-    def steps() -> Steps:
-        b, t = input_ids.shape
-        cache = model.new_cache(b, t + cfg.max_new_tokens)
-        logits, state = model.prefill(input_ids, image_features, attention_mask, cache)
-        eos = torch.tensor(list(eos_ids), device=input_ids.device, dtype=torch.long)
-        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-        for step in range(cfg.max_new_tokens):
-            token = select_next(logits, cfg, generator).masked_fill(done, pad_id)
-            done = done | torch.isin(token, eos)
-            yield token, ~done
-            if bool(done.all()) or step == cfg.max_new_tokens - 1:
-                return
-            logits = model.decode(token, state)
-
-    return steps()
 
 
 R = TypeVar("R")

@@ -1,9 +1,9 @@
 """PaliGemma's tasks, each in one place: its prompt, its default answer length and its output payload.
 
-Every face builds its prompts and payloads here: the Python API (`VLMo.ask`, `VLMo.detect`, …), the CLI and the
-app, and so will a server or a batch runner. A task is therefore spelled the same everywhere, and a new face only
-has to turn a `Prompt` into a call of `VLMo.generate` / `VLMo.stream` (text tasks) or `VLMo.detect` /
-`VLMo.segment` (locating tasks), whose results `located_payload` turns into JSON.
+Every face builds its prompts and payloads here: the Python API (`VLMo.ask`, `VLMo.detect`, …), the CLI, the app,
+the server and the batch runner. A task is therefore spelled the same everywhere: `prompt(task, …)` is the one
+dispatch from what a user typed to a `Prompt`, `VLMo.run` answers any `Prompt` with an `Answer`, and
+`Answer.payload()` is its JSON. Adding a task touches this module, `VLMo.run` and the faces' option lists.
 
     tasks.ask("what is this?")          # Prompt(task="ask", text="answer en what is this?", max_new_tokens=64)
     tasks.caption("long", lang="fr")    # Prompt(task="caption", text="describe fr", max_new_tokens=64)
@@ -16,12 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from vlmo.detection import detect_prompt
 from vlmo.errors import InputError
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from vlmo.detection import Detection
     from vlmo.segmentation import Segmentation
 
@@ -152,6 +154,94 @@ def segment(labels: str | Sequence[str]) -> Prompt:
     return Prompt("segment", detect_prompt(split_labels(labels), "segment"))
 
 
+def prompt(
+    task: str,
+    *,
+    question: str | None = None,
+    labels: str | Sequence[str] | None = None,
+    text: str | None = None,
+    lang: str = "en",
+    detail: str = "short",
+) -> Prompt:
+    """The one dispatch from a task and what the user gave to its `Prompt`: `question` for ask, `labels` for detect
+    and segment, `text` (a raw PaliGemma prompt) for generate; `lang` for ask and caption, `detail` for caption.
+    InputError for an unknown task or a missing value (a value a task does not use is an error too: it would be
+    silently ignored otherwise)."""
+    needs = TASK_INPUT.get(task, "")
+    if task not in DEFAULT_MAX_NEW_TOKENS:
+        raise InputError(f"unknown task {task!r}; use {', '.join(DEFAULT_MAX_NEW_TOKENS)}")
+    given = {"question": question, "labels": labels, "text": text}
+    for name, value in given.items():
+        if value is not None and name != needs:
+            raise InputError(f"the {task} task takes no {name}")
+    if needs and given[needs] is None:
+        raise InputError(f"the {task} task needs {'a ' if needs != 'labels' else ''}{needs}")
+    if task == "ask":
+        return ask(cast(str, question), lang)
+    if task == "caption":
+        return caption(detail, lang)
+    if task == "ocr":
+        return ocr()
+    if task == "detect":
+        return detect(cast("str | Sequence[str]", labels))
+    if task == "segment":
+        return segment(cast("str | Sequence[str]", labels))
+    return raw(cast(str, text))
+
+
+# What each task's prompt needs from the user, besides the image (`prompt`); tasks not listed need nothing.
+TASK_INPUT: dict[str, str] = {"ask": "question", "detect": "labels", "segment": "labels", "generate": "text"}
+LOCATING_TASKS: tuple[TaskName, ...] = ("detect", "segment")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What `VLMo.run` returns for any task: the answer's text and, for detect / segment, its objects.
+
+    text: the generated text (for a located task, the raw `<loc>` / `<seg>` answer); size: the image's (w, h) in
+    pixels, in which the objects' boxes and masks are given; finish_reason: "stop" (`<eos>` or a stop string) or
+    "length" (`max_new_tokens` reached; a located task's last object is then dropped, as it may be cut short).
+    """
+
+    prompt: Prompt
+    text: str
+    size: tuple[int, int]
+    finish_reason: Literal["stop", "length"]
+    objects: list[Detection] | list[Segmentation] | None = None
+
+    @property
+    def task(self) -> TaskName:
+        return self.prompt.task
+
+    def payload(self) -> dict[str, Any]:
+        """The answer as JSON (the CLI's `--json`, the app's download, the server, `vlmo batch` rows): `text` for
+        a text task, `located_payload` for detect / segment."""
+        if self.task == "detect" or self.task == "segment":
+            return located_payload(self.task, self.size, self.objects or [])
+        return {"task": self.task, "text": self.text}
+
+    def rows(self) -> list[list[str | float | int]]:
+        """One row per object, as the CLI prints and the app tabulates them: label, x_min, y_min, x_max, y_max (in
+        pixels), and the mask's area in pixels for segment. No rows for a text task."""
+        rows: list[list[str | float | int]] = []
+        for found in self.objects or []:
+            area = getattr(found, "mask", None)
+            rows.append([found.label, *found.box, *([int(area.sum())] if area is not None else [])])
+        return rows
+
+    def draw(self, image: Image.Image) -> Image.Image:
+        """A copy of `image` (the one answered about) with the answer's boxes (detect) or masks (segment) drawn."""
+        if self.task == "segment":
+            from vlmo.segmentation import draw_segmentations
+
+            return draw_segmentations(image, cast("list[Segmentation]", self.objects or []))
+        if self.task == "detect":
+            from vlmo.detection import draw_detections
+
+            return draw_detections(image, cast("list[Detection]", self.objects or []))
+        return image.copy()
+
+
 def located_payload(
     task: Literal["detect", "segment"], size: tuple[int, int], found: Sequence[Detection] | Sequence[Segmentation]
 ) -> dict[str, Any]:
@@ -168,6 +258,9 @@ def located_payload(
 
 
 __all__ = [
+    "LOCATING_TASKS",
+    "TASK_INPUT",
+    "Answer",
     "CAPTION_PREFIXES",
     "CHAT_TASK_WORDS",
     "DEFAULT_MAX_NEW_TOKENS",
@@ -183,6 +276,7 @@ __all__ = [
     "located_payload",
     "ocr",
     "one_line",
+    "prompt",
     "raw",
     "segment",
     "split_labels",

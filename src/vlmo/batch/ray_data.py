@@ -25,7 +25,6 @@ import itertools
 import logging
 import os
 import secrets
-import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -35,8 +34,9 @@ from typing import Any
 from vlmo.batch.inputs import BatchInput, Inputs
 from vlmo.batch.results import Row, done_ids, parse_row, row_line
 from vlmo.batch.runner import BatchJob, Summary, check_counts, load, process
-from vlmo.errors import OptionError, VlmoError
+from vlmo.errors import OptionError, VlmoError, check_count, check_number
 from vlmo.fileio.atomic import OutputPathError, check_output_dir, write_output
+from vlmo.progress import wanted
 from vlmo.tasks import TaskName
 
 
@@ -53,12 +53,9 @@ class RayOptions:
     address: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 1:
-            raise OptionError("{num_workers} must be a whole number of at least 1", num_workers=self.num_workers)
-        if not self.num_gpus_per_worker >= 0:
-            raise OptionError("{num_gpus_per_worker} must be 0 or more", num_gpus_per_worker=self.num_gpus_per_worker)
-        if not self.num_cpus_per_worker > 0:
-            raise OptionError("{num_cpus_per_worker} must be more than 0", num_cpus_per_worker=self.num_cpus_per_worker)
+        check_count(self.num_workers, "num_workers")
+        check_number(self.num_gpus_per_worker, "num_gpus_per_worker", minimum=0)
+        check_number(self.num_cpus_per_worker, "num_cpus_per_worker", above=0)
 
 
 def require_ray() -> Any:
@@ -164,7 +161,7 @@ def _connect(ray: Any, options: RayOptions) -> bool:
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # stderr keeps Ray's warnings and errors only
     address = options.address or os.environ.get("RAY_ADDRESS")
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = sys.stderr.isatty()
+    context.enable_progress_bars = wanted(None)  # Ray Data draws its own bars: on a terminal only, as ours
     if address:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         return True

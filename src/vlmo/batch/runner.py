@@ -4,11 +4,13 @@
     for row in run("vlmo/shapes", "photos/", task="caption"):
         print(row["id"], row["text"] if row["error"] is None else row["error"])
 
-Built on the API's task methods: text tasks run `VLMo.generate` and detect / segment `VLMo.locate` on a padded batch
-in which every row has its own prompt from `vlmo.tasks`. Greedy answers do not depend on the batch
-(tests/test_batching.py), so every row equals what `VLMo` answers for that input alone. The next batch's images
-are read and decoded on a background thread while the model runs the current one. An input that cannot be used (not
-an image, a manifest row without a question) becomes a row with its one-line `error`, never the end of the run.
+Built on the engine's loop (`vlmo.engine.scheduler`), with continuous batching: `batch_size` rows run together,
+each with its own prompt from `vlmo.tasks`, and a row that finishes hands its slot to the next input at the next
+step, so a batch never waits for its longest answer. Greedy answers do not depend on what runs beside them
+(tests/test_batching.py, tests/test_engine.py), so every row equals what `VLMo` answers for that input alone, and
+rows come out in input order. Images are read and decoded on a background thread ahead of the model. An input that
+cannot be used (not an image, a manifest row without a question, a prompt too long for the model) becomes a row
+with its one-line `error`, never the end of the run.
 
 `write_results` is what the CLI runs: rows appended to a results file a batch at a time (`vlmo.batch.results`),
 a progress bar on a terminal, and Ctrl-C stopping with every finished batch on disk. Rows and files:
@@ -24,28 +26,32 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from vlmo import tasks
 from vlmo.batch.inputs import BatchInput, Inputs, as_inputs
 from vlmo.batch.results import JsonlResults, Results, Row, check_results_path, error_row, result_row
-from vlmo.errors import InputError, OptionError, VlmoError
+from vlmo.errors import InputError, OptionError, VlmoError, check_count
 from vlmo.fileio.atomic import OutputPathError
+from vlmo.progress import ProgressBars
 from vlmo.tasks import Prompt, TaskName
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from vlmo.api import VLMo
+    from vlmo.engine.scheduler import Collector, Request, Scheduler
     from vlmo.generation import GenerateOptions
 
 BATCH_TASKS: tuple[TaskName, ...] = ("ask", "caption", "ocr", "detect", "segment", "generate")
 # Which job option (and manifest column) each task's prompt needs, and the tasks each such option is for.
 _NEEDS: dict[str, str] = {"ask": "question", "detect": "labels", "segment": "labels", "generate": "prompt"}
 _FOR: dict[str, tuple[str, ...]] = {"question": ("ask",), "labels": ("detect", "segment"), "prompt": ("generate",)}
+T = TypeVar("T")
 # An input with its decoded image, or the one-line reason it has none.
 Loaded = tuple[BatchInput, "Image.Image | None", "str | None"]
 
@@ -81,10 +87,8 @@ class BatchJob:
         needed = _NEEDS.get(self.task)
         if needed is not None and getattr(self, needed) is not None:
             self._prompt(getattr(self, needed))
-        if self.max_new_tokens is not None:
-            from vlmo.generation import SamplingConfig
-
-            SamplingConfig.from_options(self.options, 64)
+        if self.max_new_tokens is not None:  # decoding is greedy: the length is the one generation option to check
+            check_count(self.max_new_tokens, "max_new_tokens")
 
     @property
     def options(self) -> GenerateOptions:
@@ -140,51 +144,91 @@ def load(item: BatchInput) -> Loaded:
 
 
 def process(vlm: VLMo, job: BatchJob, batch: list[Loaded]) -> list[Row]:
-    """The rows of one batch of loaded inputs, in order: the usable ones run through the model together."""
-    rows: list[Row | None] = [None] * len(batch)
-    todo: list[tuple[int, Image.Image, Prompt]] = []
-    for i, (item, image, error) in enumerate(batch):
-        try:
-            prompt = job.prompt_for(item)
-        except VlmoError as e:
-            rows[i] = error_row(item, job.task, None, str(e))
-            continue
-        if image is None:
-            rows[i] = error_row(item, job.task, prompt.text, error or "no image")
-        else:
-            todo.append((i, image, prompt))
-    answers = _answers(vlm, job, [image for _, image, _ in todo], [prompt for _, _, prompt in todo])
-    for (i, _, prompt), answer in zip(todo, answers, strict=True):
-        item = batch[i][0]
-        if isinstance(answer, VlmoError):
-            rows[i] = error_row(item, job.task, prompt.text, str(answer))
-        else:
-            rows[i] = result_row(item, job.task, prompt.text, answer)
-    assert all(row is not None for row in rows)
-    return rows  # type: ignore[return-value]  # every slot filled above
+    """The rows of a list of loaded inputs, in order (the Ray actors' unit of work): `answer_rows` over them."""
+    return list(answer_rows(vlm, job, batch, batch_size=max(1, len(batch))))
 
 
-def _answers(vlm: VLMo, job: BatchJob, images: list[Image.Image], prompts: list[Prompt]) -> list[Any]:
-    """Each row's output columns, from one batch; if the batch is refused (a row's prompt too long for the model),
-    the rows run one by one so that only the rows at fault get their error."""
-    if not images:
-        return []
+@dataclass
+class _Pending:
+    """An input in flight, in input order: its row once known, else what its answer needs."""
+
+    item: BatchInput
+    row: Row | None = None
+    prompt: Prompt | None = None
+    size: tuple[int, int] = (0, 0)
+    sink: Collector | None = None
+    request: Request | None = None  # checked, waiting to join
+
+
+def answer_rows(vlm: VLMo, job: BatchJob, loaded: Iterable[Loaded], *, batch_size: int = 8) -> Iterator[Row]:
+    """Every input's row, in input order, through the engine's loop with continuous batching: up to `batch_size`
+    rows run together, and a finished row's slot is refilled from `loaded` at the next step.
+
+    A row waits only for the rows before it (at most `batch_size` run at once, so at most the answers that finish
+    while the oldest row runs are held). A segment job loads its mask decoder before the first row.
+    """
+    from vlmo.engine.scheduler import Scheduler  # torch: imported when a job runs, not with the CLI
+
+    scheduler = Scheduler(vlm, max_batch_size=batch_size)
+    if job.task == "segment":
+        vlm.mask_decoder(job.mask_decoder)
+    options = job.options
+    source = iter(loaded)
+    order: deque[_Pending] = deque()
+    more = True
+    while more or scheduler.running:
+        joining: list[Request] = []
+        while more and len(joining) < scheduler.free:
+            nxt = next(source, None)
+            if nxt is None:
+                more = False
+                break
+            pending = _admit(scheduler, job, options, nxt)
+            order.append(pending)
+            if pending.request is not None:
+                joining.append(pending.request)
+        if joining or scheduler.running:
+            scheduler.step(joining)
+        for pending in order:
+            if pending.row is None and pending.sink is not None and pending.sink.end is not None:
+                pending.row = _row(vlm, job, pending)
+        while order and order[0].row is not None:
+            yield order.popleft().row  # type: ignore[misc]  # checked by the loop condition
+
+
+def _admit(scheduler: Scheduler, job: BatchJob, options: GenerateOptions, loaded: Loaded) -> _Pending:
+    """An input's pending entry: its error row at once when its prompt or image cannot be used, or (checked by
+    `Scheduler.request`, so that a prompt too long for the model is this row's error only) ready to join."""
+    item, image, error = loaded
+    pending = _Pending(item)
     try:
-        return _run_model(vlm, job, images, prompts)
+        pending.prompt = job.prompt_for(item)
     except VlmoError as e:
-        if len(images) == 1:
-            return [e]
-    return [answer for im, p in zip(images, prompts, strict=True) for answer in _answers(vlm, job, [im], [p])]
+        pending.row = error_row(item, job.task, None, str(e))
+        return pending
+    if image is None:
+        pending.row = error_row(item, job.task, pending.prompt.text, error or "no image")
+        return pending
+    from vlmo.engine.scheduler import Collector
+
+    pending.size, pending.sink = image.size, Collector()
+    try:
+        pending.request = scheduler.request(image, pending.prompt, options, pending.sink)
+    except VlmoError as e:
+        pending.row = error_row(item, job.task, pending.prompt.text, str(e))
+    return pending
 
 
-def _run_model(vlm: VLMo, job: BatchJob, images: list[Image.Image], prompts: list[Prompt]) -> list[dict[str, Any]]:
-    if job.task in ("detect", "segment"):
-        found: list[Any] = vlm.locate(images, prompts, mask_decoder=job.mask_decoder, **job.options)
-        task: Any = job.task  # "detect" or "segment"
-        return [tasks.located_payload(task, im.size, f) for im, f in zip(images, found, strict=True)]
-    texts = vlm.generate(images, prompts, **job.options)
-    assert isinstance(texts, list)
-    return [{"text": text} for text in texts]
+def _row(vlm: VLMo, job: BatchJob, pending: _Pending) -> Row:
+    """A finished input's row: its answer's payload, or its one-line error (an error that is not vlmo's own, such
+    as running out of memory, ends the run instead)."""
+    assert pending.sink is not None and pending.prompt is not None
+    try:
+        end = pending.sink.finished()
+        answer = vlm.answer(pending.prompt, end, pending.size, mask_decoder=job.mask_decoder)
+    except VlmoError as e:
+        return error_row(pending.item, job.task, pending.prompt.text, str(e))
+    return result_row(pending.item, job.task, pending.prompt.text, answer.payload())
 
 
 # -- a whole job -------------------------------------------------------------------------------------------------
@@ -244,27 +288,28 @@ def run_batches(
     skip: Iterable[str] = (),
     limit: int | None = None,
 ) -> Iterator[list[Row]]:
-    """The rows of each batch in input order: the first `limit` inputs, less those whose id is in `skip`."""
+    """The rows in input order, `batch_size` at a time (what a results file writes at once): the first `limit`
+    inputs, less those whose id is in `skip`, through `answer_rows`."""
     job.check_inputs(inputs)
     check_counts(batch_size, limit)
     done = set(skip)
     pending = (item for item in itertools.islice(inputs, limit) if item.id not in done)
     loader = _Loader(_chunks(pending, batch_size))
     try:
-        for loaded in loader:
-            yield process(vlm, job, loaded)
+        loaded = (one for chunk in loader for one in chunk)
+        yield from _chunks(answer_rows(vlm, job, loaded, batch_size=batch_size), batch_size)
     finally:
         loader.close()
 
 
 def check_counts(batch_size: int, limit: int | None) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise OptionError("{batch_size} must be a whole number of at least 1", batch_size=batch_size)
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise OptionError("{limit} must be a whole number of at least 1", limit=limit)
+    """OptionError unless `batch_size` and `limit` (None: all inputs) are whole numbers ≥ 1 (`check_count`)."""
+    check_count(batch_size, "batch_size")
+    if limit is not None:
+        check_count(limit, "limit")
 
 
-def _chunks(items: Iterator[BatchInput], size: int) -> Iterator[list[BatchInput]]:
+def _chunks(items: Iterator[T], size: int) -> Iterator[list[T]]:
     while chunk := list(itertools.islice(items, size)):
         yield chunk
 
@@ -427,38 +472,21 @@ def _sigint_deferred() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-class _Progress:
-    """A rich progress bar on stderr (images/s, ETA, errors so far), or nothing."""
+class _Progress(ProgressBars):
+    """The batch bar on stderr (`vlmo.progress`): rows done, images/s, errors so far, ETA; or nothing."""
 
     def __init__(self, total: int, shown: bool) -> None:
-        self._bar: Any = None
-        if shown:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._bar = Progress(
-                TextColumn("batch"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]:.2f} images/s"),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[errors]} errors"),
-                console=Console(stderr=True),
-            )
-            self._task = self._bar.add_task("batch", total=total, rate=0.0, errors=0)
+        super().__init__(enabled=shown)
+        self._total = total
 
     def __enter__(self) -> _Progress:
-        if self._bar is not None:
-            self._bar.start()
+        super().__enter__()
+        self._bar = self.add("batch", self._total)
         return self
 
     def advance(self, n: int, errors: int, rate: float) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, advance=n, errors=errors, rate=rate)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
+        self._bar.advance(n)
+        self._bar.set_postfix(f"{rate:.2f} images/s, {errors} errors")
 
 
 __all__ = [
@@ -469,6 +497,7 @@ __all__ = [
     "Summary",
     "load",
     "process",
+    "answer_rows",
     "run",
     "run_batches",
     "write_results",

@@ -35,6 +35,7 @@ from vlmo.cli.options import (
     shared_options,
     stderr,
 )
+from vlmo.errors import check_count, check_file
 from vlmo.finetune.config import FinetuneConfig
 
 if TYPE_CHECKING:
@@ -217,8 +218,7 @@ def _locate(
 
     tasks.detect(labels)  # no empty labels, no '<' '>'
     _check_output(out, force)
-    if mask_decoder is not None and not mask_decoder.is_file():
-        raise CliUsageError(f"no such file for --mask-decoder: {mask_decoder}")
+    check_file(mask_decoder, "mask_decoder")
     pil = load_image(image)
     vlm = run.load()
     found: list[Detection] | list[Segmentation]
@@ -314,8 +314,7 @@ def batch(
         mask_decoder=None if mask_decoder is None else str(mask_decoder),
         max_new_tokens=run.max_tokens,
     )
-    if mask_decoder is not None and not mask_decoder.is_file():
-        raise CliUsageError(f"no such file for --mask-decoder: {mask_decoder}")
+    check_file(mask_decoder, "mask_decoder")
     check_counts(batch_size, limit)
     inputs = list_inputs(source)
     job.check_inputs(inputs)
@@ -410,14 +409,15 @@ def eval_vqav2(
 
     if mode not in ("official", "normalize_all"):
         raise CliUsageError(f"unknown --mode {mode!r}; use official or normalize_all")
+    check_count(batch_size, "batch_size")
+    if limit is not None:
+        check_count(limit, "limit")
     if out is not None:  # the report and the results file beside it, before the model loads
         from vlmo.fileio.atomic import check_output
         from vlmo.finetune.evaluate import results_path_for
 
         check_output(out, force, what="--out", make_parents=True)
         check_output(results_path_for(out), force, what="--out", make_parents=True)
-    if batch_size < 1 or (limit is not None and limit < 1):
-        raise CliUsageError("--batch-size and --limit must be at least 1")
     examples = load_vqav2(questions, annotations, images)[:limit]
     vlm = run.load()
     report = evaluate_vqa(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +21,9 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_type_hints
 
 import typer
 from rich.console import Console
+
+from vlmo.errors import check_count
+from vlmo.progress import wanted
 
 if TYPE_CHECKING:
     from vlmo.api import VLMo
@@ -170,8 +172,12 @@ class Run:
     def __post_init__(self) -> None:
         from vlmo.generation import SamplingConfig
 
-        # Validate before loading anything; the default length only stands in for a missing --max-tokens.
-        SamplingConfig.from_options(self.options, 64)
+        # Checked before anything loads: --max-tokens as every count, the sampling options by `SamplingConfig`.
+        if self.max_tokens is not None:
+            check_count(self.max_tokens, "max_tokens")
+        sampling = self.options
+        sampling.pop("max_new_tokens", None)
+        SamplingConfig.from_options(sampling, 64)
 
     @property
     def options(self) -> GenerateOptions:
@@ -280,8 +286,8 @@ def _set_signature(function: Callable[..., Any], params: list[inspect.Parameter]
 
 @contextmanager
 def status(message: str) -> Iterator[None]:
-    """A spinner on stderr while something slow runs, on a terminal only."""
-    if sys.stderr.isatty():
+    """A spinner on stderr while something slow runs, on a terminal only (as every bar: `vlmo.progress.wanted`)."""
+    if wanted(None):
         with stderr.status(message):
             yield
     else:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from vlmo.detection import detect_prompt, encode_boxes
-from vlmo.errors import InputError
+from vlmo.errors import InputError, check_count
 from vlmo.fileio.jsonfile import read_json
 
 _log = logging.getLogger(__name__)
@@ -67,8 +67,8 @@ def coco_to_detect_examples(
     Raises InputError on an unreadable file, missing or malformed fields, annotations that name unknown images or
     categories, inverted boxes, unknown or repeated `labels`, and image files missing from `image_dir`.
     """
-    if max_objects is not None and (not _is_int(max_objects) or max_objects < 1):
-        raise InputError(f"max_objects must be a positive integer or None, got {max_objects!r}")
+    if max_objects is not None:
+        check_count(max_objects, "max_objects")
     if include_empty and labels is None:
         raise InputError("include_empty=True needs labels: an empty target must say which labels are absent")
     doc = _read_instances(instances_json)

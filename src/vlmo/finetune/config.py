@@ -3,11 +3,10 @@ derive `vlmo finetune`'s options from it without loading torch; the training its
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from vlmo.errors import InputError
+from vlmo.errors import OptionError, braced, check_count, check_number
 
 TrainPart = Literal["lora", "projector", "attention", "full"]
 TRAIN_PARTS: tuple[TrainPart, ...] = ("lora", "projector", "attention", "full")
@@ -66,25 +65,26 @@ class FinetuneConfig:
         self.train = tuple(self.train)
         unknown = [p for p in self.train if p not in TRAIN_PARTS]
         if not self.train or unknown:
-            raise InputError(f"--train must list some of {', '.join(TRAIN_PARTS)}; got {', '.join(self.train)}")
-        for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+            got = braced(", ".join(map(str, self.train)))
+            raise OptionError(f"{{train}} must list some of {', '.join(TRAIN_PARTS)}; got {got}", train=None)
+        for name in ("steps", "batch_size", "grad_accum", "lora_r"):
+            check_count(getattr(self, name), name)
+        for name in ("warmup_steps", "save_every"):
+            check_count(getattr(self, name), name, minimum=0)
+        for name in ("lr", "max_grad_norm", "lora_alpha"):  # finite too: `--lr nan` would train into NaN weights
+            check_number(getattr(self, name), name, above=0)
+        check_number(self.weight_decay, "weight_decay", minimum=0)
+        check_number(self.lora_dropout, "lora_dropout", minimum=0, below=1)
         if self.fsdp and (self.resume is not None or self.save_every):
-            raise InputError("--fsdp runs save the final model only: drop --resume and --save-every, or use DDP")
-        for name in ("lr", "max_grad_norm", "lora_alpha"):
-            if not _finite(getattr(self, name)) or getattr(self, name) <= 0:
-                raise InputError(f"{name} must be a number > 0, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "lora_dropout"):
-            if not _finite(getattr(self, name)) or getattr(self, name) < 0:
-                raise InputError(f"{name} must be a number ≥ 0, got {getattr(self, name)!r}")
-        if not self.lora_dropout < 1:
-            raise InputError(f"lora_dropout must be below 1, got {self.lora_dropout!r}")
-        if self.warmup_steps < 0 or self.save_every < 0:
-            raise InputError("warmup_steps and save_every must be ≥ 0")
+            raise OptionError(
+                "{fsdp} runs save the final model only: drop {resume} and {save_every}, or use DDP",
+                fsdp=None,
+                resume=None,
+                save_every=None,
+            )
         vqa = (self.vqa_questions, self.vqa_annotations, self.vqa_images)
         if any(v is not None for v in vqa) and (self.data is not None or None in vqa):
-            raise InputError(DATA_CHOICE)
+            raise data_choice_error()
         # No data at all is allowed here: `finetune(cfg, dataset=...)` may bring it; `load_dataset` checks.
 
     @property
@@ -92,11 +92,13 @@ class FinetuneConfig:
         return self.data is not None or self.vqa_questions is not None
 
 
-DATA_CHOICE = (
-    "give training data either as --data FILE.jsonl or as all of --vqa-questions, --vqa-annotations and --vqa-images"
-)
-
-
-def _finite(value: object) -> bool:
-    """A real number that is neither NaN nor infinite (`--lr nan` would train into NaN weights)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+def data_choice_error() -> OptionError:
+    """Training data given neither way, or both (or half the VQAv2 files)."""
+    return OptionError(
+        "give training data either as {data} (a JSONL file) or as all of {vqa_questions}, {vqa_annotations} and "
+        "{vqa_images}",
+        data=None,
+        vqa_questions=None,
+        vqa_annotations=None,
+        vqa_images=None,
+    )

@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from vlmo.data.vqav2 import VQAExample
-from vlmo.errors import InputError
+from vlmo.errors import InputError, check_count
 from vlmo.finetune.vqa_normalize import clean_whitespace, normalize_words, strip_punctuation
+from vlmo.progress import progress_bar
 
 if TYPE_CHECKING:
     from vlmo.api import VLMo
@@ -237,18 +236,17 @@ def evaluate_vqa(
     """Ask `vlm` every question (`answer {lang} {question}`, greedy, batches of `batch_size`) and score the answers
     with `vqa_accuracy(…, mode)`.
 
-    progress: a rich progress bar on stderr; None shows it only when stderr is a terminal.
+    progress: a bar on stderr (`vlmo.progress`); None shows it only when stderr is a terminal.
     Raises InputError on no examples, batch_size < 1 or an unknown mode; image errors come from `vlm`.
     """
     if mode not in _MODES:
         raise InputError(f"unknown VQA accuracy mode {mode!r}; use one of {', '.join(_MODES)}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_count(batch_size, "batch_size")
     items = list(examples)
     if not items:
         raise InputError("no VQA examples to evaluate; check the questions file or the selection")
     predictions: list[VQAPrediction] = []
-    with _progress(len(items), sys.stderr.isatty() if progress is None else progress) as advance:
+    with progress_bar(len(items), "VQAv2", enabled=progress) as bar:
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
             answers = vlm.ask(
@@ -267,24 +265,8 @@ def evaluate_vqa(
                         question_type=example.question_type,
                     )
                 )
-            advance(len(batch))
+            bar.advance(len(batch))
     return VQAReport(tuple(predictions), mode)
-
-
-@contextmanager
-def _progress(total: int, show: bool) -> Iterator[Callable[[int], None]]:
-    """Yields `advance(n)`: a rich bar on stderr when `show`, else a no-op."""
-    if not show:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(
-        TextColumn("VQAv2"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=Console(stderr=True)
-    ) as bar:
-        task = bar.add_task("evaluate", total=total)
-        yield lambda n: bar.advance(task, n)
 
 
 def _mean(values: Iterable[float]) -> float:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -36,7 +35,8 @@ from vlmo.data.collate import Collator, TrainBatch
 from vlmo.data.examples import Dataset, JsonlDataset, VQAv2Dataset
 from vlmo.errors import CheckpointError, InputError
 from vlmo.fileio.atomic import atomic_dir
-from vlmo.finetune.config import DATA_CHOICE, FinetuneConfig
+from vlmo.finetune.config import FinetuneConfig, data_choice_error
+from vlmo.progress import progress_bar, wanted
 from vlmo.weights.safetensors_io import open_tensors
 
 if TYPE_CHECKING:
@@ -183,7 +183,7 @@ def micro_batches(data: Dataset, cfg: FinetuneConfig, d: Dist, step: int) -> Ite
 
 def load_dataset(cfg: FinetuneConfig) -> Dataset:
     if not cfg.has_data_files:
-        raise InputError(DATA_CHOICE)
+        raise data_choice_error()
     if cfg.data is not None:
         return JsonlDataset(cfg.data)
     from vlmo.data.vqav2 import load_vqav2
@@ -250,35 +250,40 @@ def finetune(cfg: FinetuneConfig, dataset: Dataset | None = None) -> FinetuneRes
         net = nn.parallel.DistributedDataParallel(net, find_unused_parameters=False)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and d.device.type == "cuda" else nullcontext()
     result = FinetuneResult(steps=step)
-    bar = _Progress(cfg, d, step)
-    while step < cfg.steps:
-        started = time.perf_counter()
-        batches = [collate(examples).to(d.device) for examples in micro_batches(data, cfg, d, step)]
-        total = _all_sum(torch.tensor(float(sum(b.num_targets for b in batches)), device=d.device), d)
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = torch.zeros((), device=d.device)
-        for i, batch in enumerate(batches):
-            last = i == len(batches) - 1
-            sync = net.no_sync() if isinstance(net, nn.parallel.DistributedDataParallel) and not last else nullcontext()
-            with sync, autocast:
-                loss_sum = net(batch)
-            # DDP averages gradients over processes; × world turns that back into a sum over the global batch.
-            (loss_sum * d.world / total.clamp(min=1)).backward()
-            step_loss += loss_sum.detach()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        loss = float(_all_sum(step_loss, d) / total.clamp(min=1))
-        result.losses.append(loss)
-        samples = cfg.batch_size * d.world * cfg.grad_accum
-        lr = float(scheduler.get_last_lr()[0])  # typed float | Tensor; a Python float for our AdamW
-        bar.update(step, loss, lr, samples / (time.perf_counter() - started))
-        if d.main:
-            _log(out, step, loss, lr)
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                save_checkpoint(out / f"checkpoint-{step}", model, trainable, optimizer, scheduler, step, cfg)
-    bar.close()
+    shown = d.main and wanted(cfg.progress)  # rank 0 only: one bar per run
+    with progress_bar(cfg.steps, "finetune", enabled=shown, completed=step) as bar:
+        while step < cfg.steps:
+            started = time.perf_counter()
+            batches = [collate(examples).to(d.device) for examples in micro_batches(data, cfg, d, step)]
+            total = _all_sum(torch.tensor(float(sum(b.num_targets for b in batches)), device=d.device), d)
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = torch.zeros((), device=d.device)
+            for i, batch in enumerate(batches):
+                last = i == len(batches) - 1
+                sync = (
+                    net.no_sync()
+                    if isinstance(net, nn.parallel.DistributedDataParallel) and not last
+                    else nullcontext()
+                )
+                with sync, autocast:
+                    loss_sum = net(batch)
+                # DDP averages gradients over processes; × world turns that back into a sum over the global batch.
+                (loss_sum * d.world / total.clamp(min=1)).backward()
+                step_loss += loss_sum.detach()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            loss = float(_all_sum(step_loss, d) / total.clamp(min=1))
+            result.losses.append(loss)
+            samples = cfg.batch_size * d.world * cfg.grad_accum
+            lr = float(scheduler.get_last_lr()[0])  # typed float | Tensor; a Python float for our AdamW
+            bar.update(completed=step)
+            bar.set_postfix(f"loss {loss:.4f}  lr {lr:.2e}  {samples / (time.perf_counter() - started):.1f} samples/s")
+            if d.main:
+                _log(out, step, loss, lr)
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                    save_checkpoint(out / f"checkpoint-{step}", model, trainable, optimizer, scheduler, step, cfg)
     result.steps = step
     if cfg.fsdp:
         gather_full_weights(model)  # a collective: every process takes part, then rank 0 writes
@@ -295,38 +300,6 @@ def _log(out: Path, step: int, loss: float, lr: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with (out / "metrics.jsonl").open("a", encoding="utf-8") as f:
         f.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
-
-
-class _Progress:
-    """A rich progress bar on stderr (on a terminal, rank 0): step, loss, learning rate, samples/s."""
-
-    def __init__(self, cfg: FinetuneConfig, d: Dist, start: int) -> None:
-        show = sys.stderr.isatty() if cfg.progress is None else cfg.progress
-        self.bar = None
-        if show and d.main:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(
-                TextColumn("finetune"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-                transient=False,
-            )
-            self.bar.start()
-            self.task = self.bar.add_task("train", total=cfg.steps, completed=start, info="")
-
-    def update(self, step: int, loss: float, lr: float, rate: float) -> None:
-        if self.bar is not None:
-            info = f"loss {loss:.4f}  lr {lr:.2e}  {rate:.1f} samples/s"
-            self.bar.update(self.task, completed=step, info=info)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 # -- checkpoints -------------------------------------------------------------------------------------------------

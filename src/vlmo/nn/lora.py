@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmo.errors import InputError
+from vlmo.errors import InputError, check_count, check_number
 from vlmo.nn.paligemma import PaliGemma
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -70,12 +70,9 @@ class LoRAConfig:
             object.__setattr__(self, field, tuple(value))
         if not self.targets:
             raise InputError("LoRAConfig.targets is empty; name at least one layer, e.g. ('q_proj', 'v_proj')")
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise InputError(f"LoRAConfig.r must be an integer ≥ 1, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not self.alpha > 0:
-            raise InputError(f"LoRAConfig.alpha must be a number > 0, got {self.alpha!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float) or not 0 <= self.dropout < 1:
-            raise InputError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        check_count(self.r, "r")
+        check_number(self.alpha, "alpha", above=0)
+        check_number(self.dropout, "dropout", minimum=0, below=1)
 
     @property
     def scaling(self) -> float:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from vlmo.errors import InputError
+from vlmo.errors import OptionError, braced, check_count
 
 if TYPE_CHECKING:
     from vlmo.api import VLMo
@@ -44,8 +44,7 @@ def check_port(host: str, port: int | None) -> None:
     """Fail before the (slow) model load when the port is out of range or taken (None: the face picks one)."""
     if port is None:
         return
-    if not 0 < port < 65536:
-        raise InputError(f"--port must be between 1 and 65535, got {port}")
+    check_count(port, "port", maximum=65535)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server itself does
@@ -53,7 +52,10 @@ def check_port(host: str, port: int | None) -> None:
             probe.bind((host, port))
         except OSError as exc:
             why = exc.strerror or exc
-            raise InputError(f"cannot listen on {host}:{port} ({why}); pass another --port or --host") from None
+            where = braced(f"{host}:{port} ({why})")
+            raise OptionError(
+                f"cannot listen on {where}; pass another {{port}} or {{host}}", port=None, host=None
+            ) from None
 
 
 def load_model(load: Callable[[], VLMo], model_name: str) -> VLMo:

@@ -12,7 +12,7 @@ Layers, each in its own module: `server_http` (API key, body cap, log line, requ
 (requests → image reference, `vlmo.tasks` prompt, options), `server_media` (image sources and caps),
 `server_openai` (chat answers and their stream), `server_errors` (exceptions → OpenAI-style error bodies),
 `server_metrics` (Prometheus). Prompts come from `vlmo.tasks`, located answers are parsed by
-`VLMo.parse_located` and shaped by `tasks.located_payload`, as for every other face.
+`VLMo.answer` and shaped by `Answer.payload`, as for every other face.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 
 from vlmo import tasks
 from vlmo.engine.worker import Cancelled, Engine, Finished, Job
-from vlmo.errors import InputError, VlmoError
+from vlmo.errors import OptionError, VlmoError, braced, check_file, check_number
 from vlmo.generation import GenerateOptions, SamplingConfig
 from vlmo.serve.chat import ChatAnswer, usage
 from vlmo.serve.errors import ApiError, api_error, validation_message
@@ -71,19 +71,17 @@ class ServerSettings:
     mask_decoder: str | os.PathLike[str] | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_image_mb, bool) or not isinstance(self.max_image_mb, int | float):
-            raise InputError(f"--max-image-mb must be a number > 0, got {self.max_image_mb!r}")
-        if not 0 < self.max_image_mb < 1e6:
-            raise InputError(f"--max-image-mb must be a number > 0, got {self.max_image_mb!r}")
+        check_number(self.max_image_mb, "max_image_mb", above=0, below=1e6)
         if self.api_key is not None and not self.api_key.strip():
-            raise InputError("--api-key (VLMO_API_KEY) is empty; pass a key, or leave it out for no key")
+            raise OptionError("{api_key} is empty; pass a key (VLMO_API_KEY), or leave it out for no key", api_key=None)
         folder = self.allowed_local_media_path
         if folder is not None and not Path(folder).is_dir():
-            raise InputError(f"--allowed-local-media-path must be an existing folder, got {folder}")
-        if self.mask_decoder is not None and not Path(self.mask_decoder).is_file():
-            raise InputError(f"no such file for --mask-decoder: {self.mask_decoder}")
-        if not 0 < self.remote_timeout < 3600:
-            raise InputError(f"the remote image timeout must be between 0 and 3600 s, got {self.remote_timeout}")
+            raise OptionError(
+                f"{{allowed_local_media_path}} must be an existing folder, got {braced(folder)}",
+                allowed_local_media_path=None,
+            )
+        check_file(self.mask_decoder, "mask_decoder")
+        check_number(self.remote_timeout, "remote_timeout", above=0, below=3600)
 
     @property
     def max_image_bytes(self) -> int:
@@ -170,17 +168,15 @@ def create_app(engine: Engine, settings: ServerSettings) -> RequestGuard:
 
     async def locate(task: Literal["detect", "segment"], body: LocateRequest, request: Request) -> dict[str, Any]:
         check_model(body.model)
-        prompt = tasks.detect(body.labels) if task == "detect" else tasks.segment(body.labels)
+        prompt = tasks.prompt(task, labels=body.labels)
         options = _checked(body.options(), prompt)
         if task == "segment":
             await decoder.ready()  # before generating: without a decoder the answer could not be decoded
         image = await fetch_image(body.image, media)
         fin = await _until_done(await submit(image, prompt, options, []), request)
         finished(request, fin)
-        found = await asyncio.to_thread(
-            engine.vlm.parse_located, task, fin.text, image.size, fin.ended, mask_decoder=settings.mask_decoder
-        )
-        return {"model": name, **tasks.located_payload(task, image.size, found), "usage": usage(fin)}
+        answer = await asyncio.to_thread(engine.vlm.answer, prompt, fin, image.size, mask_decoder=settings.mask_decoder)
+        return {"model": name, **answer.payload(), "usage": usage(fin)}
 
     @api.post("/v1/detect")
     async def detect(body: LocateRequest, request: Request) -> dict[str, Any]:
@@ -219,7 +215,7 @@ class _MaskDecoder:
         self.lock = asyncio.Lock()
 
     def preload(self) -> None:
-        self.engine.vlm.mask_decoder(self.path)  # loaded once and kept, for `parse_located`
+        self.engine.vlm.mask_decoder(self.path)  # loaded once and kept, for `VLMo.answer`
         self.loaded = True
 
     async def ready(self) -> None:

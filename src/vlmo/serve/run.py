@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from vlmo.errors import InputError, VlmoError
+from vlmo.errors import VlmoError, check_count, check_number
 from vlmo.serve.launch import check_port, load_model, say, warn_if_exposed
 
 if TYPE_CHECKING:
@@ -62,11 +62,9 @@ def serve(
     `load` loads the model (progress on stderr); `settings` say what clients may do (`routes.ServerSettings`).
     """
     check_dependencies()
-    for flag, value in (("--max-batch-size", max_batch_size), ("--max-queue", max_queue)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InputError(f"{flag} must be a whole number ≥ 1, got {value!r}")
-    if not 0 <= shutdown_timeout < 86400:
-        raise InputError(f"--shutdown-timeout must be between 0 and 86400 seconds, got {shutdown_timeout}")
+    check_count(max_batch_size, "max_batch_size")
+    check_count(max_queue, "max_queue")
+    check_number(shutdown_timeout, "shutdown_timeout", minimum=0, below=86400)
     check_port(host, port)
     vlm = load_model(load, settings.model_name)
     if settings.mask_decoder is not None:  # a file that is not a mask decoder is an error now, not at a request

@@ -50,6 +50,7 @@ from vlmo.fileio.jsonfile import read_json
 from vlmo.nn import lora
 from vlmo.nn.lora import LoRAConfig, LoRALinear, adaptable_layers, lora_modules, untie_head
 from vlmo.nn.paligemma import PaliGemma
+from vlmo.progress import ProgressBars
 from vlmo.weights.hub import (
     ModelNotFoundError,
     OfflineError,
@@ -57,7 +58,6 @@ from vlmo.weights.hub import (
     hub_errors,
     hub_requests,
     looks_like_path,
-    progress_bars,
     repo_label,
     want_progress,
 )
@@ -439,7 +439,7 @@ def _download_adapter(repo_id: str, revision: str | None, token: str | bool | No
             raise CheckpointError(f"{where} has no {ADAPTER_CONFIG}: is it a PEFT adapter repo?")
         if ADAPTER_WEIGHTS not in files:
             raise CheckpointError(_no_safetensors(where, PICKLE_WEIGHTS in files))
-        with progress_bars(show) as bar_class:
+        with ProgressBars(unit="bytes", enabled=show) as bars:
             paths = [
                 Path(
                     hf_hub_download(
@@ -447,7 +447,7 @@ def _download_adapter(repo_id: str, revision: str | None, token: str | bool | No
                         f,
                         revision=revision,
                         token=token,
-                        tqdm_class=bar_class(f),
+                        tqdm_class=bars.tqdm_class(f),
                         etag_timeout=timeouts.metadata,
                     )
                 )

@@ -21,18 +21,15 @@ from __future__ import annotations
 
 import errno
 import functools
-import io
 import logging
 import math
 import os
-import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import Any, ClassVar
 
 import httpx2  # huggingface_hub >= 2 talks HTTP through httpx2, whose transport errors reach us unwrapped
 from huggingface_hub import HfApi, constants, file_download, hf_hub_download, scan_cache_dir
@@ -48,20 +45,10 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import are_progress_bars_disabled, validate_repo_id
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from tqdm.std import tqdm
 
 from vlmo.errors import CheckpointError, OptionError, VlmoError
 from vlmo.fileio.jsonfile import read_json
+from vlmo.progress import ProgressBars, wanted
 from vlmo.weights.files import (
     CONFIG_FILE,
     INDEX_FILE,
@@ -295,7 +282,7 @@ def _download(
         repo_files = {s.rfilename for s in info.siblings or []}
         names = _files_to_fetch(where, repo_files)
         logger.info("downloading %s to %s", where, _cache_path(cache_dir))
-        with progress_bars(show) as bar_class:
+        with ProgressBars(unit="bytes", enabled=show) as bars:
 
             def fetch(name: str) -> Path:
                 path = hf_hub_download(
@@ -304,7 +291,7 @@ def _download(
                     revision=revision,
                     token=token,
                     cache_dir=_hub_cache_dir(cache_dir),
-                    tqdm_class=bar_class(name),
+                    tqdm_class=bars.tqdm_class(name),
                     etag_timeout=timeouts.metadata,
                 )
                 return Path(path)
@@ -559,76 +546,7 @@ _HUB_SCOPE = _Scope()
 
 
 def want_progress(progress: bool | None) -> bool:
-    if progress is not None:
-        return progress
-    if are_progress_bars_disabled():  # HF_HUB_DISABLE_PROGRESS_BARS
+    """Whether to draw download bars: `vlmo.progress.wanted`, and off by HF_HUB_DISABLE_PROGRESS_BARS unless asked."""
+    if progress is None and are_progress_bars_disabled():
         return False
-    return sys.stderr is not None and sys.stderr.isatty()
-
-
-class _Discard(io.TextIOBase):
-    """Where tqdm's own text goes: rich draws the bars."""
-
-    def write(self, s: str) -> int:
-        return len(s)
-
-
-class _RichBar(tqdm):
-    """A tqdm that keeps tqdm's bookkeeping (n, total, resume offset) but draws into a rich `Progress`.
-
-    huggingface_hub makes one per file from the class given as `tqdm_class`; `_bar_class` binds the
-    `Progress` and the file name to that class. Without a `Progress` it draws nothing.
-    """
-
-    monitor_interval = 0  # no tqdm monitor thread
-    progress: ClassVar[Progress | None] = None
-    label: ClassVar[str] = ""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._task: TaskID | None = None
-        kwargs.pop("name", None)
-        kwargs.update(file=_Discard(), disable=False)
-        super().__init__(*args, **kwargs)
-
-    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
-        if self.progress is None:
-            return True
-        if self._task is None:
-            description = self.label or self.desc
-            self._task = self.progress.add_task(description, total=self.total, completed=self.n)
-        else:
-            self.progress.update(self._task, total=self.total, completed=self.n)
-        return True
-
-    def close(self) -> None:
-        super().close()
-        if self.progress is not None and self._task is not None:
-            self.progress.update(self._task, total=self.total, completed=self.n)
-
-    # With these two methods, huggingface_hub's Xet downloads report their network bytes here instead of
-    # opening a second bar per file; we show the bytes written to disk (`update`).
-    def update_transfer(self, n: float | None = 1) -> None:
-        pass
-
-    def set_transfer_postfix_str(self, s: str = "", refresh: bool = False) -> None:
-        pass
-
-
-@contextmanager
-def progress_bars(enabled: bool) -> Iterator[Callable[[str], type[tqdm]]]:
-    """Yields `bar_class(file name)`: a rich bar per file (bytes, speed, ETA) on stderr, or silent bars."""
-    if not enabled:
-        yield lambda name: _bar_class(None, name)
-        return
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
-    with Progress(*columns, TimeRemainingColumn(), console=Console(stderr=True)) as progress:
-        yield lambda name: _bar_class(progress, name)
-
-
-def _bar_class(progress: Progress | None, name: str) -> type[tqdm]:
-    class Bar(_RichBar):
-        pass
-
-    Bar.progress = progress
-    Bar.label = name
-    return Bar
+    return wanted(progress)

@@ -48,7 +48,6 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -59,6 +58,7 @@ from torch import nn
 from vlmo.errors import CheckpointError, VlmoError
 from vlmo.fileio.atomic import OutputError, write_output
 from vlmo.nn.paligemma import PaliGemma
+from vlmo.progress import progress_bar
 from vlmo.weights.files import CONFIG_FILE
 from vlmo.weights.safetensors_io import DTYPES, open_tensors, release_pages
 
@@ -360,6 +360,8 @@ def _float16_plan(
 
 def _write_entry(entry: Path, net: PaliGemma, mode: PrepMode, mapped: bool, source: str) -> Path:
     """Write the entry for `net` (float weights, adapter merged); returns its weights file."""
+    from vlmo.weights.hub import want_progress  # not at import: `vlmo cache ls` needs no huggingface_hub
+
     if mode == "int8":
         specs, tensors, total = _int8_plan(net, mapped)
     else:
@@ -367,7 +369,13 @@ def _write_entry(entry: Path, net: PaliGemma, mode: PrepMode, mapped: bool, sour
     entry.mkdir(parents=True, exist_ok=True)
     file = entry / WEIGHTS_FILE
     try:
-        with _progress(f"Preparing {mode} weights (once for this checkpoint)", total) as advance:
+        # A one-time step that leaves nothing to read: the bar goes when done. On a terminal only, as for downloads.
+        description = f"Preparing {mode} weights (once for this checkpoint)"
+        with progress_bar(total, description, unit="percent", enabled=want_progress(None), transient=True) as bar:
+
+            def advance(t: torch.Tensor) -> None:
+                bar.advance(t.numel())
+
             write_output(file, lambda tmp: _write_safetensors(tmp, specs, tensors(advance)))
     except BaseException:
         try:
@@ -414,23 +422,6 @@ def _raw_bytes(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy and without numpy (not one of vlmo's dependencies).
     The view is valid while `t` lives; the caller writes it at once."""
     return memoryview((ctypes.c_ubyte * t.nbytes).from_address(t.data_ptr())).cast("B") if t.nbytes else memoryview(b"")
-
-
-@contextmanager
-def _progress(description: str, total: int) -> Iterator[Callable[[torch.Tensor], None]]:
-    """A rich bar on stderr (on a terminal only, as for downloads), advanced by each weight prepared."""
-    from vlmo.weights.hub import want_progress
-
-    if not want_progress(None):
-        yield lambda t: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda t: progress.advance(task, t.numel())
 
 
 def _touch(entry: Path) -> None:

@@ -38,6 +38,7 @@ from torch import nn
 from vlmo.errors import CheckpointError
 from vlmo.fileio.atomic import OutputError, atomic_path
 from vlmo.nn.vqvae import VQVAEDecoder, VQVAEEncoder
+from vlmo.progress import ProgressBars
 from vlmo.weights.hub import (
     DiskFullError,
     DownloadError,
@@ -45,6 +46,7 @@ from vlmo.weights.hub import (
     ModelNotFoundError,
     OfflineError,
     hub_requests,
+    want_progress,
 )
 from vlmo.weights.loader import few_names
 from vlmo.weights.safetensors_io import open_tensors
@@ -263,9 +265,14 @@ def _download_vae() -> Path:
     local = "or pass the path of a local vae-oid.npz to load_mask_decoder()"
     unreachable = f"could not reach {constants.ENDPOINT} for {where}: check your connection, {local}"
     try:
-        with hub_requests() as timeouts:  # timeouts and quiet retries, as for models
+        # Timeouts and quiet retries, and a bar on a terminal, as for models.
+        with hub_requests() as timeouts, ProgressBars(unit="bytes", enabled=want_progress(None)) as bars:
             path = hf_hub_download(
-                repo_id=VAE_REPO, filename=VAE_FILENAME, repo_type="space", etag_timeout=timeouts.metadata
+                repo_id=VAE_REPO,
+                filename=VAE_FILENAME,
+                repo_type="space",
+                etag_timeout=timeouts.metadata,
+                tqdm_class=bars.tqdm_class(VAE_FILENAME),
             )
         return Path(path)
     except (OfflineModeIsEnabled, LocalEntryNotFoundError) as e:
