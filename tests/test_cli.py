@@ -137,6 +137,14 @@ def test_ask_stream_prints_the_same_text(images: dict[str, Path], ckpt: str) -> 
     assert streamed == plain == "blue\n"
 
 
+def test_stop_ends_the_answer_where_the_text_first_appears(images: dict[str, Path], ckpt: str) -> None:
+    """--stop (repeatable) is the library's `stop=`: the answer ends before the first stop string, streamed or not."""
+    assert ok(vlmo_cli("caption", images["red"], "--model", ckpt, "--stop", " squ", "--stop", "zzz")) == "a red\n"
+    streamed = vlmo_cli("caption", images["red"], "--model", ckpt, "--stop", " squ", "--stream")
+    assert ok(streamed) == "a red\n"
+    assert ok(vlmo_cli("caption", images["red"], "--model", ckpt, "--stop", "zzz")) == "a red square\n"
+
+
 def test_model_from_environment(images: dict[str, Path], ckpt: str) -> None:
     assert ok(vlmo_cli("ask", images["red"], QUESTION, env={"VLMO_MODEL": ckpt})) == "red\n"
 
@@ -329,6 +337,7 @@ def test_bad_image_is_caught_before_the_model_loads(images: dict[str, Path], tmp
         (["--top-p", "2"], "top_p"),
         (["--top-k", "-1"], "top_k"),
         (["--max-tokens", "0"], "--max-tokens must be a whole number ≥ 1, got 0"),
+        (["--stop", ""], "stop must be a non-empty string"),
     ],
 )
 def test_invalid_sampling_is_a_usage_error_before_loading(

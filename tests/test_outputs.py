@@ -298,13 +298,13 @@ def test_detect_out_that_appears_while_the_model_works_is_not_replaced(
     red: Path, ckpt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "boxes.png"
-    detect = vlmo.api.VLMo.detect
+    run = vlmo.api.VLMo.run
 
     def racing(self: vlmo.api.VLMo, *args: object, **kwargs: object) -> object:
         out.write_bytes(b"another run's")  # after the up-front check, before the save
-        return detect(self, *args, **kwargs)
+        return run(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(vlmo.api.VLMo, "detect", racing)
+    monkeypatch.setattr(vlmo.api.VLMo, "run", racing)
     assert_error(
         vlmo_cli("detect", red, "cat", "--model", ckpt, "--out", out), 2, str(out), "already exists", "--force"
     )

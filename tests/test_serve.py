@@ -453,6 +453,7 @@ def long_stream(url: str, results: list[Any]) -> None:
         results.append(exc)
 
 
+@pytest.mark.slow  # a server process per case; test_engine.py checks the engine's finish and cancel in-process
 @pytest.mark.parametrize("grace", ["30", "0"], ids=["finishes", "cancels"])
 def test_sigterm_answers_every_accepted_request_and_exits_0(tmp_path: Path, grace: str) -> None:
     served = start_server(tmp_path, "--shutdown-timeout", grace, key=None)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import BLUE, RED, TAUGHT_DETECTION
-from vlmo import VLMo
+from vlmo import VLMo, tasks
 from vlmo.detection import Detection
 from vlmo.errors import InputError
 
@@ -120,3 +120,46 @@ def test_chat_text_that_is_no_prompt_is_an_input_error(text: object) -> None:
 
     with pytest.raises(InputError):
         tasks.from_chat_text(text)  # type: ignore[arg-type]
+
+
+# -- the one dispatch: tasks.prompt ------------------------------------------------------------------------------
+
+
+def test_prompt_dispatches_every_task_as_its_own_function_does() -> None:
+    assert tasks.prompt("ask", question="what is this?", lang="fr") == tasks.ask("what is this?", "fr")
+    assert tasks.prompt("caption", detail="long", lang="de") == tasks.caption("long", "de")
+    assert tasks.prompt("ocr") == tasks.ocr()
+    assert tasks.prompt("detect", labels="cat ; dog") == tasks.detect("cat ; dog")
+    assert tasks.prompt("segment", labels=["cat"]) == tasks.segment(["cat"])
+    assert tasks.prompt("generate", text="detect cat") == tasks.raw("detect cat")
+    assert set(tasks.DEFAULT_MAX_NEW_TOKENS) == {"ask", "caption", "ocr", "detect", "segment", "generate"}
+
+
+@pytest.mark.parametrize(
+    ("task", "given", "fragment"),
+    [
+        ("draw", {}, "unknown task 'draw'"),
+        ("ask", {}, "the ask task needs a question"),
+        ("detect", {}, "the detect task needs labels"),
+        ("generate", {}, "the generate task needs a text"),
+        ("caption", {"question": "why?"}, "the caption task takes no question"),
+        ("ask", {"question": "why?", "labels": "cat"}, "the ask task takes no labels"),
+        ("caption", {"detail": "medium"}, "unknown caption detail"),
+    ],
+)
+def test_prompt_refuses_what_a_task_cannot_use(task: str, given: dict[str, str], fragment: str) -> None:
+    with pytest.raises(InputError, match=fragment):
+        tasks.prompt(task, **given)  # type: ignore[arg-type]
+
+
+def test_an_answer_is_its_payload_rows_and_picture() -> None:
+    box = Detection("cat", (1.0, 2.0, 30.0, 40.0), (2, 1, 40, 30))
+    found = tasks.Answer(tasks.detect("cat"), "<loc…> cat", (64, 48), "stop", [box])
+    assert found.payload() == tasks.located_payload("detect", (64, 48), [box])
+    assert found.rows() == [["cat", 1.0, 2.0, 30.0, 40.0]]
+    image = Image.new("RGB", (64, 48))
+    drawn = found.draw(image)
+    assert drawn.size == image.size and drawn.tobytes() != image.tobytes()  # the box is drawn, on a copy
+    text = tasks.Answer(tasks.caption(), "a cat", (64, 48), "length")
+    assert text.payload() == {"task": "caption", "text": "a cat"} and text.rows() == []
+    assert text.draw(image).tobytes() == image.tobytes()

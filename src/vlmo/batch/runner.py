@@ -51,6 +51,8 @@ BATCH_TASKS: tuple[TaskName, ...] = ("ask", "caption", "ocr", "detect", "segment
 # Which job option (and manifest column) each task's prompt needs, and the tasks each such option is for.
 _NEEDS: dict[str, str] = {"ask": "question", "detect": "labels", "segment": "labels", "generate": "prompt"}
 _FOR: dict[str, tuple[str, ...]] = {"question": ("ask",), "labels": ("detect", "segment"), "prompt": ("generate",)}
+# Which `tasks.prompt` argument takes that value (the job's `prompt` is the generate task's raw text).
+_PROMPT_ARGUMENT: dict[str, str] = {"ask": "question", "detect": "labels", "segment": "labels", "generate": "text"}
 T = TypeVar("T")
 # An input with its decoded image, or the one-line reason it has none.
 Loaded = tuple[BatchInput, "Image.Image | None", "str | None"]
@@ -82,11 +84,9 @@ class BatchJob:
                 raise OptionError(f"{{{name}}} is for the {which} task, not {{task}}", task=self.task, **{name: None})
         # Check what the job itself says now, before any model loads: a typo costs no waiting.
         tasks.lang_code(self.lang)
-        if self.task == "caption":
-            tasks.caption(self.detail, self.lang)
         needed = _NEEDS.get(self.task)
-        if needed is not None and getattr(self, needed) is not None:
-            self._prompt(getattr(self, needed))
+        if needed is None or getattr(self, needed) is not None:
+            self._prompt(None if needed is None else getattr(self, needed))
         if self.max_new_tokens is not None:  # decoding is greedy: the length is the one generation option to check
             check_count(self.max_new_tokens, "max_new_tokens")
 
@@ -112,20 +112,16 @@ class BatchJob:
         """The prompt for one input: its own question / labels / prompt, else the job's (`InputError` if neither)."""
         needed = _NEEDS.get(self.task)
         if needed is None:
-            return tasks.ocr() if self.task == "ocr" else tasks.caption(self.detail, self.lang)
+            return self._prompt(None)
         value = getattr(item, needed) or getattr(self, needed)
         if value is None:
             raise InputError(f"this row has no {needed}; give it one in the manifest or pass one for every row")
         return self._prompt(value)
 
-    def _prompt(self, value: str) -> Prompt:
-        if self.task == "ask":
-            return tasks.ask(value, self.lang)
-        if self.task == "detect":
-            return tasks.detect(value)
-        if self.task == "segment":
-            return tasks.segment(value)
-        return tasks.raw(value)
+    def _prompt(self, value: str | None) -> Prompt:
+        """`tasks.prompt` for this job's task, with `value` as what the task needs (its question, labels, prompt)."""
+        given = {} if value is None else {_PROMPT_ARGUMENT[self.task]: value}
+        return tasks.prompt(self.task, lang=self.lang, detail=self.detail, **given)
 
 
 # -- one batch ---------------------------------------------------------------------------------------------------

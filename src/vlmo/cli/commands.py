@@ -39,8 +39,6 @@ from vlmo.errors import check_count, check_file
 from vlmo.finetune.config import FinetuneConfig
 
 if TYPE_CHECKING:
-    from vlmo.detection import Detection
-    from vlmo.segmentation import Segmentation
     from vlmo.tasks import Prompt
 
 app = typer.Typer(
@@ -123,7 +121,7 @@ def ask(
                 f"{question} looks like an image, not a question; pass the question with -q, or quote it "
                 '(vlmo ask a.jpg b.jpg -q "what is this?")'
             )
-    _texts(run, images, tasks.ask(question, lang), json_out, stream)
+    _texts(run, images, tasks.prompt("ask", question=question, lang=lang), json_out, stream)
 
 
 def _is_image_file(text: str) -> bool:
@@ -152,7 +150,7 @@ def caption(
 
     if detail not in tasks.CAPTION_PREFIXES:
         raise CliUsageError(f"unknown --detail {detail!r}; use short, long or raw")
-    _texts(run, images, tasks.caption(detail, lang), json_out, stream)
+    _texts(run, images, tasks.prompt("caption", detail=detail, lang=lang), json_out, stream)
 
 
 @app.command(epilog="Example:\n\n  vlmo ocr receipt.png")
@@ -161,7 +159,7 @@ def ocr(images: Images, run: Run, json_out: JsonOut = False, stream: Stream = No
     """Read the text in one or more images."""
     from vlmo import tasks
 
-    _texts(run, images, tasks.ocr(), json_out, stream)
+    _texts(run, images, tasks.prompt("ocr"), json_out, stream)
 
 
 @app.command(epilog='Example:\n\n  vlmo generate photo.jpg "answer en what is this?"')
@@ -178,7 +176,7 @@ def generate(
     """Complete a raw prompt for an image (special tokens such as <loc0123> are kept)."""
     from vlmo import tasks
 
-    _texts(run, [image], tasks.raw(prompt), json_out, stream)
+    _texts(run, [image], tasks.prompt("generate", text=prompt), json_out, stream)
 
 
 @app.command(
@@ -212,38 +210,28 @@ def _locate(
 ) -> None:
     """Shared body of detect/segment. Everything the user typed is checked before the model loads."""
     from vlmo import tasks
-    from vlmo.detection import draw_detections
     from vlmo.processing import load_image
-    from vlmo.segmentation import draw_segmentations
 
-    tasks.detect(labels)  # no empty labels, no '<' '>'
+    prompt = tasks.prompt(task, labels=labels)  # no empty labels, no '<' '>'
     _check_output(out, force)
     check_file(mask_decoder, "mask_decoder")
     pil = load_image(image)
-    vlm = run.load()
-    found: list[Detection] | list[Segmentation]
-    masks: list[Segmentation] = []  # segment only
-    if task == "detect":
-        found = boxes = vlm.detect(pil, labels, **run.options)
-    else:
-        found = masks = vlm.segment(pil, labels, mask_decoder=mask_decoder, **run.options)
-        boxes = [s.to_detection() for s in masks]
+    answer = run.load().run(pil, prompt, mask_decoder=mask_decoder, **run.options)
     if out is not None:
         from vlmo.fileio.atomic import atomic_path, image_format
 
-        drawn = draw_detections(pil, boxes) if task == "detect" else draw_segmentations(pil, masks)
         with atomic_path(out, force=force) as tmp:  # never a half image, never a file that appeared meanwhile
-            drawn.save(tmp, format=image_format(out))
+            answer.draw(pil).save(tmp, format=image_format(out))
         stderr.print(f"saved {out}")
     if json_out:
-        payload = tasks.located_payload(task, pil.size, found)
-        _emit_json({"model": run.model, "image": image, **payload, "output": None if out is None else str(out)})
+        output = None if out is None else str(out)
+        _emit_json({"model": run.model, "image": image, **answer.payload(), "output": output})
         return
-    if not found:
+    if not answer.objects:
         stderr.print("no objects found")
-    for i, d in enumerate(boxes):
-        area = f"\t{int(masks[i].mask.sum())}" if task == "segment" else ""
-        typer.echo(f"{d.label}\t" + "\t".join(f"{v:.1f}" for v in d.box) + area)
+    for label, *numbers in answer.rows():  # label, the box (1 decimal), and for segment the mask's area
+        box, area = numbers[:4], numbers[4:]
+        typer.echo("\t".join([str(label), *(f"{float(v):.1f}" for v in box), *(str(v) for v in area)]))
 
 
 def _check_output(out: Path | None, force: bool) -> None:

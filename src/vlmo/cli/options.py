@@ -130,6 +130,14 @@ SAMPLING = (
     ),
     _option("top_k", Annotated[int, typer.Option("--top-k", help="Keep only the k most likely tokens (0: all).")], 0),
     _option("seed", Annotated[int | None, typer.Option(help="Random seed, for reproducible sampling.")], None),
+    _option(
+        "stop",
+        Annotated[
+            list[str] | None,
+            typer.Option("--stop", help="End the answer where this text first appears (repeatable; not shown)."),
+        ],
+        None,
+    ),
 )
 
 
@@ -168,6 +176,7 @@ class Run:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    stop: tuple[str, ...] | list[str] | None = None
 
     def __post_init__(self) -> None:
         from vlmo.generation import SamplingConfig
@@ -189,6 +198,8 @@ class Run:
             "top_k": self.top_k,
             "seed": self.seed,
         }
+        if self.stop:
+            options["stop"] = tuple(self.stop)
         if self.max_tokens is not None:
             options["max_new_tokens"] = self.max_tokens
         return options

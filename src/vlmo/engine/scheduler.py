@@ -20,10 +20,10 @@ leave at once, both through `nn.paligemma.regroup`, which keeps each row's keys 
 ids (docs/architecture.md, "Continuous batching"). So a greedy row's answer does not depend on what runs beside it
 (int8 and float32; `tests/test_engine.py`), and a seeded row samples as it does alone.
 
-The model is used through `VLMo`'s named methods only (`tokenize`, `detokenize`, `encode_images`, `prefill`,
-`decode`, `eos_ids`, `context_length`). Results go to each request's `Sink`: `Piece`s as text becomes certain, then
-one `Finished`, or one exception (an error while sampling a row fails that row alone; an error in a decode step
-fails the running rows; an error while prefilling fails the joining requests only).
+The model is used through `VLMo`'s named methods only (`Model`: `tokenize`, `detokenize`, `encode_images`,
+`prefill`, `decode`, `eos_ids`, `context_length`). Results go to each request's `Sink`: `Piece`s as text becomes
+certain, then one `Finished`, or one exception (an error while sampling a row fails that row alone; an error in a
+decode step fails the running rows; an error while prefilling fails the joining requests only).
 """
 
 from __future__ import annotations
@@ -48,8 +48,33 @@ from vlmo.nn.paligemma import DecodeState, regroup
 from vlmo.tasks import Prompt
 
 if TYPE_CHECKING:
-    from vlmo.api import VLMo
-    from vlmo.processing import ImageInput
+    from vlmo.processing import EncodedBatch, ImageInput
+
+
+class Model(Protocol):
+    """The model as the loop sees it: what `vlmo.api.VLMo` offers by name (so the loop reads no other object's
+    fields, and depends on no face or facade)."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def eos_ids(self) -> frozenset[int]: ...
+
+    @property
+    def context_length(self) -> int: ...
+
+    def prompt_length(self, prompt: str) -> int: ...
+
+    def tokenize(self, prompts: Sequence[str]) -> EncodedBatch: ...
+
+    def detokenize(self, ids: Sequence[int]) -> str: ...
+
+    def encode_images(self, images: Sequence[ImageInput]) -> torch.Tensor: ...
+
+    def prefill(self, batch: EncodedBatch, features: torch.Tensor, room: int) -> tuple[torch.Tensor, DecodeState]: ...
+
+    def decode(self, tokens: torch.Tensor, state: DecodeState) -> torch.Tensor: ...
 
 
 class Cancelled(VlmoError):
@@ -155,14 +180,14 @@ class _Row:
 
 
 class Scheduler:
-    """Continuous batching over one loaded `VLMo`, driven step by step by its owner (one thread at a time).
+    """Continuous batching over one loaded model (a `VLMo`), driven step by step by its owner (one thread at a time).
 
     max_batch_size: rows decoded together. More rows share each read of the weights, which is what bounds decode
     speed, but every row adds compute; the owner lets at most `free` requests join at a step. `ignore_eos`: answers
     run to their `max_new_tokens` (benchmarks that time a fixed number of tokens).
     """
 
-    def __init__(self, vlm: VLMo, *, max_batch_size: int = 8, ignore_eos: bool = False) -> None:
+    def __init__(self, vlm: Model, *, max_batch_size: int = 8, ignore_eos: bool = False) -> None:
         self.vlm = vlm
         self.max_batch_size = check_count(max_batch_size, "max_batch_size")
         self._rows: list[_Row] = []
