@@ -29,7 +29,8 @@ engine's `ignore_eos`), and two modes run the same requests through the engine's
 - `continuous-N`: at most N rows at once, a finished row's slot refilled at the next step (what `vlmo batch` does);
 - `static-N`: N requests at a time, the next N only when all have finished (what it did before).
 Rounds alternate the modes; the table shows medians, and the
-ratio of each mode's images/s to the loop's measured in the same round. Results: benchmarks/results/batch-<size>.json.
+ratio of each mode's images/s to the loop's (and continuous to static) measured in the same round. Results:
+benchmarks/results/batch-<size>.json (batch-<size>-lengths.json with --answer-lengths).
 """
 
 from __future__ import annotations
@@ -252,7 +253,8 @@ def main() -> None:
                 paired = [by_round[r["round"]] / r["seconds"] for r in mine]
                 summary[f"{kind}-{n}"]["x_static"] = statistics.median(paired)
     env = {**environment(threads), "lscpu": lscpu()}
-    out = args.out or HERE / "results" / f"batch-{args.size}.json"
+    suffix = "-lengths" if lengths else ""  # the engine modes' results, beside the others'
+    out = args.out or HERE / "results" / f"batch-{args.size}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     keys = ("size", "images", "hf_images", "max_new_tokens", "runs", "answer_lengths")
     settings = {**{k: getattr(args, k) for k in keys}, "lengths": lengths}

@@ -84,8 +84,8 @@ def write_checkpoint(size: str, out: Path, seed: int = 0, dtype: str | None = No
     if (out / "done").is_file():
         return out
     from vlmo.config import PaliGemmaConfig
+    from vlmo.demo.standins import build_tokenizer, preprocessor_config
     from vlmo.nn.paligemma import PaliGemma
-    from vlmo.testing import build_tokenizer, preprocessor_config
     from vlmo.weights.keys import KeyMap
 
     out.mkdir(parents=True, exist_ok=True)

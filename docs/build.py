@@ -2,7 +2,7 @@
 
     python docs/build.py    # rewrite README.md's CLI reference, docs/img/output-formats.png and shapes-boxes.png
 
-The picture comes from the same stand-ins the tests use (`vlmo.testing.blob_mask_decoder`), applied to a model
+The picture comes from the same stand-ins the tests use (`vlmo.demo.standins.blob_mask_decoder`), applied to a model
 answer written by hand, so it shows exactly what vlmo's parsing, mask placement and drawing do.
 """
 
@@ -14,9 +14,9 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from vlmo.cli import reference as cli_reference
+from vlmo.demo.standins import blob_mask_decoder
 from vlmo.detection import ParsedObject, box_to_bins, draw_detections, format_objects, parse_detections
 from vlmo.segmentation import draw_segmentations, parse_segmentations
-from vlmo.testing import blob_mask_decoder
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = (360, 240)

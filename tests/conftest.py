@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from fake_hub import isolate_hf
-from vlmo.testing import build_tokenizer, preprocessor_config
+from vlmo.demo.standins import build_tokenizer, preprocessor_config
 
 _SESSION_CACHE = tempfile.mkdtemp(prefix="vlmo-test-cache-")
 

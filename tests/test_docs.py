@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from vlmo.testing import blob_mask_decoder
+from vlmo.demo.standins import blob_mask_decoder
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"

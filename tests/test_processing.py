@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from vlmo.demo.standins import build_tokenizer
 from vlmo.errors import CheckpointError, ImageError, InputError
 from vlmo.processing import (
     EncodedBatch,
@@ -19,7 +20,6 @@ from vlmo.processing import (
     load_image,
     preprocess_images,
 )
-from vlmo.testing import build_tokenizer
 
 N_IMAGE_TOKENS = 16  # a 56x56 image in 14x14 patches
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from vlmo import tasks
 from vlmo.batch.inputs import BatchInput, Inputs, as_inputs
 from vlmo.batch.results import JsonlResults, Results, Row, check_results_path, error_row, result_row
-from vlmo.errors import InputError, OptionError, VlmoError, check_count
+from vlmo.errors import InputError, OptionError, VlmoError, braced, check_count
 from vlmo.fileio.atomic import OutputPathError
 from vlmo.progress import ProgressBars
 from vlmo.tasks import Prompt, TaskName
@@ -285,9 +285,8 @@ def run_batches(
     limit: int | None = None,
 ) -> Iterator[list[Row]]:
     """The rows in input order, `batch_size` at a time (what a results file writes at once): the first `limit`
-    inputs, less those whose id is in `skip`, through `answer_rows`."""
-    job.check_inputs(inputs)
-    check_counts(batch_size, limit)
+    inputs, less those whose id is in `skip`, through `answer_rows`. The counts and the job against the inputs are
+    checked by the callers (`run`, `write_results`), before any model loads."""
     done = set(skip)
     pending = (item for item in itertools.islice(inputs, limit) if item.id not in done)
     loader = _Loader(_chunks(pending, batch_size))
@@ -399,7 +398,8 @@ def open_results(path: str | os.PathLike[str], task: TaskName, *, resume: bool, 
     out = check_results_path(path)
     if not resume and not force and out.is_file():
         raise OutputPathError(
-            f"{out} already exists; pass {{resume}} to continue it, {{force}} to replace it, or choose another --out",
+            f"{braced(str(out))} already exists; pass {{resume}} to continue it, {{force}} to replace it, or choose "
+            "another --out",
             out,
             resume=None,
             force=None,
@@ -441,10 +441,10 @@ def write_results(
     try:
         with _Progress(todo, shown) as bar:
             for batch in run_batches(vlm, job, inputs, batch_size=batch_size, skip=results.done, limit=limit):
-                with _sigint_deferred():
+                with _sigint_deferred():  # a Ctrl-C during the write stops the run after it, counted
                     results.write(batch)
-                rows += len(batch)
-                errors += sum(row["error"] is not None for row in batch)
+                    rows += len(batch)
+                    errors += sum(row["error"] is not None for row in batch)
                 bar.advance(len(batch), errors, rows / (time.perf_counter() - started))
     except KeyboardInterrupt:
         raise BatchInterrupted(Summary(rows, errors, skipped, time.perf_counter() - started)) from None

@@ -4,7 +4,7 @@
     python -m vlmo.demo.train --out runs/shapes --install  # … and copy the result into the package
 
 Steps: (1) write a freshly initialised small PaliGemma-architecture checkpoint (`init/`) with a tokenizer from
-`vlmo.testing.build_tokenizer` over the shapes vocabulary; (2) pre-train the vision tower alone on per-patch labels
+`standins.build_tokenizer` over the shapes vocabulary; (2) pre-train the vision tower alone on per-patch labels
 (`pretrain_vision`, `vision/`); (3) `vlmo.finetune.train.finetune` with `train=("full",)` on `ShapesDataset` (scenes
 drawn on the fly), in six stages: all tasks (`run/`), a focus on yes/no and boxes (`focus/`), detection on a
 zoomed input (`zoom_input`, `detect/`), then a polish (`polish/`), a refinement (`refine/`) and a last stage
@@ -44,8 +44,8 @@ from vlmo.demo.shapes import (
     random_size,
     render,
 )
+from vlmo.demo.standins import LOC_TOKENS, build_tokenizer, preprocessor_config
 from vlmo.nn.paligemma import PaliGemma
-from vlmo.testing import LOC_TOKENS, build_tokenizer, preprocessor_config
 from vlmo.weights.writer import save_weights
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json")

@@ -287,6 +287,7 @@ class Scheduler:
         now = time.perf_counter()
         greedy = logits.argmax(dim=-1).tolist()  # one pass for every greedy row
         keep: list[int] = []
+        ends: list[tuple[_Row, str, Literal["stop", "length"], bool]] = []
         for i, row in enumerate(rows):
             req = row.req
             if _dropped_if_cancelled(req.sink):
@@ -306,7 +307,7 @@ class Scheduler:
             cut = stop_at(text, req.stop)
             if ended or cut is not None or len(row.ids) >= req.cfg.max_new_tokens:
                 final = text if cut is None else text[:cut]
-                _finish(row, final, "stop" if ended or cut is not None else "length", ended)
+                ends.append((row, final, "stop" if ended or cut is not None else "length", ended))
                 continue
             _show(row, text)
             row.next_token = token
@@ -318,12 +319,18 @@ class Scheduler:
         if survivors:
             parts.append((state, torch.tensor(keep, dtype=torch.long, device=state.key_valid.device)))
         running = (self._rows if joined else []) + survivors
-        if not running:
-            self._rows, self._state = [], None
-            return
-        if joined or len(keep) < len(rows):
-            state = regroup(parts, max(r.req.cfg.max_new_tokens - len(r.ids) for r in running))
-        self._rows, self._state = running, state
+        try:
+            if not running:
+                self._rows, self._state = [], None
+            else:
+                if joined or len(keep) < len(rows):
+                    state = regroup(parts, max(r.req.cfg.max_new_tokens - len(r.ids) for r in running))
+                self._rows, self._state = running, state
+        finally:
+            # Finished rows are told last, once they have left: whoever reads `running` after an answer (a
+            # server's metrics) no longer counts them. Told even if regrouping failed: their answers are whole.
+            for end in ends:
+                _finish(*end)
 
 
 def _dropped_if_cancelled(sink: Sink) -> bool:
