@@ -338,6 +338,8 @@ def test_bad_image_is_caught_before_the_model_loads(images: dict[str, Path], tmp
         (["--top-k", "-1"], "top_k"),
         (["--max-tokens", "0"], "--max-tokens must be a whole number ≥ 1, got 0"),
         (["--stop", ""], "stop must be a non-empty string"),
+        (["--sample", "--temperature", "1e-39"], "temperature must be at least"),
+        (["--sample", "--top-p", "1e-320"], "top_p must be at least"),
     ],
 )
 def test_invalid_sampling_is_a_usage_error_before_loading(

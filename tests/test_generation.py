@@ -303,7 +303,7 @@ def test_a_prompt_longer_than_the_context_is_refused_before_any_work(
     short.image_cache.clear()
     caches = Calls(monkeypatch, short.model, "new_cache")
     vision = Calls(monkeypatch, short.model, "encode_images")
-    question = "what is " + "very " * 5000 + "red?"
+    question = "what is " + "very " * 40 + "red?"  # over the context in tokens, not in characters
     n = prompt_length(short, tasks_ask(question))
     for call in (
         lambda: short.ask(picture(0), question, max_new_tokens=1),
@@ -358,3 +358,53 @@ def test_closing_a_stream_stops_generation_at_once(vlm: VLMo, monkeypatch: pytes
     with pytest.raises(StopIteration):
         next(pieces)
     assert decodes.count == before
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"temperature": 1e-39}, "temperature must be at least 0.0001"),
+        ({"top_p": 1e-320}, "top_p must be at least 1e-06"),
+        ({"top_p": True}, "top_p must be in"),
+    ],
+)
+def test_sampling_values_the_sampler_cannot_compute_are_refused(vlm: VLMo, options: dict, fragment: str) -> None:
+    """A temperature or top_p so small that float32 probabilities overflow is an error before any work."""
+    with pytest.raises(GenerationConfigError, match=fragment):
+        vlm.generate(picture(0), "caption en", do_sample=True, **options)
+
+
+def test_the_smallest_allowed_values_sample_the_greedy_token() -> None:
+    """At the bounds the sampler still computes finite probabilities (the best score is shifted to 0 before the
+    division), so a sample is the most likely token, not an error, even for logits far from 0."""
+    from vlmo.generation import MIN_TEMPERATURE, MIN_TOP_P
+
+    logits = torch.randn(4, 257, generator=torch.Generator().manual_seed(0)) * 80 + 500
+    for cfg in (
+        SamplingConfig(do_sample=True, temperature=MIN_TEMPERATURE),
+        SamplingConfig(do_sample=True, top_p=MIN_TOP_P),
+        SamplingConfig(do_sample=True, temperature=MIN_TEMPERATURE, top_p=MIN_TOP_P, top_k=5),
+    ):
+        for seed in range(5):
+            picked = select_next(logits, cfg, torch.Generator().manual_seed(seed))
+            assert picked.tolist() == logits.argmax(-1).tolist()
+
+
+def test_a_question_too_long_for_any_tokenization_is_refused_before_tokenizing(
+    vlm: VLMo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More characters than the longest token × the context cannot fit: refused by length, before the tokenizer
+    spends seconds on it (a server would hold that client's neighbours up meanwhile)."""
+    from vlmo import tasks
+
+    encodes = Calls(monkeypatch, vlm.text, "encode")
+    most = vlm.text.max_token_chars * vlm.context_length
+    question = "why " * (most // 4 + 1)
+    for call in (
+        lambda: vlm.ask(picture(0), question),
+        lambda: Scheduler(vlm).request(picture(0), tasks.ask(question), None, Collector()),
+    ):
+        with pytest.raises(InputError, match=r"^the prompt has \d+ characters, more than the model's \d+ positions"):
+            call()
+    assert encodes.count == 0
+    assert vlm.prompt_length(tasks.ask("why " * 5).text) > 0  # a normal question is tokenized as before

@@ -100,6 +100,18 @@ def test_segment_without_a_usable_mask_decoder_is_one_error_before_generating(tm
     assert "vlmo_completion_tokens_total 0.0" in metrics.text  # nothing was generated
 
 
+@pytest.mark.parametrize("sampling", [{"temperature": 1e-39}, {"temperature": 0.7, "top_p": 1e-320}])
+def test_sampling_values_the_sampler_cannot_compute_are_a_400(shapes_app: Any, sampling: dict[str, float]) -> None:
+    """Refused when the request is checked, so the request beside it in the engine never sees them."""
+    message = {"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_uri(render(make_scene("sampling", 0)))}},
+        {"type": "text", "text": "caption en"},
+    ]}  # fmt: skip
+    (answer,) = asyncio.run(call(shapes_app, [("POST", "/v1/chat/completions", {"messages": [message], **sampling})]))
+    assert answer.status_code == 400, answer.text
+    assert "must be at least" in answer.json()["error"]["message"]
+
+
 def test_a_full_queue_answers_503_with_retry_after_and_loses_nothing(shapes_app: Any) -> None:
     body = {
         "messages": [

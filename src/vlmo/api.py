@@ -146,7 +146,16 @@ class VLMo:
         return self.model.cfg.text.max_position_embeddings
 
     def prompt_length(self, prompt: str) -> int:
-        """Positions `prompt` takes, its image tokens included (what the token budget counts)."""
+        """Positions `prompt` takes, its image tokens included (what the token budget counts).
+
+        A text too long to fit the context whatever its tokens (more characters than the longest token holds times
+        the context) is refused before it is tokenized: a huge question costs nothing, and holds up nobody."""
+        most = self.text.max_token_chars * self.context_length
+        if len(prompt) > most:
+            raise InputError(
+                f"the prompt has {len(prompt)} characters, more than the model's {self.context_length} positions "
+                "can hold; shorten the question or prompt"
+            )
         return int(self.text.encode([prompt]).input_ids.shape[1])
 
     def tokenize(self, prompts: Sequence[str]) -> EncodedBatch:

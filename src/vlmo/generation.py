@@ -40,12 +40,19 @@ class GenerateOptions(TypedDict, total=False):
     stop: Sequence[str]
 
 
+# The smallest sampling values the float32 sampler computes faithfully (`SamplingConfig`).
+MIN_TEMPERATURE = 1e-4
+MIN_TOP_P = 1e-6
+
+
 @dataclass(frozen=True, kw_only=True)
 class SamplingConfig:
     """How to pick each next token. Greedy unless `do_sample`; the other fields apply only when sampling.
 
-    top_k: keep the k most likely tokens (0 = all). temperature: divide logits by it (> 0).
-    top_p: keep the smallest set of most likely tokens whose probabilities add up to at least top_p (0 < p ≤ 1).
+    top_k: keep the k most likely tokens (0 = all). temperature: divide logits by it (≥ `MIN_TEMPERATURE`).
+    top_p: keep the smallest set of most likely tokens whose probabilities add up to at least top_p
+    (`MIN_TOP_P` ≤ p ≤ 1). The lower bounds are what the float32 sampler can compute: below them every sample is the
+    greedy token anyway, and values such as 1e-39 would overflow into inf/NaN probabilities.
     """
 
     max_new_tokens: int = 64
@@ -61,14 +68,20 @@ class SamplingConfig:
             raise GenerationConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if not isinstance(self.temperature, int | float) or not math.isfinite(self.temperature):
             raise GenerationConfigError(f"temperature must be a finite number, got {self.temperature!r}")
-        if self.temperature <= 0:
+        if self.temperature < MIN_TEMPERATURE:
             raise GenerationConfigError(
-                f"temperature must be > 0, got {self.temperature}; for deterministic output turn sampling off"
+                f"temperature must be at least {MIN_TEMPERATURE:g}, got {self.temperature:g}; for deterministic "
+                "output turn sampling off"
             )
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise GenerationConfigError(f"top_k must be an integer ≥ 0 (0 disables it), got {self.top_k!r}")
-        if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
             raise GenerationConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_p < MIN_TOP_P:
+            raise GenerationConfigError(
+                f"top_p must be at least {MIN_TOP_P:g}, got {self.top_p:g}; for the most likely token alone turn "
+                "sampling off"
+            )
 
     @classmethod
     def from_options(cls, options: GenerateOptions, default_max_new_tokens: int) -> SamplingConfig:
@@ -97,12 +110,14 @@ def select_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
     if 0 < cfg.top_k < scores.shape[-1]:
         kth = torch.topk(scores, cfg.top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, -math.inf)
-    scores = scores / cfg.temperature
+    # Shift the best score to 0 before dividing, so a small temperature makes the others -inf, never the best inf.
+    scores = (scores - scores.amax(dim=-1, keepdim=True)) / cfg.temperature
     if cfg.top_p < 1.0:
         sorted_scores, order = scores.sort(dim=-1, descending=True)
         probs = sorted_scores.softmax(dim=-1)
         # Drop a token when the tokens ranked above it already reach top_p; the most likely one always stays.
         drop = (probs.cumsum(dim=-1) - probs) >= cfg.top_p
+        drop[:, 0] = False
         scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, -math.inf))
     probs = scores.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

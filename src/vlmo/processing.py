@@ -12,6 +12,7 @@ Axes: B batch, T tokens, N image tokens per image, H/W image height/width in pix
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import sys
@@ -278,6 +279,12 @@ class TextProcessor:
         self.bos_id = self._token_id("<bos>")
         self.eos_id = self._token_id("<eos>")
         self.image_id = self._token_id(image_token)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token of this vocabulary stands for (its longest entry, at least 1): a text
+        longer than this × a number of positions cannot fit in them, which is known without tokenizing it."""
+        return max(1, max((len(piece) for piece in self.tokenizer.get_vocab(with_added_tokens=True)), default=1))
 
     @classmethod
     def from_file(

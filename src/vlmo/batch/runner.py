@@ -47,12 +47,12 @@ if TYPE_CHECKING:
     from vlmo.engine.scheduler import Collector, Request, Scheduler
     from vlmo.generation import GenerateOptions
 
-BATCH_TASKS: tuple[TaskName, ...] = ("ask", "caption", "ocr", "detect", "segment", "generate")
-# Which job option (and manifest column) each task's prompt needs, and the tasks each such option is for.
-_NEEDS: dict[str, str] = {"ask": "question", "detect": "labels", "segment": "labels", "generate": "prompt"}
-_FOR: dict[str, tuple[str, ...]] = {"question": ("ask",), "labels": ("detect", "segment"), "prompt": ("generate",)}
-# Which `tasks.prompt` argument takes that value (the job's `prompt` is the generate task's raw text).
-_PROMPT_ARGUMENT: dict[str, str] = {"ask": "question", "detect": "labels", "segment": "labels", "generate": "text"}
+# Every task (`vlmo.tasks`): a new task there is a new batch task, with nothing to add here.
+BATCH_TASKS: tuple[TaskName, ...] = tuple(tasks.DEFAULT_MAX_NEW_TOKENS)
+# Which job option (and manifest column) each task's prompt needs: `tasks.TASK_INPUT`, where the raw text of the
+# generate task is called `prompt` (`--prompt`, a manifest's `prompt` column); and the tasks each option is for.
+_NEEDS: dict[str, str] = {task: "prompt" if arg == "text" else arg for task, arg in tasks.TASK_INPUT.items()}
+_FOR: dict[str, tuple[str, ...]] = {need: tuple(t for t, n in _NEEDS.items() if n == need) for need in _NEEDS.values()}
 T = TypeVar("T")
 # An input with its decoded image, or the one-line reason it has none.
 Loaded = tuple[BatchInput, "Image.Image | None", "str | None"]
@@ -77,7 +77,7 @@ class BatchJob:
 
     def __post_init__(self) -> None:
         if self.task not in BATCH_TASKS:
-            raise OptionError("unknown {task}; use ask, caption, ocr, detect, segment or generate", task=self.task)
+            raise OptionError(f"unknown {{task}}; use {', '.join(BATCH_TASKS)}", task=self.task)
         for name, owners in _FOR.items():
             if getattr(self, name) is not None and self.task not in owners:
                 which = " and ".join(owners)
@@ -120,7 +120,7 @@ class BatchJob:
 
     def _prompt(self, value: str | None) -> Prompt:
         """`tasks.prompt` for this job's task, with `value` as what the task needs (its question, labels, prompt)."""
-        given = {} if value is None else {_PROMPT_ARGUMENT[self.task]: value}
+        given = {} if value is None else {tasks.TASK_INPUT[self.task]: value}
         return tasks.prompt(self.task, lang=self.lang, detail=self.detail, **given)
 
 
