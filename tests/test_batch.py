@@ -210,6 +210,20 @@ def test_csv_manifest_and_a_list_of_paths(folder: Path, captions: list[dict[str,
     ]
 
 
+def test_results_never_replace_the_input_manifest(folder: Path, tmp_path: Path) -> None:
+    """`--out` naming the manifest itself (directly or through a symbolic link) is refused whatever the flags, before
+    the model loads, and the manifest is untouched."""
+    manifest = tmp_path / "rows.jsonl"
+    text = json.dumps({"image": str(folder / "scene-00.png")}) + "\n"
+    manifest.write_text(text)
+    (tmp_path / "link.jsonl").symlink_to(manifest)
+    for out in (manifest, tmp_path / "link.jsonl"):
+        for flags in ([], ["--force"], ["--resume"]):
+            result = vlmo_cli("batch", manifest, "--task", "caption", "--out", out, *flags, *NO_MODEL)
+            usage_error(result, "is the input", "choose another --out")
+            assert manifest.read_text() == text
+
+
 def test_input_listings(folder: Path, tmp_path: Path) -> None:
     (tmp_path / "a" / ".hidden").mkdir(parents=True)
     for name in ("a/x.PNG", "a/.y.png", "a/.hidden/z.png", "a/notes.txt", "b.jpg"):

@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from vlmo import tasks
@@ -391,6 +392,24 @@ class BatchInterrupted(KeyboardInterrupt):
         self.summary = summary
 
 
+def check_not_an_input(path: str | os.PathLike[str], inputs: Inputs) -> None:
+    """OutputPathError when the results file `path` is the job's input file (a manifest or a list of paths; the same
+    file, also through a symbolic link or another name for it), whatever `--force` or `--resume` say: the results
+    would replace what the job reads."""
+    source = Path(inputs.source)
+    out = Path(path)
+    try:
+        same = source.is_file() and out.exists() and os.path.samefile(out, source)
+    except OSError:
+        same = False
+    if same:
+        raise OutputPathError(
+            f"--out {braced(str(out))} is the input {braced(str(source))}; the results would replace it, so choose "
+            "another --out",
+            out,
+        )
+
+
 def open_results(path: str | os.PathLike[str], task: TaskName, *, resume: bool, force: bool) -> Results:
     """The results file `path` for a job of `task` (`.jsonl`, or `.parquet` through a journal, `batch_parquet`):
     new (an existing one refused unless `force`), or with `resume` the existing one, whose ids are then `done` (a
@@ -487,6 +506,7 @@ class _Progress(ProgressBars):
 
 __all__ = [
     "open_results",
+    "check_not_an_input",
     "BATCH_TASKS",
     "BatchInterrupted",
     "BatchJob",

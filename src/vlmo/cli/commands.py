@@ -286,7 +286,14 @@ def batch(
 ) -> None:
     """Run one task over many images: one result row per input, in batches, resumable (docs/batch.md)."""
     from vlmo.batch.inputs import list_inputs
-    from vlmo.batch.runner import BatchInterrupted, BatchJob, check_counts, open_results, write_results
+    from vlmo.batch.runner import (
+        BatchInterrupted,
+        BatchJob,
+        check_counts,
+        check_not_an_input,
+        open_results,
+        write_results,
+    )
 
     if resume and force:
         raise CliUsageError("pass --resume or --force, not both")
@@ -306,6 +313,7 @@ def batch(
     check_counts(batch_size, limit)
     inputs = list_inputs(source)
     job.check_inputs(inputs)
+    check_not_an_input(out, inputs)
     if use_ray:
         from vlmo.batch.ray_data import RayOptions, run_ray
 

@@ -20,6 +20,8 @@ import asyncio
 import base64
 import binascii
 import os
+import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,7 +72,7 @@ async def fetch_image(ref: object, policy: MediaPolicy) -> Image.Image:
     if scheme == "data":
         data = _data_uri(ref, policy)
     elif scheme == "file":
-        data = await asyncio.to_thread(_local_file, ref, policy)
+        data = await _local(ref, policy)
     elif scheme in ("http", "https"):
         data = await _remote(ref, policy)
     else:
@@ -101,26 +103,70 @@ def _data_uri(ref: str, policy: MediaPolicy) -> bytes:
     return data
 
 
+async def _local(ref: str, policy: MediaPolicy) -> bytes:
+    """A file:// URL's bytes (`_local_file`) in a worker thread, within `remote_timeout` as a download is: a stalled
+    file system costs this request a 400, never a hang (the thread is a daemon's: shutdown does not wait for it)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[bytes] = loop.create_future()
+
+    def read() -> None:
+        try:
+            result: bytes | BaseException = _local_file(ref, policy)
+        except BaseException as exc:  # noqa: BLE001 - handed to the request, which raises it
+            result = exc
+        try:
+            loop.call_soon_threadsafe(_settle, done, result)
+        except RuntimeError:  # the loop has closed: nobody waits for this read any more
+            pass
+
+    threading.Thread(target=read, name="vlmo-local-media", daemon=True).start()
+    try:
+        return await asyncio.wait_for(done, policy.remote_timeout)
+    except TimeoutError:
+        raise BadRequest(f"reading {_short(ref)} took longer than {policy.remote_timeout:g} s") from None
+
+
+def _settle(future: asyncio.Future[bytes], result: bytes | BaseException) -> None:
+    if future.done():  # timed out meanwhile
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
 def _local_file(ref: str, policy: MediaPolicy) -> bytes:
-    """A file:// URL under the allowed folder → its bytes (read at most the cap plus one byte)."""
+    """A file:// URL under the allowed folder → its bytes (read at most the cap plus one byte). Only a regular file
+    is read: it is opened without blocking (a FIFO would wait for a writer) and checked (`S_ISREG`) before reading."""
     allowed = policy.allowed_local_media_path
     if allowed is None:
         raise BadRequest("file:// images are off; start the server with --allowed-local-media-path DIR to allow them")
     parts = urlsplit(ref)
     if parts.netloc not in ("", "localhost"):
         raise BadRequest(f"file:// URLs must name a local path (file:///path), got host {parts.netloc!r}")
-    path = Path(unquote(parts.path)).resolve()
+    name = unquote(parts.path)
+    if "\x00" in name:
+        raise BadRequest(f"{_short(ref)} holds a NUL character, which no file name can")
+    path = Path(name).resolve()
     if not path.is_relative_to(allowed):
         raise BadRequest(f"{_short(ref)} is outside the allowed media folder (--allowed-local-media-path)")
     try:
-        with open(path, "rb") as file:
-            if os.fstat(file.fileno()).st_size > policy.max_image_bytes:
-                raise PayloadTooLarge(f"{path.name} is larger than the server's image limit of {policy.megabytes}")
-            data = file.read(policy.max_image_bytes + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise BadRequest(f"no image file at {_short(ref)}") from None
     except OSError as exc:
         raise BadRequest(f"cannot read {_short(ref)} ({exc.strerror or exc})") from None
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BadRequest(f"{_short(ref)} is not a regular file; only image files are read")
+        if info.st_size > policy.max_image_bytes:
+            raise PayloadTooLarge(f"{path.name} is larger than the server's image limit of {policy.megabytes}")
+        os.set_blocking(fd, True)
+        try:
+            data = file.read(policy.max_image_bytes + 1)
+        except OSError as exc:
+            raise BadRequest(f"cannot read {_short(ref)} ({exc.strerror or exc})") from None
     if len(data) > policy.max_image_bytes:  # grew since fstat
         raise PayloadTooLarge(f"{path.name} is larger than the server's image limit of {policy.megabytes}")
     return data
