@@ -408,6 +408,19 @@ def test_usage_errors_come_before_the_model_loads(
     assert not (tmp_path / "x.jsonl").exists()
 
 
+def test_errors_that_hold_for_every_row_are_usage_errors_not_error_rows(folder: Path, tmp_path: Path) -> None:
+    """A manifest without a labels column for --task detect (before the model loads), and a --max-tokens that no
+    prompt leaves room for (once the model's context is known): exit 2 and no rows, so --resume counts nothing."""
+    manifest = tmp_path / "rows.jsonl"
+    manifest.write_text("".join(json.dumps({"image": str(p)}) + "\n" for p in sorted(folder.glob("scene-0*.png"))[:3]))
+    out = tmp_path / "boxes.jsonl"
+    usage_error(vlmo_cli("batch", manifest, "--task", "detect", "--out", out, *NO_MODEL), "no row of", "has one")
+    assert not out.exists()
+    result = vlmo_cli("batch", folder, "--task", "caption", "--max-tokens", 100000, "--out", out, *MODEL)
+    usage_error(result, "max_new_tokens may be at most")
+    assert not out.exists() or read_jsonl(out) == []
+
+
 def test_an_existing_results_file_is_kept_without_force(folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "mine.jsonl"
     out.write_text("precious\n")

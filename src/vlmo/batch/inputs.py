@@ -60,14 +60,32 @@ class BatchInput:
     prompt: str | None = None
 
 
+# What a manifest row may carry besides its image and id: the values a task's prompt needs.
+ROW_FIELDS = ("question", "labels", "prompt")
+
+
+def carried(items: Iterable[BatchInput]) -> frozenset[str]:
+    """Which of `ROW_FIELDS` at least one of `items` carries."""
+    return frozenset(f for f in ROW_FIELDS if any(getattr(item, f) is not None for item in items))
+
+
 class Inputs:
     """The inputs of a job: their ids (in order) known up front, and a fresh iterator over them each time.
 
     Iterating reads lazily where it can (a Parquet manifest's image bytes, one row group at a time). `manifest`:
-    whether rows may carry their own question, labels or prompt."""
+    whether rows may carry their own question, labels or prompt; `fields`: which of those some row does carry (all
+    three when unknown), so that a job whose task needs one that no row has is refused before any model loads."""
 
-    def __init__(self, source: str, ids: list[str], rows: Callable[[], Iterator[BatchInput]], manifest: bool) -> None:
+    def __init__(
+        self,
+        source: str,
+        ids: list[str],
+        rows: Callable[[], Iterator[BatchInput]],
+        manifest: bool,
+        fields: Iterable[str] | None = None,
+    ) -> None:
         self.source, self.ids, self._rows, self.manifest = source, ids, rows, manifest
+        self.fields = frozenset(ROW_FIELDS if fields is None and manifest else fields or ())
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -139,8 +157,8 @@ def as_inputs(inputs: Inputs | str | os.PathLike[str] | Iterable[BatchInput | st
     ids = [item.id for item in made]
     if len(set(ids)) != len(ids):
         raise InputError("two inputs have the same id; ids must be unique (resuming relies on them)")
-    manifest = any(i.question is not None or i.labels is not None or i.prompt is not None for i in made)
-    return Inputs("the given inputs", ids, lambda: iter(made), manifest=manifest)
+    fields = carried(made)
+    return Inputs("the given inputs", ids, lambda: iter(made), manifest=bool(fields), fields=fields)
 
 
 # -- folders, globs and path lists -------------------------------------------------------------------------------
@@ -260,7 +278,7 @@ def _from_records(path: Path, records: list[Record]) -> Inputs:
     items = [
         manifest_item(path, where, i, image, row) for (where, row), image, i in zip(records, images, ids, strict=True)
     ]
-    return Inputs(str(path), ids, lambda: iter(items), manifest=True)
+    return Inputs(str(path), ids, lambda: iter(items), manifest=True, fields=carried(items))
 
 
 def _image_value(value: Any, where: str) -> str:
@@ -357,7 +375,7 @@ def parquet_inputs(path: Path) -> Inputs:
         images = [_path_value(v, where) for v, where in zip(_images(file, kind), wheres, strict=True)]
         ids = manifest_ids(path, list(zip(wheres, rows, images, strict=True)))
         items = [manifest_item(path, *entry) for entry in zip(wheres, ids, images, rows, strict=True)]
-        return Inputs(str(path), ids, lambda: iter(items), manifest=True)
+        return Inputs(str(path), ids, lambda: iter(items), manifest=True, fields=carried(items))
     # Ids from the bytes need one pass over them (unless the file has ids); the job reads them again as it goes.
     derived = [bytes_id(_bytes(v)) for v in _images(file, kind)] if "id" not in fields else [""] * len(rows)
     ids = manifest_ids(path, list(zip(wheres, rows, derived, strict=True)))
@@ -366,7 +384,8 @@ def parquet_inputs(path: Path) -> Inputs:
         for where, i, image, row in zip(wheres, ids, _images(file, kind), rows, strict=True):
             yield manifest_item(path, where, i, _bytes(image), row)
 
-    return Inputs(str(path), ids, lazily, manifest=True)
+    given = frozenset(f for f in ROW_FIELDS if any(row.get(f) not in (None, "") for row in rows))
+    return Inputs(str(path), ids, lazily, manifest=True, fields=given)
 
 
 def _image_kind(kind: pa.DataType, path: Path) -> str:

@@ -91,6 +91,14 @@ class BatchJob:
         if self.max_new_tokens is not None:  # decoding is greedy: the length is the one generation option to check
             check_count(self.max_new_tokens, "max_new_tokens")
 
+    def check_model(self, vlm: VLMo) -> None:
+        """What holds for every row once the model is known, refused before any row runs: a `max_new_tokens` that no
+        prompt leaves room for in the model's context (GenerationConfigError, a usage error)."""
+        if self.max_new_tokens is not None:
+            from vlmo.generation import check_token_budget
+
+            check_token_budget(vlm.prompt_length(""), self.max_new_tokens, vlm.context_length)
+
     @property
     def options(self) -> GenerateOptions:
         """The `VLMo` generation options of every batch: greedy, and the job's length if it sets one."""
@@ -102,12 +110,13 @@ class BatchJob:
     def check_inputs(self, inputs: Inputs) -> None:
         """Refuse a job whose task needs a value (a question, labels) that neither the job nor the inputs give."""
         needed = _NEEDS.get(self.task)
-        if needed is not None and getattr(self, needed) is None and not inputs.manifest:
-            raise OptionError(
-                f"{{task}} needs {{{needed}}} (or a manifest with a {needed} column)",
-                task=self.task,
-                **{needed: None},
+        if needed is not None and getattr(self, needed) is None and needed not in inputs.fields:
+            why = (
+                f"no row of {braced(inputs.source)} has one"
+                if inputs.manifest
+                else f"or a manifest with a {needed} column"
             )
+            raise OptionError(f"{{task}} needs {{{needed}}} ({why})", task=self.task, **{needed: None})
 
     def prompt_for(self, item: BatchInput) -> Prompt:
         """The prompt for one input: its own question / labels / prompt, else the job's (`InputError` if neither)."""
@@ -167,6 +176,7 @@ def answer_rows(vlm: VLMo, job: BatchJob, loaded: Iterable[Loaded], *, batch_siz
     from vlmo.engine.scheduler import Scheduler  # torch: imported when a job runs, not with the CLI
 
     scheduler = Scheduler(vlm, max_batch_size=batch_size)
+    job.check_model(vlm)
     if job.task == "segment":
         vlm.mask_decoder(job.mask_decoder)
     options = job.options
