@@ -27,10 +27,10 @@ from batch_scenes import BAD, LABELS, MODEL, SCENES, scene_ids, write_scene_fold
 from conftest import RED
 from vlmo import VLMo
 from vlmo.batch.inputs import BatchInput, list_inputs
-from vlmo.batch.runner import BatchJob, run
+from vlmo.batch.runner import BatchJob, open_results, run
 from vlmo.cli.commands import app
 from vlmo.errors import InputError, OptionError
-from vlmo.fileio.atomic import AppendLog, OutputError
+from vlmo.fileio.atomic import AppendLog, OutputError, OutputPathError
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -419,6 +419,29 @@ def test_errors_that_hold_for_every_row_are_usage_errors_not_error_rows(folder: 
     result = vlmo_cli("batch", folder, "--task", "caption", "--max-tokens", 100000, "--out", out, *MODEL)
     usage_error(result, "max_new_tokens may be at most")
     assert not out.exists() or read_jsonl(out) == []
+
+
+def test_two_jobs_never_write_one_results_file(folder: Path, tmp_path: Path) -> None:
+    """While one job holds its results file, a second one (plain, --resume or --force) is refused before its model
+    loads, and neither appends to nor truncates the first one's rows; once the first has closed it, the file is free."""
+    from vlmo.batch.results import row_line
+
+    out = tmp_path / "rows.jsonl"
+    first = open_results(out, "caption", resume=False, force=False)
+    row = {"id": "x", "image": "x.png", "task": "caption", "prompt": "caption en", "text": "a", "error": None}
+    first.write([row])
+    try:
+        for flags in ([], ["--resume"], ["--force"]):
+            result = vlmo_cli("batch", folder, "--task", "caption", "--out", out, *flags, *NO_MODEL)
+            usage_error(result, str(out), "being written by another vlmo batch run")
+            assert out.read_text() == row_line(row) + "\n"
+        with pytest.raises(OutputPathError, match="being written by another"):
+            open_results(out, "caption", resume=True, force=False)
+    finally:
+        first.close()
+    again = open_results(out, "caption", resume=True, force=False)
+    assert again.done == {"x"}
+    again.close()
 
 
 def test_an_existing_results_file_is_kept_without_force(folder: Path, tmp_path: Path) -> None:

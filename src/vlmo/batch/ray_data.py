@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmo.batch.inputs import BatchInput, Inputs
-from vlmo.batch.results import Row, done_ids, parse_row, row_line
+from vlmo.batch.results import ResultsLock, Row, done_ids, parse_row, row_line
 from vlmo.batch.runner import BatchJob, Summary, check_counts, load, process
 from vlmo.errors import OptionError, VlmoError, check_count, check_number
 from vlmo.fileio.atomic import OutputPathError, check_output_dir, write_output
@@ -97,7 +97,26 @@ def run_ray(
     ray = require_ray()
     check_counts(batch_size, limit)
     job.check_inputs(inputs)
-    folder = _prepare_folder(Path(out), resume=resume, force=force)
+    lock = ResultsLock(Path(out))  # held for the whole run: no second job writes shards here meanwhile
+    try:
+        return _run_locked(ray, job, inputs, Path(out), load_options, options, batch_size, limit, resume, force)
+    finally:
+        lock.release()
+
+
+def _run_locked(
+    ray: Any,
+    job: BatchJob,
+    inputs: Inputs,
+    out: Path,
+    load_options: dict[str, Any],
+    options: RayOptions,
+    batch_size: int,
+    limit: int | None,
+    resume: bool,
+    force: bool,
+) -> Summary:
+    folder = _prepare_folder(out, resume=resume, force=force)
     done = done_ids(read_shards(folder), folder, job.task) if resume else set()
     items = [_item_row(item) for item in itertools.islice(inputs, limit) if item.id not in done]
     skipped = min(len(inputs), limit or len(inputs)) - len(items)

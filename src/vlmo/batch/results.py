@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vlmo.batch.inputs import BatchInput
-from vlmo.errors import InputError
+from vlmo.errors import InputError, braced
 from vlmo.fileio.atomic import AppendLog, OutputPathError
 from vlmo.tasks import TaskName
 
@@ -95,6 +95,41 @@ def check_results_path(path: str | os.PathLike[str]) -> Path:
             out,
         )
     return out
+
+
+class ResultsLock:
+    """An exclusive lock on a results file (or `--ray` folder) for a whole run, so two jobs never write one file: a
+    second job, `--resume` or `--force`, gets a one-line error naming the file instead of adding rows to it or
+    truncating it under the first. The lock is an `flock` on a hidden `.NAME.lock` file beside it (not the results
+    file itself, which `--force` replaces); the kernel releases it when the holder exits, killed or not. Where the
+    platform has no `flock` (Windows), there is no lock."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out.parent / f".{out.name}.lock"
+        self.fd: int | None = None
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not on POSIX
+            return
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError:
+            return  # a folder we cannot write a lock into: the results file's own checks report it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise OutputPathError(
+                f"{braced(str(out))} is being written by another vlmo batch run; wait for it to end, or choose "
+                "another --out",
+                out,
+            ) from None
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
 
 
 class JsonlResults:

@@ -35,7 +35,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from vlmo import tasks
 from vlmo.batch.inputs import BatchInput, Inputs, as_inputs
-from vlmo.batch.results import JsonlResults, Results, Row, check_results_path, error_row, result_row
+from vlmo.batch.results import (
+    JsonlResults,
+    Results,
+    ResultsLock,
+    Row,
+    check_results_path,
+    error_row,
+    result_row,
+)
 from vlmo.errors import InputError, OptionError, VlmoError, braced, check_count
 from vlmo.fileio.atomic import OutputPathError
 from vlmo.progress import ProgressBars
@@ -425,6 +433,15 @@ def open_results(path: str | os.PathLike[str], task: TaskName, *, resume: bool, 
     new (an existing one refused unless `force`), or with `resume` the existing one, whose ids are then `done` (a
     file of another task's rows is refused)."""
     out = check_results_path(path)
+    lock = ResultsLock(out)  # before anything touches the file: a second job neither appends to nor truncates it
+    try:
+        return _LockedResults(_open_results(out, task, resume=resume, force=force), lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _open_results(out: Path, task: TaskName, *, resume: bool, force: bool) -> Results:
     if not resume and not force and out.is_file():
         raise OutputPathError(
             f"{braced(str(out))} already exists; pass {{resume}} to continue it, {{force}} to replace it, or choose "
@@ -438,6 +455,26 @@ def open_results(path: str | os.PathLike[str], task: TaskName, *, resume: bool, 
 
         return ParquetResults.open(out, task, resume=resume, force=force)
     return JsonlResults.open(out, task, resume=resume, force=force)
+
+
+class _LockedResults:
+    """A results file and the run's lock on it (`ResultsLock`), released when the file is closed."""
+
+    def __init__(self, results: Results, lock: ResultsLock) -> None:
+        self.results, self.lock = results, lock
+        self.path, self.done = results.path, results.done  # the same set: writes update it
+
+    def write(self, rows: list[Row]) -> None:
+        self.results.write(rows)
+
+    def finish(self) -> None:
+        self.results.finish()
+
+    def close(self) -> None:
+        try:
+            self.results.close()
+        finally:
+            self.lock.release()
 
 
 def write_results(
