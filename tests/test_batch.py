@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -557,3 +558,25 @@ def test_run_answers_each_images_own_prompt_in_one_batch(folder: Path, vlm: VLMo
     assert mixed[1].payload() == {"task": "caption", "text": mixed[1].text}
     with pytest.raises(InputError, match="3 images but 2 prompts"):
         vlm.run(images, [tasks.detect("circle")] * 2)
+
+
+def test_resume_continues_only_the_same_job(folder: Path, tmp_path: Path) -> None:
+    """The run's parameters are kept beside its results; a resume with another detail, question or model, or over
+    inputs that do not hold the file's ids, is refused before the model loads instead of mixing two jobs."""
+    out = tmp_path / "captions.jsonl"
+    ok(vlmo_cli("batch", folder, "--task", "caption", "--out", out, "--limit", 2, *MODEL))
+    record = json.loads((tmp_path / ".captions.jsonl.job.json").read_text())
+    assert record["task"] == "caption" and record["detail"] == "short" and record["model"] == "vlmo/shapes"
+    before = out.read_text()
+    changed = vlmo_cli("batch", folder, "--task", "caption", "--detail", "long", "--out", out, "--resume", *MODEL)
+    usage_error(changed, "was written with detail 'short' (now 'long')", "--force")
+    other_model = ["--model", "/no/such/model"]
+    usage_error(vlmo_cli("batch", folder, "--task", "caption", "--out", out, "--resume", *other_model), "model")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(folder / "scene-00.png", elsewhere / "another.png")
+    foreign = vlmo_cli("batch", elsewhere, "--task", "caption", "--out", out, "--resume", *MODEL)
+    usage_error(foreign, "rows whose ids are not among the inputs")
+    assert out.read_text() == before
+    ok(vlmo_cli("batch", folder, "--task", "caption", "--out", out, "--resume", "--limit", 3, *MODEL))
+    assert len(read_jsonl(out)) == 3

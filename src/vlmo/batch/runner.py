@@ -428,17 +428,95 @@ def check_not_an_input(path: str | os.PathLike[str], inputs: Inputs) -> None:
         )
 
 
-def open_results(path: str | os.PathLike[str], task: TaskName, *, resume: bool, force: bool) -> Results:
+def open_results(
+    path: str | os.PathLike[str],
+    task: TaskName,
+    *,
+    resume: bool,
+    force: bool,
+    job: BatchJob | None = None,
+    model: str | None = None,
+    inputs: Inputs | None = None,
+) -> Results:
     """The results file `path` for a job of `task` (`.jsonl`, or `.parquet` through a journal, `batch_parquet`):
     new (an existing one refused unless `force`), or with `resume` the existing one, whose ids are then `done` (a
-    file of another task's rows is refused)."""
+    file of another task's rows is refused).
+
+    With the `job` (and the `model` name and `inputs`, as the CLI passes them), a new file's run parameters are kept
+    beside it (`JobRecord`), and a resume is refused when they differ or when the file holds rows of ids that are not
+    among the inputs: a resumed run never mixes prompts, models or data sets in one file."""
     out = check_results_path(path)
     lock = ResultsLock(out)  # before anything touches the file: a second job neither appends to nor truncates it
     try:
-        return _LockedResults(_open_results(out, task, resume=resume, force=force), lock)
+        results = _open_results(out, task, resume=resume, force=force)
+        try:
+            if job is not None:
+                record = JobRecord.of(job, model)
+                if resume:
+                    record.check_resume(out, results.done, inputs)
+                else:
+                    record.write(out)
+        except BaseException:
+            results.close()
+            raise
+        return _LockedResults(results, lock)
     except BaseException:
         lock.release()
         raise
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A run's parameters, kept beside its results file (hidden `.RESULTS.job.json`) so that `--resume` can check
+    that it continues the same job: task, question, labels, prompt, language, detail, max tokens and model."""
+
+    fields: dict[str, Any]
+
+    @classmethod
+    def of(cls, job: BatchJob, model: str | None) -> JobRecord:
+        keep = ("task", "question", "labels", "prompt", "lang", "detail", "max_new_tokens")
+        return cls({**{k: getattr(job, k) for k in keep}, "model": model})
+
+    @staticmethod
+    def path(out: Path) -> Path:
+        return out.parent / f".{out.name}.job.json"
+
+    def write(self, out: Path) -> None:
+        import json
+
+        from vlmo.fileio.atomic import write_output
+
+        write_output(self.path(out), json.dumps(self.fields, ensure_ascii=False, indent=1) + "\n", force=True)
+
+    def check_resume(self, out: Path, done: set[str], inputs: Inputs | None) -> None:
+        """OptionError when the run that wrote `out` had other parameters (as far as its record says; results
+        from before records were kept are checked by task only) or when `out` holds ids that are not inputs."""
+        import json
+
+        record = self.path(out)
+        if record.is_file():
+            try:
+                before = json.loads(record.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                before = None
+            if not isinstance(before, dict):
+                raise OptionError(f"cannot read {braced(str(record))}; start over with {{force}}", force=None)
+            changed = [k for k, v in self.fields.items() if k in before and before[k] != v]
+            if changed:
+                said = ", ".join(f"{k} {before[k]!r} (now {self.fields[k]!r})" for k in changed)
+                raise OptionError(
+                    f"{braced(str(out))} was written with {braced(said)}; resume with the same options, or start "
+                    "over with {force}",
+                    force=None,
+                )
+        if inputs is not None:
+            foreign = sorted(done - set(inputs.ids))
+            if foreign:
+                raise OptionError(
+                    f"{braced(str(out))} holds {len(foreign)} rows whose ids are not among the inputs (e.g. "
+                    f"{braced(repr(foreign[0]))}); resume with the same INPUT, or start over with {{force}}",
+                    force=None,
+                )
 
 
 def _open_results(out: Path, task: TaskName, *, resume: bool, force: bool) -> Results:
@@ -553,6 +631,7 @@ class _Progress(ProgressBars):
 
 __all__ = [
     "open_results",
+    "JobRecord",
     "check_not_an_input",
     "BATCH_TASKS",
     "BatchInterrupted",

@@ -323,7 +323,7 @@ def batch(
             job, inputs, out, load, ray_options, batch_size=batch_size, limit=limit, resume=resume, force=force
         )
     else:
-        results = open_results(out, job.task, resume=resume, force=force)
+        results = open_results(out, job.task, resume=resume, force=force, job=job, model=run.model, inputs=inputs)
         try:
             summary = write_results(run.load, job, inputs, results, batch_size=batch_size, limit=limit)
         except BatchInterrupted as e:

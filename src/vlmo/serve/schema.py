@@ -26,7 +26,10 @@ MAX_STOP_STRINGS = 4  # as OpenAI's API
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields are refused, and so are values of the wrong JSON type: `"stream": "yes"` or `max_tokens: true`
+    are 400s, not silently read as true and 1 (a JSON integer is still a number where a float is asked for)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ImageUrl(_Strict):
