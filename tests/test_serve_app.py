@@ -201,7 +201,9 @@ def test_remote_images_with_the_flag(image_host: str) -> None:
     vlm = VLMo.from_pretrained("vlmo/shapes")
     engine = Engine(vlm)
     engine.start()
-    settings = ServerSettings(model_name="shapes", max_image_mb=1, allow_remote_images=True, remote_timeout=1.0)
+    settings = ServerSettings(
+        model_name="shapes", max_image_mb=1, allow_remote_images=True, remote_timeout=1.0, allow_private_addresses=True
+    )  # the test's image host is on loopback, which is refused without allow_private_addresses
     app = create_app(engine, settings)
     paths = ["/scene.png", "/hop", "/away", "/big", "/big-unannounced", "/missing", "/slow", "/../scene.png"]
     try:
@@ -300,12 +302,72 @@ def test_serve_refuses_a_taken_port_before_loading() -> None:
     assert "Loading" not in result.output
 
 
+class Connections:
+    """Records every socket connection attempt; one to an address off this machine fails the test at once (tests
+    send traffic to loopback only)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import ipaddress
+        import socket
+
+        self.made: list[str] = []
+        connect, connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+        def guarded(real: Any) -> Any:
+            def attempt(sock: socket.socket, address: Any) -> Any:
+                host = str(address[0]) if isinstance(address, tuple) else str(address)
+                self.made.append(host)
+                if isinstance(address, tuple) and not ipaddress.ip_address(host.split("%")[0]).is_loopback:
+                    raise AssertionError(f"a connection to {host}, off this machine")
+                return real(sock, address)
+
+            return attempt
+
+        monkeypatch.setattr(socket.socket, "connect", guarded(connect))
+        monkeypatch.setattr(socket.socket, "connect_ex", guarded(connect_ex))
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["127.0.0.1", "127.1", "2130706433", "0x7f000001", "localhost", "[::1]", "[::ffff:127.0.0.1]", "0.0.0.0"],
+)
+def test_remote_images_from_private_addresses_are_refused_before_connecting(
+    image_host: str, host: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every spelling of a non-public address is refused after resolving the name and before any connection, unless
+    the server was started with --allow-private-addresses (every address here is this machine's loopback)."""
+    from vlmo.serve.media import MediaPolicy, fetch_image
+
+    port = image_host.rsplit(":", 1)[1]
+    connections = Connections(monkeypatch)
+    policy = MediaPolicy(2**20, allow_remote_images=True, remote_timeout=2.0)
+    with pytest.raises(Exception, match="not a public address.*--allow-private-addresses") as info:
+        asyncio.run(fetch_image(f"http://{host}:{port}/scene.png", policy))
+    assert type(info.value).__name__ == "BadRequest"
+    assert connections.made == []  # refused before a connection was attempted
+
+
+def test_only_addresses_that_are_not_public_are_refused() -> None:
+    """The classification itself, on literal addresses (nothing is resolved over a network, nothing connects)."""
+    from vlmo.serve.media import MediaPolicy, _check_address
+
+    policy = MediaPolicy(2**20, allow_remote_images=True)
+    private = ["10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "[fe80::1]", "[fc00::1]", "100.64.0.1"]
+    for url in [f"http://{host}/" for host in [*private, "[::ffff:10.0.0.1]"]]:
+        with pytest.raises(Exception, match="not a public address"):
+            asyncio.run(_check_address(url, policy))
+    for url in ("http://8.8.8.8/", "https://[2001:4860:4860::8888]/"):
+        asyncio.run(_check_address(url, policy))  # public: allowed (only classified here, never fetched)
+    allowed = MediaPolicy(2**20, allow_remote_images=True, allow_private_addresses=True)
+    asyncio.run(_check_address("http://10.1.2.3/", allowed))
+
+
 def test_serve_help_lists_the_issue_options() -> None:
     result = CliRunner().invoke(cli_app, ["serve", "-h"])
     assert result.exit_code == 0
     for option in (
         "--model", "--adapter", "--device", "--dtype", "--quantize", "--host", "--port", "--api-key", "VLMO_API_KEY",
         "--served-model-name", "--max-batch-size", "--max-queue", "--max-image-mb", "--allowed-local-media-path",
-        "--allow-remote-images",
+        "--allow-remote-images", "--allow-private-addresses",
     ):  # fmt: skip
         assert option in result.output

@@ -546,6 +546,13 @@ def serve_command(
     allow_remote_images: Annotated[
         bool, typer.Option("--allow-remote-images", help="Fetch http(s) image URLs for clients (default: off).")
     ] = False,
+    allow_private_addresses: Annotated[
+        bool,
+        typer.Option(
+            "--allow-private-addresses",
+            help="With --allow-remote-images, also fetch from loopback, private and link-local addresses (off).",
+        ),
+    ] = False,
     mask_decoder: MaskDecoder = None,
     shutdown_timeout: Annotated[
         float, typer.Option(help="Seconds accepted requests get to finish after Ctrl-C or SIGTERM.")
@@ -563,6 +570,7 @@ def serve_command(
         max_image_mb=max_image_mb,
         allowed_local_media_path=allowed_local_media_path,
         allow_remote_images=allow_remote_images,
+        allow_private_addresses=allow_private_addresses,
         mask_decoder=mask_decoder,
     )
     serve(

@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import ipaddress
 import os
+import socket
 import stat
 import threading
 from dataclasses import dataclass
@@ -46,12 +48,15 @@ class MediaPolicy:
     max_image_bytes: the largest encoded image (a data URI's decoded bytes, a file, a download).
     allowed_local_media_path: the folder `file://` images must lie in (resolved); None refuses every file.
     allow_remote_images: whether http(s) URLs are fetched; remote_timeout bounds a whole download, in seconds.
+    allow_private_addresses: whether a remote image may come from an address that is not public (loopback,
+    private ranges, link-local such as cloud metadata at 169.254.169.254, …); off by default (`_check_address`).
     """
 
     max_image_bytes: int
     allowed_local_media_path: Path | None = None
     allow_remote_images: bool = False
     remote_timeout: float = 10.0
+    allow_private_addresses: bool = False
 
     def __post_init__(self) -> None:
         if self.allowed_local_media_path is not None:
@@ -189,6 +194,7 @@ async def _download(url: str, policy: MediaPolicy) -> bytes:
     timeout = httpx.Timeout(policy.remote_timeout)
     async with httpx.AsyncClient(follow_redirects=False, timeout=timeout, trust_env=False) as client:
         for _ in range(MAX_REDIRECTS + 1):
+            await _check_address(url, policy)  # every hop, before any connection is made
             try:
                 async with client.stream("GET", url) as response:
                     if response.is_redirect:
@@ -206,6 +212,35 @@ async def _download(url: str, policy: MediaPolicy) -> bytes:
             except httpx.HTTPError as exc:
                 raise BadRequest(f"could not fetch {_short(url)} ({type(exc).__name__}: {exc})") from None
     raise BadRequest(f"{_short(url)} redirects more than {MAX_REDIRECTS} times")
+
+
+async def _check_address(url: str, policy: MediaPolicy) -> None:
+    """BadRequest unless every address `url`'s host resolves to is public (or `allow_private_addresses`).
+
+    The name is resolved here, so every spelling of an address counts as what it is (`127.1`, `2130706433`,
+    `[::ffff:127.0.0.1]`, a name that resolves to a private address). Limit: the HTTP client resolves the name
+    again when it connects, so a name whose DNS answer changes between the two (DNS rebinding) is not caught; an
+    operator who must rule that out keeps remote images off and sends data: URIs."""
+    if policy.allow_private_addresses:
+        return
+    parts = urlsplit(url)
+    host = parts.hostname
+    if not host:
+        raise BadRequest(f"{_short(url)} names no host")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    except (OSError, ValueError) as exc:
+        raise BadRequest(f"could not resolve the host of {_short(url)} ({exc})") from None
+    for *_, sockaddr in infos:
+        address = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if not address.is_global:
+            raise BadRequest(
+                f"{_short(url)} resolves to {address}, which is not a public address; remote images come from "
+                "public addresses only (start the server with --allow-private-addresses to allow it)"
+            )
 
 
 async def _capped_body(response: httpx.Response, url: str, policy: MediaPolicy) -> bytes:

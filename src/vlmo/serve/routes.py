@@ -58,7 +58,8 @@ class ServerSettings:
     model_name: the id clients see (`/v1/models`) and may send as `model`; another id is a 404.
     api_key: when set, every endpoint but `/health` needs `Authorization: Bearer <key>`.
     max_image_mb: the largest image (encoded bytes); the body cap follows from it (`max_body_bytes`).
-    allowed_local_media_path / allow_remote_images / remote_timeout: the image sources (`server_media`).
+    allowed_local_media_path / allow_remote_images / remote_timeout / allow_private_addresses: the image sources
+    (`media.MediaPolicy`).
     mask_decoder: the VQ-VAE file for `/v1/segment` (None: downloaded on first use, as `VLMo.segment`).
     """
 
@@ -69,6 +70,7 @@ class ServerSettings:
     allow_remote_images: bool = False
     remote_timeout: float = 10.0
     mask_decoder: str | os.PathLike[str] | None = None
+    allow_private_addresses: bool = False
 
     def __post_init__(self) -> None:
         check_number(self.max_image_mb, "max_image_mb", above=0, below=1e6)
@@ -93,7 +95,9 @@ class ServerSettings:
 
     def media(self) -> MediaPolicy:
         folder = None if self.allowed_local_media_path is None else Path(self.allowed_local_media_path)
-        return MediaPolicy(self.max_image_bytes, folder, self.allow_remote_images, self.remote_timeout)
+        return MediaPolicy(
+            self.max_image_bytes, folder, self.allow_remote_images, self.remote_timeout, self.allow_private_addresses
+        )
 
 
 def create_app(engine: Engine, settings: ServerSettings) -> RequestGuard:
