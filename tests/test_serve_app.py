@@ -371,3 +371,38 @@ def test_serve_help_lists_the_issue_options() -> None:
         "--allow-remote-images", "--allow-private-addresses",
     ):  # fmt: skip
         assert option in result.output
+
+
+def test_a_huge_question_is_refused_by_its_length_without_tokenizing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 12 MB question (under the body cap) is refused by its length: the tokenizer never sees it (tokenizing it
+    took seconds, during which the server's other clients waited), and /health answers beside it."""
+    vlm = VLMo.from_pretrained("vlmo/shapes")
+    seen: list[int] = []
+    encode = vlm.text.encode
+    monkeypatch.setattr(
+        vlm.text, "encode", lambda texts, *a, **k: seen.append(max(map(len, texts))) or encode(texts, *a, **k)
+    )
+    engine = Engine(vlm, max_batch_size=1)
+    engine.start()
+    app = create_app(engine, ServerSettings(model_name="shapes", max_image_mb=20))
+    body = chat_body_for(data_uri(render(make_scene("huge", 0))), "what is " + "very " * (12 * 2**20 // 5) + "red?")
+
+    async def both() -> tuple[Any, Any]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as client:
+            big = asyncio.create_task(client.post("/v1/chat/completions", json=body))
+            health = await client.get("/health")
+            return await big, health
+
+    try:
+        big, health = asyncio.run(both())
+    finally:
+        engine.shutdown(cancel=True)
+    assert health.status_code == 200
+    assert big.status_code == 400 and "characters, more than the model's" in big.json()["error"]["message"]
+    assert all(n < 1000 for n in seen)  # nothing the size of the question reached the tokenizer
+
+
+def chat_body_for(image_url: str, text: str) -> dict[str, Any]:
+    content = [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": text}]
+    return {"messages": [{"role": "user", "content": content}]}
