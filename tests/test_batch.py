@@ -580,3 +580,41 @@ def test_resume_continues_only_the_same_job(folder: Path, tmp_path: Path) -> Non
     assert out.read_text() == before
     ok(vlmo_cli("batch", folder, "--task", "caption", "--out", out, "--resume", "--limit", 3, *MODEL))
     assert len(read_jsonl(out)) == 3
+
+
+def test_parquet_image_structs_by_reference_read_their_path(folder: Path, vlm: VLMo, tmp_path: Path) -> None:
+    """Hugging Face datasets stores an image by reference as {bytes: None, path}: the path is read (relative to the
+    manifest's folder); a struct with bytes gives its bytes; one with neither is that row's "has no image" error."""
+    pa = pytest.importorskip("pyarrow")
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "a.png").write_bytes((folder / "scene-00.png").read_bytes())
+    data = (folder / "scene-01.png").read_bytes()
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    cells = [{"bytes": None, "path": "pics/a.png"}, {"bytes": data, "path": "b.png"}, {"bytes": None, "path": None}]
+    manifest = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"image": pa.array(cells, type=image)}), manifest)
+    out = tmp_path / "captions.jsonl"
+    ok(vlmo_cli("batch", manifest, "--task", "caption", "--out", out, *MODEL))
+    by_path, by_bytes, neither = read_jsonl(out)
+    assert by_path["id"] == "pics/a.png" and by_path["image"] == "pics/a.png" and by_path["error"] is None
+    assert by_path["text"] == vlm.caption(tmp_path / "pics" / "a.png")
+    assert by_bytes["id"] == hashlib.sha256(data).hexdigest()[:16] and by_bytes["text"] == vlm.caption(data)
+    assert neither["id"] == "row 3" != hashlib.sha256(b"").hexdigest()[:16]
+    assert neither["text"] is None and "has no image" in neither["error"]
+
+
+def test_a_url_in_a_list_or_manifest_is_refused_as_a_url(tmp_path: Path) -> None:
+    """Batch inputs are files: a URL is one line saying so before any model loads, never "no image file at http:/…"."""
+    listed = tmp_path / "todo.txt"
+    listed.write_text("# photos\nhttp://example.com/a.png\n")
+    manifest = tmp_path / "rows.jsonl"
+    manifest.write_text('{"image": "x.png"}\n{"image": "https://example.com/b.jpg"}\n')
+    for source, where, url in [(listed, "todo.txt:2", "http://"), (manifest, "rows.jsonl:2", "https://")]:
+        with pytest.raises(InputError, match=f"{where}: {url}example.com/.* is a URL") as info:
+            list_inputs(source)
+        assert "--allow-remote-images" in str(info.value)
+    usage_error(vlmo_cli("batch", listed, "--task", "caption", "--out", tmp_path / "o.jsonl"), "is a URL")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -120,3 +122,36 @@ def test_a_killed_worker_still_gives_every_input_exactly_one_row(folder: Path, v
     reference = list(run(vlm, folder, task="detect", labels=LABELS))
     assert by_id(rows) == reference
     assert json.dumps(reference)  # rows are plain JSON data, as the single-process run writes them
+
+
+def test_ctrl_c_keeps_finished_blocks_and_says_what_is_on_disk(folder: Path, tmp_path: Path) -> None:
+    """A local Ray whose CPUs are all taken by the model actors (2 workers, 1 CPU each, on a machine of 2 or more
+    CPUs the actors fill): each finished batch's shard is on disk as it finishes (writes take no CPU slot), so Ctrl-C
+    mid-run leaves them, prints the single-process run's summary, and --resume finishes the rest."""
+    out = tmp_path / "captions.jsonl"
+    workers = max(2, os.cpu_count() or 2)
+    command = [sys.executable, "-m", "vlmo", "batch", str(folder), "--task", "caption", "--out", str(out), "--ray",
+               "--num-workers", str(workers), "--batch-size", "2", *MODEL]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and process.poll() is None and not list(out.glob("part-*")):
+            time.sleep(0.1)
+        assert process.poll() is None, process.communicate()
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    written = read_shards(out)
+    last = stderr.strip().splitlines()[-1]
+    assert process.returncode == 130, stderr
+    errors = sum(row["error"] is not None for row in written)
+    assert last == f"interrupted: {len(written)} rows written to {out} ({errors} errors); rerun with --resume", last
+    assert 0 < len(written) < len(scene_ids(SCENES)), len(written)
+    assert "core_worker" not in stderr and "raylet" not in stderr and stdout == ""
+    resumed = CliRunner().invoke(app, [*command[3:], "--resume"], prog_name="vlmo")
+    assert resumed.exit_code == 0, (resumed.stderr, resumed.exception)
+    assert f"{len(written)} already done" in resumed.stderr
+    assert sorted(row["id"] for row in read_shards(out)) == scene_ids(SCENES)  # exactly one row per input

@@ -580,3 +580,36 @@ def test_a_closed_pipe_is_not_an_error() -> None:
     reader.stdout.close()  # before vlmo prints anything: `vlmo info` imports torch first
     stderr = reader.stderr.read().decode()
     assert reader.wait(timeout=120) == 141 and stderr == "", stderr
+
+
+# -- messages that name the real cause ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_output_names_the_output_not_the_hub_cache(images: dict[str, Path], ckpt: str) -> None:
+    """`vlmo caption IMG --json > /dev/full`: the write that fails is stdout's, so the hint is about the output."""
+    code = "from vlmo.cli.commands import main; main()"
+    args = ["caption", str(images["red"]), "--model", ckpt, "--quantize", "none", "--json"]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-c", code, *args], stdout=full, stderr=subprocess.PIPE, timeout=120)
+    stderr = done.stderr.decode()
+    assert done.returncode == 1 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith("error: could not write standard output: no space left on device"), stderr
+    assert "HF_HUB_CACHE" not in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("url", ["http://example.com/a.png", "https://example.com/photos/b.jpg"])
+def test_an_image_url_says_urls_are_not_read_here(images: dict[str, Path], tmp_path: Path, url: str) -> None:
+    line = assert_error(vlmo_cli("ask", url, QUESTION, "--model", tmp_path / "no-model"), 2, url, "is a URL")
+    assert "--allow-remote-images" in line and "no image file" not in line
+
+
+def test_segment_offline_without_a_mask_decoder_names_the_cli_option(
+    images: dict[str, Path], ckpt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No --mask-decoder, none converted in VLMO_CACHE (private per test) and the hub offline: the hint is the flag,
+    not the library's `load_mask_decoder()`."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    line = assert_error(vlmo_cli("segment", images["red"], "cat", "--model", ckpt), 1, "HF_HUB_OFFLINE")
+    assert "--mask-decoder vae-oid.npz" in line and "load_mask_decoder" not in line

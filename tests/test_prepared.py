@@ -339,3 +339,47 @@ def test_first_load_shows_a_one_time_progress_bar_on_a_terminal(tmp_path: Path) 
     assert first[0] == second[0] == "yellow\n"
     assert "Preparing int8 weights (once for this checkpoint)" in first[1]
     assert "Preparing" not in second[1]
+
+
+def _fake_entry(folder: Path, source: str) -> Path:
+    """An entry as `entries()` lists it: a folder with a weights file and meta.json."""
+    folder.mkdir(parents=True)
+    (folder / prepared.WEIGHTS_FILE).write_bytes(b"\0" * 64)
+    (folder / prepared.META_FILE).write_text(json.dumps({"source": source, "mode": "int8"}))
+    return folder
+
+
+def test_cache_rm_says_what_it_could_not_remove(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A removal the system refuses (a read-only cache folder: simulated, since root ignores permissions) is a line
+    on stderr naming the entry and the reason, exit 1; what was removed is still said on stdout."""
+    kept = _fake_entry(prepared.cache_root() / ("a" * 64), "acme/kept")
+    gone = _fake_entry(prepared.cache_root() / ("b" * 64), "acme/gone")
+    real_rmtree = shutil.rmtree
+
+    def refusing_rmtree(path: Path, ignore_errors: bool = False, **kwargs: object) -> None:
+        if Path(path) != kept:
+            return real_rmtree(path, ignore_errors=ignore_errors)
+        if not ignore_errors:  # as shutil.rmtree does: with ignore_errors, a failure is silent
+            raise PermissionError(errno.EACCES, "Permission denied", str(kept / prepared.WEIGHTS_FILE))
+
+    monkeypatch.setattr(prepared.shutil, "rmtree", refusing_rmtree)
+    result = CliRunner().invoke(app, ["cache", "rm", "--all"])
+    assert result.exit_code == 1
+    assert result.stdout.splitlines() == ["removed acme/gone (int8, 0.00 GB)"] and not gone.exists()
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: could not remove acme/kept (int8, 0.00 GB) at {kept}: permission denied")
+    assert kept.is_dir() and [e.source for e in cached()] == ["acme/kept"]
+
+
+def test_cache_rm_skips_a_symlinked_entry(tmp_path: Path) -> None:
+    """An entry that is a symbolic link is not followed: the files it points at stay, and the skip is said, exit 1."""
+    outside = _fake_entry(tmp_path / "not-the-cache" / "weights", "acme/linked")
+    link = prepared.cache_root() / ("c" * 64)
+    link.parent.mkdir(parents=True)
+    link.symlink_to(outside, target_is_directory=True)
+    result = CliRunner().invoke(app, ["cache", "rm", "acme/linked"])
+    assert result.exit_code == 1 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: could not remove acme/linked (int8, 0.00 GB) at {link}: skipped")
+    assert "symbolic link" in line and str(outside) in line
+    assert (outside / prepared.WEIGHTS_FILE).is_file() and link.is_symlink()

@@ -285,7 +285,7 @@ def test_not_an_image(tmp_path: Path) -> None:
         load_image(text)
     assert "\n" not in str(info.value)
     with pytest.raises(ImageError, match="the given image bytes is not an image"):
-        load_image(b"")
+        load_image(b"not an image")
     with pytest.raises(ImageError, match="pass a path, bytes or a PIL image"):
         load_image(123)  # type: ignore[arg-type]
 
@@ -528,3 +528,33 @@ def test_bos_adding_post_processor_does_not_change_ids(tmp_path: Path, add_bos_t
     assert got.input_ids.tolist() == list(map(list, want["input_ids"]))
     # Compare values, not containers: transformers 5.25 returns `labels` as a list of lists, earlier releases a tensor.
     assert got.labels is not None and got.labels.tolist() == [list(map(int, row)) for row in want["labels"]]
+
+
+def test_an_unreadable_file_says_why_and_not_corrupt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file the system will not let us read (tests run as root, where chmod stops nothing: `open` refuses it as
+    for an unprivileged user) is "permission denied", not "truncated or corrupt"."""
+    import builtins
+    import errno
+    import os
+
+    path = tmp_path / "locked.png"
+    Image.new("RGB", (8, 8)).save(path)
+    real_open = builtins.open
+
+    def refusing(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(file, str | os.PathLike) and os.fspath(file) == str(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing)
+    with pytest.raises(ImageError, match=f"cannot read {path}: permission denied; check its permissions") as info:
+        load_image(path)
+    assert "corrupt" not in str(info.value)
+
+
+def test_no_bytes_is_no_image_and_a_url_is_not_a_missing_file() -> None:
+    with pytest.raises(ImageError, match="has no image"):
+        load_image(b"")
+    with pytest.raises(ImageError, match=r"^http://host/a\.png is a URL.*--allow-remote-images") as info:
+        load_image("http://host/a.png")
+    assert "no image file" not in str(info.value)

@@ -12,7 +12,25 @@ from collections.abc import Callable
 
 
 class VlmoError(Exception):
-    """Base class of vlmo's user-facing errors. The message is one line and says what to do next."""
+    """Base class of vlmo's user-facing errors. The message is one line and says what to do next.
+
+    A message that tells the user to pass an option names it as a `{name}` field, so that each face spells it its
+    own way: the library as a Python keyword (`mask_decoder="vae-oid.npz"`), the CLI as a flag
+    (`--mask-decoder vae-oid.npz`, see `cli/errors.py`). An option given as None is named without a value.
+    """
+
+    def __init__(self, template: str = "", **options: object) -> None:
+        self.template, self.options = template, options
+        super().__init__(self.spelled(python_option))
+
+    def spelled(self, spell: Callable[[str, object], str]) -> str:
+        """The message with every option named by `spell(name, value)`."""
+        options = getattr(self, "options", None)  # None: a subclass that did not call this __init__
+        if options is None:
+            return str(self)
+        if not options:
+            return self.template
+        return self.template.format(**{name: spell(name, value) for name, value in options.items()})
 
 
 class ConfigError(VlmoError, ValueError):
@@ -38,20 +56,12 @@ class InputError(VlmoError, ValueError):
 class OptionError(InputError):
     """A bad option value, or options that do not fit together.
 
-    The message names options as `{name}` fields so that each face spells them its own way: the library as Python
-    keywords (`quantize="int8"`), the CLI as flags (`--quantize int8`, see `cli/errors.py`). An option given as None
-    is named without a value (`dtype`, `--dtype`).
+    The message names options as `{name}` fields (`VlmoError`): the library as Python keywords (`quantize="int8"`),
+    the CLI as flags (`--quantize int8`). An option given as None is named without a value (`dtype`, `--dtype`).
     """
 
     def __init__(self, template: str, **options: object) -> None:
-        self.template, self.options = template, options
-        super().__init__(self.spelled(python_option))
-
-    def spelled(self, spell: Callable[[str, object], str]) -> str:
-        """The message with every option named by `spell(name, value)`."""
-        if not self.options:
-            return self.template
-        return self.template.format(**{name: spell(name, value) for name, value in self.options.items()})
+        super().__init__(template, **options)
 
 
 class DeviceError(OptionError):

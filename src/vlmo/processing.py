@@ -12,6 +12,7 @@ Axes: B batch, T tokens, N image tokens per image, H/W image height/width in pix
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import os
@@ -27,6 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tokenizers import Tokenizer
 
 from vlmo.errors import CheckpointError, ConfigError, ImageError, InputError
+from vlmo.fileio import is_url
 
 ImageInput = str | os.PathLike[str] | bytes | Image.Image
 
@@ -46,12 +48,19 @@ def load_image(image: ImageInput, exif_transpose: bool = True) -> Image.Image:
         name, opened = "the given PIL image", image
         _decode(opened, name)
     elif isinstance(image, bytes):
+        if not image:  # e.g. a manifest row with no image: say so, not "not an image"
+            raise ImageError("the input has no image (its bytes are empty); pass an image file or its bytes")
         name = "the given image bytes"
         opened = _decode(io.BytesIO(image), name)
     elif isinstance(image, (str, os.PathLike)):
         path = Path(image)
         name = str(path)
         if not path.is_file():
+            if is_url(os.fspath(image)):  # Path() would show "http:/host/a.png", a file that is not there
+                raise ImageError(
+                    f"{os.fspath(image)} is a URL, and images are read from files here: download it first "
+                    "(vlmo serve --allow-remote-images reads URLs)"
+                )
             raise ImageError(f"no image file at {name}; check the path")
         opened = _decode(path, name)
     else:
@@ -80,7 +89,15 @@ def _decode(source: Image.Image | io.BytesIO | Path, name: str) -> Image.Image:
         ) from exc
     except UnidentifiedImageError as exc:
         raise ImageError(f"{name} is not an image Pillow can read; pass a PNG, JPEG, WebP or similar file") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
+    except OSError as exc:
+        if exc.errno is None:  # Pillow's decoding errors carry no errno ("image file is truncated")
+            raise ImageError(f"{name} is truncated or corrupt ({exc}); re-export or re-download the image") from exc
+        # The operating system refused or failed the read (permissions, I/O): the file itself may be fine.
+        reason = (exc.strerror or str(exc)).lower()
+        denied = exc.errno in (errno.EACCES, errno.EPERM)
+        advice = "check its permissions" if denied else "check the file and the disk it is on"
+        raise ImageError(f"cannot read {name}: {reason}; {advice}") from exc
+    except (SyntaxError, ValueError) as exc:
         raise ImageError(f"{name} is truncated or corrupt ({exc}); re-export or re-download the image") from exc
     return image
 

@@ -4,19 +4,20 @@
     inputs = list_inputs("scans/**/*.tif")              # a glob (recursive with **)
     inputs = list_inputs("todo.txt")                    # one path per line (# comments), relative to the list's folder
     inputs = list_inputs("rows.jsonl")                  # a manifest: image + optional id/question/labels/prompt
-    inputs = list_inputs("rows.parquet")                # the same in Parquet; images as paths or bytes
+    inputs = list_inputs("rows.parquet")                # the same in Parquet; images as paths, bytes or datasets'
+                                                        # Image structs {bytes, path}
     len(inputs); for item in inputs: ...
 
 An id names an input across runs, so that `--resume` can tell what is done: a manifest's `id` column, else the path
-relative to the folder or glob root, the line of a path list, a manifest's `image` value, or the image bytes'
-sha256 (first 16 hex digits); a second input with the same derived id gets `#2`, a third `#3`. Listings are sorted,
-so a folder that is listed in another order on another machine gives the same ids. A manifest's own `id` values
-must be unique.
+relative to the folder or glob root, the line of a path list, a manifest's `image` value, the image bytes' sha256
+(first 16 hex digits), or "row N" for a Parquet row with no image at all; a second input with the same derived id
+gets `#2`, a third `#3`. Listings are sorted, so a folder that is listed in another order on another machine gives
+the same ids. A manifest's own `id` values must be unique.
 
 Problems with the listing itself (no such folder, a manifest line that is not JSON, no `image` column, duplicate
-ids) are one-line `InputError`s before any model loads; an image that cannot be read is not checked here: it
-becomes its row's error when the batch runner loads it. Hidden files and folders (names starting with ".") are
-skipped in folders and globs. No torch here.
+ids, a URL where an image file is expected) are one-line `InputError`s before any model loads; an image that cannot
+be read is not checked here: it becomes its row's error when the batch runner loads it. Hidden files and folders
+(names starting with ".") are skipped in folders and globs. No torch here.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlmo.errors import InputError
+from vlmo.fileio import is_url
 from vlmo.fileio.jsonfile import json_line
 
 if TYPE_CHECKING:
@@ -148,6 +150,7 @@ def as_inputs(inputs: Inputs | str | os.PathLike[str] | Iterable[BatchInput | st
         if isinstance(item, BatchInput):
             made.append(item)
         elif isinstance(item, str | os.PathLike):
+            _not_url(os.fspath(item), "inputs")
             full = str(Path(item).expanduser().absolute())
             made.append(BatchInput(next(derived), full, full))
         else:
@@ -205,23 +208,35 @@ def _from_paths(source: str, paths: list[Path], root: Path) -> Inputs:
 
 def _from_list(path: Path) -> Inputs:
     """A text file of image paths: one per line, blank lines and `#` comments skipped."""
-    lines = [line.strip() for line in _read_text(path).splitlines()]
-    entries = [line for line in lines if line and not line.startswith("#")]
-    if not entries:
+    lines = [(f"{path}:{n}", line.strip()) for n, line in enumerate(_read_text(path).splitlines(), start=1)]
+    numbered = [(where, line) for where, line in lines if line and not line.startswith("#")]
+    if not numbered:
         raise InputError(f"{path} lists no image paths; write one path per line")
-    ids = _unique(entries)
+    ids = _unique([line for _, line in numbered])
     items = [
         BatchInput(i, str(full), str(full))
-        for i, entry in zip(ids, entries, strict=True)
-        for full in [_resolve(entry, path)]
+        for i, (where, entry) in zip(ids, numbered, strict=True)
+        for full in [_resolve(entry, path, where)]
     ]
     return Inputs(str(path), ids, lambda: iter(items), manifest=False)
 
 
-def _resolve(value: str, manifest: Path) -> Path:
-    """A path from a list or manifest: relative ones are relative to the file's own folder."""
+def _resolve(value: str, manifest: Path, where: str) -> Path:
+    """A path from a list or manifest: relative ones are relative to the file's own folder. A URL is refused
+    (`where`: the line or row, for the message)."""
+    _not_url(value, where)
     image = Path(value).expanduser()
     return (image if image.is_absolute() else manifest.parent / image).absolute()
+
+
+def _not_url(value: str, where: str) -> None:
+    """InputError for a URL where an image file is expected: Path() would make "http:/host/a.png" of it, a file that
+    is not there."""
+    if is_url(value):
+        raise InputError(
+            f"{where}: {value} is a URL, and batch inputs are image files: download the images first "
+            "(vlmo serve --allow-remote-images reads URLs)"
+        )
 
 
 def _unique(ids: list[str]) -> list[str]:
@@ -305,8 +320,9 @@ def manifest_ids(path: Path, rows: list[tuple[str, dict[str, Any], str]]) -> lis
 
 
 def manifest_item(path: Path, where: str, id: str, image: str | bytes, row: dict[str, Any]) -> BatchInput:
-    """A manifest row as an input: `image` is its path as written (relative to the manifest's folder) or bytes."""
-    source = image if isinstance(image, bytes) else str(_resolve(image, path))
+    """A manifest row as an input: `image` is its path as written (relative to the manifest's folder) or bytes
+    (empty: the row has no image, which loading reports as the row's error)."""
+    source = image if isinstance(image, bytes) else str(_resolve(image, path, where))
     return BatchInput(
         id,
         source,
@@ -356,7 +372,11 @@ def require_pyarrow() -> Any:
 
 
 def parquet_inputs(path: Path) -> Inputs:
-    """A Parquet manifest's inputs (module docstring). Paths are listed at once; bytes are read while iterating."""
+    """A Parquet manifest's inputs (module docstring). Paths are listed at once; bytes are read while iterating.
+
+    The image column holds paths (text), bytes, or Hugging Face datasets' Image structs `{bytes, path}`: a struct's
+    bytes when it has them, else the file its path names (relative to the manifest's folder, as a path column's),
+    else none, which is that row's error ("has no image") and not the end of the run."""
     pa = require_pyarrow()
     try:
         file = pa.parquet.ParquetFile(path)
@@ -376,13 +396,19 @@ def parquet_inputs(path: Path) -> Inputs:
         ids = manifest_ids(path, list(zip(wheres, rows, images, strict=True)))
         items = [manifest_item(path, *entry) for entry in zip(wheres, ids, images, rows, strict=True)]
         return Inputs(str(path), ids, lambda: iter(items), manifest=True, fields=carried(items))
-    # Ids from the bytes need one pass over them (unless the file has ids); the job reads them again as it goes.
-    derived = [bytes_id(_bytes(v)) for v in _images(file, kind)] if "id" not in fields else [""] * len(rows)
+    # Ids from the bytes need one pass over them (unless the file has ids), which also checks a struct's paths as a
+    # path column's are checked; the job reads them again as it goes.
+    derived = [""] * len(rows)
+    if "id" not in fields or kind == "struct":
+        for n, (where, image) in enumerate(zip(wheres, _images(file, kind), strict=True)):
+            if isinstance(image, str):
+                _not_url(image, where)
+            derived[n] = _derived_id(image, n + 1)
     ids = manifest_ids(path, list(zip(wheres, rows, derived, strict=True)))
 
     def lazily() -> Iterator[BatchInput]:
         for where, i, image, row in zip(wheres, ids, _images(file, kind), rows, strict=True):
-            yield manifest_item(path, where, i, _bytes(image), row)
+            yield manifest_item(path, where, i, b"" if image is None else image, row)
 
     given = frozenset(f for f in ROW_FIELDS if any(row.get(f) not in (None, "") for row in rows))
     return Inputs(str(path), ids, lazily, manifest=True, fields=given)
@@ -400,21 +426,36 @@ def _image_kind(kind: pa.DataType, path: Path) -> str:
 
 
 def _images(file: Any, kind: str) -> Iterator[Any]:
-    """The image column's values, one row group at a time (bytes are not all held at once)."""
+    """The image column's values, one row group at a time (bytes are not all held at once). A path column's as
+    they are; otherwise a row's bytes, the path a struct names instead (as written), or None for neither."""
     for group in range(file.num_row_groups):
         for value in file.read_row_group(group, columns=["image"]).column("image").to_pylist():
-            yield value["bytes"] if kind == "struct" and value is not None else value
+            yield value if kind == "path" else _image_of(value)
+
+
+def _image_of(value: Any) -> bytes | str | None:
+    """A bytes or struct cell's image: bytes, else (a struct stored by reference: `datasets` writes
+    `{bytes: None, path: "x.png"}`) the path, else None."""
+    if isinstance(value, dict):
+        data, named = value.get("bytes"), value.get("path")
+        if isinstance(data, bytes) and data:
+            return data
+        return named.strip() if isinstance(named, str) and named.strip() else None
+    return value if isinstance(value, bytes) and value else None
+
+
+def _derived_id(image: bytes | str | None, number: int) -> str:
+    """The id of a row without an id column: its bytes' digest, its path as written, or "row N" with neither (never
+    the digest of no bytes, which every such row would share)."""
+    if isinstance(image, bytes):
+        return bytes_id(image)
+    return image if image is not None else f"row {number}"
 
 
 def _path_value(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise InputError(f"{where} has no image; give each row an image path")
     return value.strip()
-
-
-def _bytes(value: Any) -> bytes:
-    """A row's image bytes; a null image is no bytes, which loading then reports as that row's error."""
-    return value if isinstance(value, bytes) else b""
 
 
 __all__ = [

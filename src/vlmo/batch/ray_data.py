@@ -7,7 +7,13 @@ dataset; each actor loads the model once and runs `vlmo.batch.runner.process` on
 single-process run uses, so the rows are the same (greedy answers do not depend on the batch). RESULTS is a folder
 of shards, `part-<run>-<n>.jsonl` or `.parquet` (the folder's name says which: `*.jsonl` gives JSON Lines, anything
 else Parquet), each written whole (temporary file, fsync, rename) on the driver's node, so a cluster needs no shared
-file system.
+file system. A block is one batch, and its shard is written as soon as the block is done, by a write task that
+needs no CPU slot (so it never waits behind the model actors): an interrupted run loses at most the batches in
+flight, and `--resume` finishes the rest.
+
+The driver shows vlmo's own progress bar (rows on disk, counted from the shards) and summary line, as the
+single-process run does, Ctrl-C included; Ray's own progress bars and its internal warnings stay in Ray's log folder
+(`VLMO_DEBUG=1` shows them).
 
 When an actor's process dies (killed, out of memory, a node lost), Ray restarts the actor (it loads the model again)
 and retries the batch it was running (Ray Data's defaults for actor pools: `max_restarts` and `max_task_retries`
@@ -25,15 +31,19 @@ import itertools
 import logging
 import os
 import secrets
+import sys
+import tempfile
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vlmo.batch.inputs import BatchInput, Inputs
 from vlmo.batch.results import ResultsLock, Row, done_ids, parse_row, row_line
-from vlmo.batch.runner import BatchJob, Summary, check_counts, load, process
+from vlmo.batch.runner import BatchInterrupted, BatchJob, RowsProgress, Summary, check_counts, load, process
 from vlmo.errors import OptionError, VlmoError, check_count, check_number
 from vlmo.fileio.atomic import OutputPathError, check_output_dir, write_output
 from vlmo.progress import wanted
@@ -122,25 +132,42 @@ def _run_locked(
     skipped = min(len(inputs), limit or len(inputs)) - len(items)
     if not items:
         return Summary(0, 0, skipped, 0.0)
+    with _stderr_aside():
+        return _run_connected(ray, job, items, skipped, folder, load_options, options, batch_size)
+
+
+def _run_connected(
+    ray: Any,
+    job: BatchJob,
+    items: list[dict[str, Any]],
+    skipped: int,
+    folder: Path,
+    load_options: dict[str, Any],
+    options: RayOptions,
+    batch_size: int,
+) -> Summary:
     started_here = _connect(ray, options)
     try:
         started = time.perf_counter()
         prefix = secrets.token_hex(3)  # this run's shards, beside those of the runs it resumes
         sink = _shard_sink(folder, job, shard_format(folder), prefix)
-        dataset = ray.data.from_items(items, override_num_blocks=_blocks(len(items), batch_size, options))
+        dataset = ray.data.from_items(items, override_num_blocks=_blocks(len(items), batch_size))
         # Ray Data restarts a dead actor and retries its batch by default (max_restarts and max_task_retries -1).
-        dataset.map_batches(
-            _Worker,
-            fn_constructor_kwargs={"load_options": load_options, "job": job, "threads": options.num_cpus_per_worker},
+        mapped = dataset.map_batches(
+            _worker_class(load_options, job, options.num_cpus_per_worker),
             batch_size=batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=options.num_workers),
             num_cpus=options.num_cpus_per_worker,
             num_gpus=options.num_gpus_per_worker,
-        ).write_datasink(sink)
-        written = read_shards(folder, prefix + "-")
-        errors = sum(row["error"] is not None for row in written)
-        return Summary(len(written), errors, skipped, time.perf_counter() - started)
+        )
+        with _ShardProgress(folder, prefix, len(items), started) as progress:
+            try:
+                # Write tasks take no CPU slot: a finished block is written at once, not after the model actors.
+                mapped.write_datasink(sink, ray_remote_args={"num_cpus": 0}, concurrency=1)
+            except KeyboardInterrupt:
+                raise BatchInterrupted(progress.summary(skipped)) from None
+        return progress.summary(skipped)
     except Exception as e:
         cause = _vlmo_cause(e)
         if cause is not None:
@@ -151,9 +178,91 @@ def _run_locked(
             ray.shutdown()
 
 
-def _blocks(count: int, batch_size: int, options: RayOptions) -> int:
-    """Enough blocks for every actor to have batches to run, never fewer rows per block than a batch."""
-    return max(1, min(-(-count // batch_size), options.num_workers * 4))
+@contextmanager
+def _stderr_aside() -> Iterator[None]:
+    """Ray's C++ core writes its warnings straight to the process's stderr (file descriptor 2: an actor's restart
+    policy, worker start-up, …), where they would bury vlmo's bar and summary. While Ray runs, descriptor 2 goes to
+    `vlmo-batch-<pid>.log` in Ray's temp folder, and Python's `sys.stderr` (vlmo's bar and messages) to a copy of
+    the original descriptor, so the user sees vlmo's lines only. `VLMO_DEBUG=1` leaves stderr alone."""
+    if os.environ.get("VLMO_DEBUG"):
+        yield
+        return
+    folder = Path(tempfile.gettempdir()) / "ray"
+    folder.mkdir(parents=True, exist_ok=True)
+    log = open(folder / f"vlmo-batch-{os.getpid()}.log", "ab")  # noqa: SIM115 - closed in the finally below
+    saved = os.dup(2)
+    try:
+        python_on_fd2 = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # a captured stderr (tests): it is not descriptor 2
+        python_on_fd2 = False
+    python_stderr = sys.stderr
+    if python_on_fd2:
+        sys.stderr.flush()
+        sys.stderr = open(os.dup(saved), "w", buffering=1, encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+    os.dup2(log.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        log.close()
+        if python_on_fd2:
+            sys.stderr.flush()
+            sys.stderr.close()
+            sys.stderr = python_stderr
+
+
+def _blocks(count: int, batch_size: int) -> int:
+    """One block per batch: a block's shard is written when it is done, so an interrupted run loses at most the
+    batches in flight, whatever the input's size (a fixed number of blocks made each shard a fraction of the job)."""
+    return max(1, -(-count // batch_size))
+
+
+class _ShardProgress:
+    """vlmo's progress bar for a Ray run, fed by the rows this run's shards hold (polled on a thread), and the run's
+    summary from them: the single-process run's bar and summary line, under `--ray` too."""
+
+    def __init__(self, folder: Path, prefix: str, total: int, started: float) -> None:
+        self.folder, self.prefix, self.started = folder, prefix, started
+        self._bar = RowsProgress(total, wanted(None))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="vlmo-ray-progress", daemon=True)
+        self._counted: dict[Path, tuple[int, int]] = {}  # shard → (rows, errors)
+
+    def __enter__(self) -> _ShardProgress:
+        self._bar.__enter__()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._count()
+        self._bar.__exit__(*exc)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.5):
+            self._count()
+
+    def _count(self) -> None:
+        for shard in sorted(self.folder.glob(f"part-{self.prefix}-*")):
+            if shard in self._counted or shard.name.startswith("."):
+                continue
+            try:
+                rows = read_shard(shard)
+            except (OSError, VlmoError):  # being renamed into place: counted at the next poll
+                continue
+            self._counted[shard] = (len(rows), sum(row["error"] is not None for row in rows))
+            done, errors = self.totals()
+            self._bar.advance(len(rows), errors, done / max(time.perf_counter() - self.started, 1e-9))
+
+    def totals(self) -> tuple[int, int]:
+        return sum(r for r, _ in self._counted.values()), sum(e for _, e in self._counted.values())
+
+    def summary(self, skipped: int) -> Summary:
+        self._count()
+        rows, errors = self.totals()
+        return Summary(rows, errors, skipped, time.perf_counter() - self.started)
 
 
 def _prepare_folder(out: Path, *, resume: bool, force: bool) -> Path:
@@ -177,20 +286,25 @@ def _connect(ray: Any, options: RayOptions) -> bool:
     """Join the cluster (`address` or `RAY_ADDRESS`) or start a local Ray; True when this call started it."""
     if ray.is_initialized():
         return False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # stderr keeps Ray's warnings and errors only
+    debug = bool(os.environ.get("VLMO_DEBUG"))
+    level = logging.DEBUG if debug else logging.ERROR  # Ray's warnings stay in its log folder unless VLMO_DEBUG
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(level)
     address = options.address or os.environ.get("RAY_ADDRESS")
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = wanted(None)  # Ray Data draws its own bars: on a terminal only, as ours
+    context.enable_progress_bars = debug  # vlmo draws its own bar (`_ShardProgress`)
+    if hasattr(context, "print_on_execution_start"):
+        context.print_on_execution_start = debug
     if address:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        ray.init(address=address, log_to_driver=debug, logging_level=level)
         return True
-    # A local Ray gets room for every actor plus one CPU for reading and writing, whatever this machine has.
-    need = options.num_workers * options.num_cpus_per_worker + 1
+    # A local Ray gets room for every actor, whatever this machine has; writes take no CPU slot.
+    need = options.num_workers * options.num_cpus_per_worker
     ray.init(
         num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
         include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
+        log_to_driver=debug,
+        logging_level=level,
     )
     return True
 
@@ -209,17 +323,24 @@ def _item_row(item: BatchInput) -> dict[str, Any]:
     }
 
 
-class _Worker:
-    """One model replica (a Ray actor): loads the model once, then turns batches of inputs into result rows."""
+class _WorkerBase:
+    """One model replica (a Ray actor): loads the model once, then turns batches of inputs into result rows.
 
-    def __init__(self, load_options: dict[str, Any], job: BatchJob, threads: float) -> None:
+    What it loads and runs are class attributes (`_worker_class`), not constructor arguments: Ray keeps an actor's
+    constructor arguments in its object store and warns, on every restart-enabled actor, that losing them would
+    break the restart."""
+
+    load_options: dict[str, Any]
+    job: BatchJob
+    threads: float
+
+    def __init__(self) -> None:
         import torch
 
         from vlmo.api import VLMo
 
-        torch.set_num_threads(max(1, int(threads)))  # the actor's CPUs, not the whole machine's
-        self.vlm = VLMo.from_pretrained(**load_options)
-        self.job = job
+        torch.set_num_threads(max(1, int(self.threads)))  # the actor's CPUs, not the whole machine's
+        self.vlm = VLMo.from_pretrained(**self.load_options)
 
     def __call__(self, batch: Any) -> Any:
         from vlmo.batch.parquet import table
@@ -231,6 +352,11 @@ class _Worker:
             for r, image in zip(rows, images, strict=True)
         ]
         return table(process(self.vlm, self.job, [load(item) for item in items]), self.job.task)
+
+
+def _worker_class(load_options: dict[str, Any], job: BatchJob, threads: float) -> type[_WorkerBase]:
+    """The actor class for one run (shipped to the actors with the class itself)."""
+    return type("_Worker", (_WorkerBase,), {"load_options": load_options, "job": job, "threads": threads})
 
 
 _SINK_CLASS: Any = None

@@ -583,7 +583,7 @@ def write_results(
     started = time.perf_counter()
     shown = sys.stderr.isatty() if progress is None else progress
     try:
-        with _Progress(todo, shown) as bar:
+        with RowsProgress(todo, shown) as bar:
             for batch in run_batches(vlm, job, inputs, batch_size=batch_size, skip=results.done, limit=limit):
                 with _sigint_deferred():  # a Ctrl-C during the write stops the run after it, counted
                     results.write(batch)
@@ -612,14 +612,14 @@ def _sigint_deferred() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-class _Progress(ProgressBars):
+class RowsProgress(ProgressBars):
     """The batch bar on stderr (`vlmo.progress`): rows done, images/s, errors so far, ETA; or nothing."""
 
     def __init__(self, total: int, shown: bool) -> None:
         super().__init__(enabled=shown)
         self._total = total
 
-    def __enter__(self) -> _Progress:
+    def __enter__(self) -> RowsProgress:
         super().__enter__()
         self._bar = self.add("batch", self._total)
         return self

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn
 
 import typer
 
@@ -58,8 +58,22 @@ app = typer.Typer(
 )
 
 
+def _echo(text: str = "", nl: bool = True) -> None:
+    """Write results to stdout. A write that fails names the output, standard output, and its cause ("no space left
+    on device" is about where stdout goes, e.g. `> /dev/full`, not about a cache); a reader that went away (a
+    broken pipe) is left to the error handler."""
+    try:
+        typer.echo(text, nl=nl)
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        from vlmo.fileio.atomic import write_failed
+
+        raise write_failed("standard output", e) from e
+
+
 def _emit_json(obj: dict[str, Any]) -> None:
-    typer.echo(json.dumps(obj, ensure_ascii=False))
+    _echo(json.dumps(obj, ensure_ascii=False))
 
 
 def _check_images(images: list[str]) -> list[str]:
@@ -78,18 +92,18 @@ def _texts(run: Run, images: list[str], prompt: Prompt, json_out: bool, stream: 
     streaming = (sys.stdout.isatty() if stream is None else stream) and not json_out and len(images) == 1
     if streaming:
         for piece in vlm.stream(images[0], prompt, **run.options):
-            typer.echo(piece, nl=False)
-        typer.echo()
+            _echo(piece, nl=False)
+        _echo()
         return
     texts = vlm.generate(images, prompt, **run.options)
     if json_out:
         results = [{"image": i, "prompt": prompt.text, "text": t} for i, t in zip(images, texts, strict=True)]
         _emit_json({"model": run.model, "task": prompt.task, "results": results})
     elif len(images) == 1:
-        typer.echo(texts[0])
+        _echo(texts[0])
     else:
         for image, text in zip(images, texts, strict=True):
-            typer.echo(f"{image}\t{text}")
+            _echo(f"{image}\t{text}")
 
 
 # -- commands ---------------------------------------------------------------------------------------------------
@@ -231,7 +245,14 @@ def _locate(
         stderr.print("no objects found")
     for label, *numbers in answer.rows():  # label, the box (1 decimal), and for segment the mask's area
         box, area = numbers[:4], numbers[4:]
-        typer.echo("\t".join([str(label), *(f"{float(v):.1f}" for v in box), *(str(v) for v in area)]))
+        _echo("\t".join([str(label), *(f"{float(v):.1f}" for v in box), *(str(v) for v in area)]))
+
+
+def _interrupted(e: Any, out: Path) -> NoReturn:
+    """What Ctrl-C during `vlmo batch` prints (one process or `--ray`): what is on disk, and how to go on."""
+    s = e.summary
+    stderr.print(f"interrupted: {s.rows} rows written to {out} ({s.errors} errors); rerun with --resume")
+    raise typer.Exit(130) from None
 
 
 def _check_output(out: Path | None, force: bool) -> None:
@@ -319,21 +340,22 @@ def batch(
 
         load = {f: getattr(run, f) for f in ("model", "revision", "adapter", "device", "dtype", "quantize", "cache")}
         ray_options = RayOptions(num_workers=num_workers, num_gpus_per_worker=num_gpus_per_worker)
-        summary = run_ray(
-            job, inputs, out, load, ray_options, batch_size=batch_size, limit=limit, resume=resume, force=force
-        )
+        try:
+            summary = run_ray(
+                job, inputs, out, load, ray_options, batch_size=batch_size, limit=limit, resume=resume, force=force
+            )
+        except BatchInterrupted as e:
+            _interrupted(e, out)
     else:
         results = open_results(out, job.task, resume=resume, force=force, job=job, model=run.model, inputs=inputs)
         try:
             summary = write_results(run.load, job, inputs, results, batch_size=batch_size, limit=limit)
         except BatchInterrupted as e:
-            s = e.summary
-            stderr.print(f"interrupted: {s.rows} rows written to {out} ({s.errors} errors); rerun with --resume")
-            raise typer.Exit(130) from None
+            _interrupted(e, out)
         finally:
             results.close()
     stderr.print(f"{summary.line()}; {out}")
-    typer.echo(str(out))
+    _echo(str(out))
 
 
 @app.command(
@@ -366,7 +388,7 @@ def finetune(
     train = tuple(part.strip() for part in config.pop("train").split(",") if part.strip())
     result = run_finetune(FinetuneConfig(train=train, **config))
     if result.output is not None:
-        typer.echo(str(result.output))
+        _echo(str(result.output))
 
 
 eval_app = typer.Typer(
@@ -429,7 +451,7 @@ def eval_vqav2(
     if json_out:
         _emit_json(report.to_json())
     else:
-        typer.echo(report.format_table())
+        _echo(report.format_table())
 
 
 cache_app = typer.Typer(
@@ -454,8 +476,8 @@ def cache_ls(json_out: JsonOut = False) -> None:
         return
     for e in found:
         used = "?" if e.last_used is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
-        typer.echo(f"{e.source}\t{e.mode}\t{e.bytes / 1e9:.2f} GB\t{used}")
-    typer.echo(f"cache: {cache_root()} ({len(found)} entries, {total / 1e9:.2f} GB)")
+        _echo(f"{e.source}\t{e.mode}\t{e.bytes / 1e9:.2f} GB\t{used}")
+    _echo(f"cache: {cache_root()} ({len(found)} entries, {total / 1e9:.2f} GB)")
 
 
 @cache_app.command("rm", epilog="Examples:\n\n  vlmo cache rm google/paligemma-3b-mix-224\n\n  vlmo cache rm --all")
@@ -471,11 +493,17 @@ def cache_rm(
 
     if (model is None) == (not all_entries):
         raise CliUsageError("give a MODEL or --all, e.g. vlmo cache rm google/paligemma-3b-mix-224")
-    gone = remove(None if all_entries else model)
-    if model is not None and not gone:
+    done = remove(None if all_entries else model)
+    if model is not None and not done:
         raise CliUsageError(f"no prepared weights of {model} in the cache; see vlmo cache ls")
-    for e in gone:
-        typer.echo(f"removed {e.source} ({e.mode}, {e.bytes / 1e9:.2f} GB)")
+    for r in done:  # one line each: what is gone on stdout, what is not on stderr
+        what = f"{r.entry.source} ({r.entry.mode}, {r.entry.bytes / 1e9:.2f} GB)"
+        if r.problem is None:
+            _echo(f"removed {what}")
+        else:
+            typer.echo(f"error: could not remove {what} at {r.entry.path}: {r.problem}", err=True)
+    if any(r.problem is not None for r in done):
+        raise typer.Exit(1)
 
 
 @app.command(
@@ -593,7 +621,7 @@ def download(
     from vlmo.weights.hub import resolve_model
 
     path = resolve_model(model, revision=revision)
-    typer.echo(str(path))
+    _echo(str(path))
 
 
 @app.command()
@@ -628,11 +656,11 @@ def info(json_out: JsonOut = False) -> None:
         _emit_json(data)
         return
     for key in ("vlmo", "torch", "python", "auto_dtype", "auto_quantize", "default_model", "cache"):
-        typer.echo(f"{key}: {data[key]}")
-    typer.echo("devices: " + ", ".join(devices))
-    typer.echo("cached models:" + ("" if models else " none"))
+        _echo(f"{key}: {data[key]}")
+    _echo("devices: " + ", ".join(devices))
+    _echo("cached models:" + ("" if models else " none"))
     for repo, size in models:
-        typer.echo(f"  {repo}  {size / 1e9:.2f} GB")
+        _echo(f"  {repo}  {size / 1e9:.2f} GB")
 
 
 def version_callback(value: bool) -> None:

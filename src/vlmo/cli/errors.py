@@ -17,7 +17,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from vlmo.errors import GenerationConfigError, ImageError, InputError, OptionError, VlmoError
+from vlmo.errors import GenerationConfigError, ImageError, InputError, VlmoError
 
 
 class CliUsageError(VlmoError):
@@ -30,8 +30,9 @@ def cli_option(name: str, value: object) -> str:
     return flag if value is None else f"{flag} {value}"
 
 
-def _option_error(e: BaseException) -> str:
-    assert isinstance(e, OptionError)
+def _spelled(e: BaseException) -> str:
+    """A vlmo error's message with the options it names spelled as the CLI's flags (`--mask-decoder vae-oid.npz`)."""
+    assert isinstance(e, VlmoError)
     return e.spelled(cli_option)
 
 
@@ -75,9 +76,9 @@ def _is_disk_full(e: BaseException) -> bool:
 
 # (matches, exit code, message). First match wins; order matters.
 ERROR_TABLE: list[tuple[Any, int, Any]] = [
-    (OptionError, 2, _option_error),  # the library's option names as the CLI's flags
-    ((CliUsageError, InputError, GenerationConfigError, ImageError), 2, str),
-    (VlmoError, 1, str),
+    # The library's option names as the CLI's flags, in every vlmo error (`VlmoError.spelled`).
+    ((CliUsageError, InputError, GenerationConfigError, ImageError), 2, _spelled),
+    (VlmoError, 1, _spelled),
     (_is_oom, 1, _oom),
     (_is_disk_full, 1, _disk),
     (PermissionError, 1, _permission),

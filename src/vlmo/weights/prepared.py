@@ -493,20 +493,39 @@ def entries() -> list[Entry]:
     return sorted(found, key=lambda e: -(e.last_used or 0.0))
 
 
-def remove(model: str | None) -> list[Entry]:
-    """Remove the entries of `model` (its source name, as `vlmo cache ls` shows it), or all with None."""
+@dataclass(frozen=True)
+class Removal:
+    """What `remove` did with one entry: `problem` is None when the entry is gone, else why it is still there."""
+
+    entry: Entry
+    problem: str | None = None
+
+
+def remove(model: str | None) -> list[Removal]:
+    """Remove the entries of `model` (its source name, as `vlmo cache ls` shows it), or all with None; each says
+    whether it is gone. An entry that is a symbolic link is skipped: what it points at is not vlmo's to delete."""
     wanted = None if model is None else {model, source_name(model)}
-    gone = []
-    for e in entries():
-        if wanted is None or e.source in wanted:
-            shutil.rmtree(e.path, ignore_errors=True)
-            gone.append(e)
-    return gone
+    return [Removal(e, _remove_entry(e.path)) for e in entries() if wanted is None or e.source in wanted]
+
+
+def _remove_entry(entry: Path) -> str | None:
+    """Delete one entry folder: None when it is gone, else the reason it is not (one line)."""
+    if entry.is_symlink():
+        return f"skipped: it is a symbolic link to {os.readlink(entry)}, not a folder of the cache; remove the link"
+    try:
+        shutil.rmtree(entry)
+    except OSError as e:
+        if not os.path.lexists(entry):  # removed meanwhile (another `vlmo cache rm`)
+            return None
+        where = f" ({e.filename})" if e.filename else ""
+        return f"{(e.strerror or str(e)).lower()}{where}; check the cache folder's permissions"
+    return None
 
 
 __all__ = [
     "FORMAT_VERSION",
     "Entry",
+    "Removal",
     "cache_root",
     "entries",
     "entry_key",

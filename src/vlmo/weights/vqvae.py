@@ -35,7 +35,7 @@ from huggingface_hub.errors import (
 from safetensors.torch import save_file
 from torch import nn
 
-from vlmo.errors import CheckpointError
+from vlmo.errors import CheckpointError, braced
 from vlmo.fileio.atomic import OutputError, atomic_path
 from vlmo.nn.vqvae import VQVAEDecoder, VQVAEEncoder
 from vlmo.progress import ProgressBars
@@ -262,8 +262,10 @@ def _parse_npy(raw: bytes, where: str) -> torch.Tensor:
 def _download_vae() -> Path:
     """`vae-oid.npz` from the Space, via the Hugging Face cache (found there offline once downloaded)."""
     where = f"{VAE_FILENAME} from the Space {VAE_REPO}"
-    local = "or pass the path of a local vae-oid.npz to load_mask_decoder()"
-    unreachable = f"could not reach {constants.ENDPOINT} for {where}: check your connection, {local}"
+    # `{mask_decoder}`: each face names its own option (`mask_decoder="vae-oid.npz"`, `--mask-decoder vae-oid.npz`).
+    local = "or get vae-oid.npz and pass {mask_decoder}"
+    unreachable = f"could not reach {braced(constants.ENDPOINT)} for {where}: check your connection, {local}"
+    named = {"mask_decoder": VAE_FILENAME}
     try:
         # Timeouts and quiet retries, and a bar on a terminal, as for models.
         with hub_requests() as timeouts, ProgressBars(unit="bytes", enabled=want_progress(None)) as bars:
@@ -278,23 +280,25 @@ def _download_vae() -> Path:
     except (OfflineModeIsEnabled, LocalEntryNotFoundError) as e:
         if constants.is_offline_mode():
             raise OfflineError(
-                f"{where} is not in the cache and HF_HUB_OFFLINE is set: run once online to cache it, {local}"
+                f"{where} is not in the cache and HF_HUB_OFFLINE is set: run once online to cache it, {local}", **named
             ) from e
-        raise DownloadError(unreachable) from e
+        raise DownloadError(unreachable, **named) from e
     except (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError) as e:
         raise ModelNotFoundError(
-            f"{where} was not found on {constants.ENDPOINT}: get vae-oid.npz elsewhere (big_vision: "
-            f"gs://big_vision/paligemma/vae-oid.npz) and pass its path to load_mask_decoder()"
+            f"{where} was not found on {braced(constants.ENDPOINT)}: get vae-oid.npz elsewhere (big_vision: "
+            "gs://big_vision/paligemma/vae-oid.npz) and pass {mask_decoder}",
+            **named,
         ) from e
     except HfHubHTTPError as e:
         status = e.response.status_code if getattr(e, "response", None) is not None else None
         if status == 404:
-            raise ModelNotFoundError(f"{where} was not found (HTTP 404) on {constants.ENDPOINT}: {local}") from e
+            endpoint = braced(constants.ENDPOINT)
+            raise ModelNotFoundError(f"{where} was not found (HTTP 404) on {endpoint}: {local}", **named) from e
         if status in (401, 403):
             raise GatedModelError(f"the hub refused {where} (HTTP {status}): check your token (HF_TOKEN)") from e
         raise DownloadError(f"the hub answered HTTP {status} for {where}: wait, then run it again") from e
     except (httpx2.ConnectError, httpx2.TimeoutException) as e:  # no answer within hub_timeouts(), retries included
-        raise DownloadError(unreachable) from e
+        raise DownloadError(unreachable, **named) from e
     except httpx2.TransportError as e:
         raise DownloadError(f"the connection dropped while fetching {where}: run it again to resume") from e
     except OSError as e:
