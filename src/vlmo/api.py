@@ -5,10 +5,12 @@
     vlm.generate("photo.jpg", "caption en")             # -> "a cat sitting on a sofa"
     vlm.generate(["a.jpg", "b.jpg"], ["ocr", "ocr"])     # -> a list, run as one batch
 
-This module ties `weights/` (checkpoint → model, loading policy), `tasks.py` (prompts), `processing.py`
-(image/text → tensors) and `generation.py` (tensors → token ids) together; it holds no model maths and builds no
-prompt itself. Task methods also come stepwise (`detect_steps`, `segment_steps`; `stream` for text), so that a
-caller can stop a request midway by closing it.
+This module ties `weights/` (checkpoint → model, loading policy), `tasks.py` (prompts and answers),
+`processing.py` (image/text → tensors) and the engine's loop (`engine.scheduler`: tensors → tokens → text)
+together; it holds no model maths, builds no prompt and runs no decode loop of its own. It gives the loop the
+model through named methods (`tokenize`, `prefill`, `decode`, …) and steps it in the caller's thread. Task methods
+also come stepwise (`run_steps`, `detect_steps`, `segment_steps`; `stream` for text), so that a caller can stop a
+request midway by closing it.
 """
 
 from __future__ import annotations
