@@ -191,7 +191,6 @@ def prompt(
 
 # What each task's prompt needs from the user, besides the image (`prompt`); tasks not listed need nothing.
 TASK_INPUT: dict[str, str] = {"ask": "question", "detect": "labels", "segment": "labels", "generate": "text"}
-LOCATING_TASKS: tuple[TaskName, ...] = ("detect", "segment")
 
 
 @dataclass(frozen=True)
@@ -258,7 +257,6 @@ def located_payload(
 
 
 __all__ = [
-    "LOCATING_TASKS",
     "TASK_INPUT",
     "Answer",
     "CAPTION_PREFIXES",

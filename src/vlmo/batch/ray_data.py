@@ -246,7 +246,7 @@ class _ShardProgress:
 
     def _count(self) -> None:
         for shard in sorted(self.folder.glob(f"part-{self.prefix}-*")):
-            if shard in self._counted or shard.name.startswith("."):
+            if shard in self._counted:  # temporary files are dot-files: never matched
                 continue
             try:
                 rows = read_shard(shard)

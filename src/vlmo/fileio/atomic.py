@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from vlmo.errors import OptionError, VlmoError
+from vlmo.errors import OptionError, VlmoError, braced
 
 PathArg = str | os.PathLike[str]
 Content = bytes | str | Callable[[Path], None]
@@ -67,14 +67,9 @@ class OutputPathError(OutputError, OptionError):
         self.path, self.errno = Path(path), None
 
 
-def _braced(path: PathArg) -> str:
-    """A path for an `OptionError` template (which is `str.format`ted)."""
-    return str(path).replace("{", "{{").replace("}", "}}")
-
-
 def _exists_error(path: Path, what: str = "") -> OutputPathError:
     where = f"another {what}" if what else "another name"
-    template = f"{_braced(path)} already exists; pass {{force}} to overwrite it or choose {where}"
+    template = f"{braced(path)} already exists; pass {{force}} to overwrite it or choose {where}"
     return OutputPathError(template, path, force=None)
 
 
@@ -124,7 +119,7 @@ def _check_folder(path: Path, folder: Path, what: str, make_parents: bool) -> No
         existing = _nearest_existing(folder)
         if not make_parents or (os.path.lexists(folder) or not existing.is_dir()):
             what_for = f" for {what}" if what else ""
-            raise OutputPathError(f"no such directory{what_for}: {_braced(folder)}", path)
+            raise OutputPathError(f"no such directory{what_for}: {braced(folder)}", path)
         folder = existing
     if _read_only(folder):
         raise OutputError(
@@ -150,10 +145,10 @@ def check_output(path: PathArg, force: bool, *, what: str = "", make_parents: bo
     out = Path(path)
     label = f"{what} " if what else ""
     if out.is_dir():
-        raise OutputPathError(f"{label}{_braced(out)} is a directory; name a file", out)
+        raise OutputPathError(f"{label}{braced(out)} is a directory; name a file", out)
     if out.is_symlink() and not out.exists():
         raise OutputPathError(
-            f"{label}{_braced(out)} is a broken symbolic link (to {_braced(os.readlink(out))}); remove it or "
+            f"{label}{braced(out)} is a broken symbolic link (to {braced(os.readlink(out))}); remove it or "
             "choose another name",
             out,
         )
@@ -168,9 +163,9 @@ def check_output_dir(path: PathArg, *, what: str = "") -> Path:
     out = Path(path)
     label = f"{what} " if what else ""
     if out.is_symlink() and not out.exists():
-        raise OutputPathError(f"{label}{_braced(out)} is a broken symbolic link; remove it or choose another name", out)
+        raise OutputPathError(f"{label}{braced(out)} is a broken symbolic link; remove it or choose another name", out)
     if out.exists() and not out.is_dir():
-        raise OutputPathError(f"{label}{_braced(out)} is a file, not a folder; choose a folder name", out)
+        raise OutputPathError(f"{label}{braced(out)} is a file, not a folder; choose a folder name", out)
     if out.is_dir():
         _check_folder(out, out, what, make_parents=False)
     else:
@@ -182,12 +177,12 @@ def _target(path: Path, force: bool) -> Path:
     """The file to write for `path`: a symbolic link to a file is written through (its target replaced)."""
     if path.is_symlink():
         if not path.exists():
-            raise OutputPathError(f"{_braced(path)} is a broken symbolic link; remove it or choose another name", path)
+            raise OutputPathError(f"{braced(path)} is a broken symbolic link; remove it or choose another name", path)
         if not force:
             raise _exists_error(path)
         return Path(os.path.realpath(path))
     if path.is_dir():
-        raise OutputPathError(f"{_braced(path)} is a directory; name a file", path)
+        raise OutputPathError(f"{braced(path)} is a directory; name a file", path)
     return path
 
 
@@ -432,9 +427,9 @@ def atomic_dir(path: PathArg, *, force: bool = True) -> Iterator[Path]:
     """
     final = Path(path)
     if final.is_symlink() and not final.exists():
-        raise OutputPathError(f"{_braced(final)} is a broken symbolic link; remove it or choose another name", final)
+        raise OutputPathError(f"{braced(final)} is a broken symbolic link; remove it or choose another name", final)
     if final.exists() and not final.is_dir():
-        raise OutputPathError(f"{_braced(final)} is a file, not a folder; choose a folder name", final)
+        raise OutputPathError(f"{braced(final)} is a file, not a folder; choose a folder name", final)
     tmp: Path | None = None
     try:
         with _failures_named(final):
