@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from vlmo import SamplingConfig, VLMo
+from vlmo.engine.sampling import select_next
 from vlmo.engine.scheduler import Collector, Finished, Scheduler
 from vlmo.errors import GenerationConfigError, InputError
-from vlmo.generation import select_next
 
 
 @pytest.fixture(scope="module")

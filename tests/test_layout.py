@@ -1,8 +1,10 @@
-"""The layout's one promise that code can break silently: the library core imports no face.
+"""The layout's promises that code can break silently: the library core imports no face, and a client imports no torch.
 
 `import vlmo` and `import vlmo.api` (what `from vlmo import VLMo` runs) must not pull in the CLI, the server, the
 batch runner, the app or their frameworks: a library user pays for none of them, and a core module that reaches up
-into a face would be an import loop waiting to happen.
+into a face would be an import loop waiting to happen. The other way round, what a thin client needs (reading an
+image, checking options, rebuilding an answer from the server's JSON) must not pull in torch, whose import alone
+costs more than the client's whole start-up budget.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +56,30 @@ def test_documented_import_paths_still_work(imported: tuple[dict[str, list[str]]
     after, stderr = imported
     assert DOCUMENTED in after, stderr
     assert "vlmo.batch.runner" in after[DOCUMENTED] and "vlmo.cli.commands" in after[DOCUMENTED]
+
+
+# What a thin client (the CLI in front of a server) does before and after it talks to the server: read and check the
+# image, check the sampling options, rebuild a detect answer from the server's JSON. None of it may cost torch's import.
+CLIENT_MODULES = "import vlmo.images, vlmo.generation, vlmo.tasks, vlmo.detection, vlmo.errors, vlmo.cli.options"
+CLIENT_WORK = """
+from PIL import Image
+from vlmo.generation import SamplingConfig
+from vlmo.images import load_image
+from vlmo.tasks import Answer, detect
+Image.new("RGB", (8, 6), (200, 30, 30)).save(PNG)
+assert load_image(PNG).size == (8, 6)
+SamplingConfig.from_options({"do_sample": True, "temperature": 0.7}, 64)
+found = {"label": "a", "box": [0.5, 1.0, 4.0, 6.0], "bins": [1, 2, 3, 4]}
+payload = {"task": "detect", "size": [8, 6], "detections": [found]}
+assert Answer.from_payload(detect("a"), payload).payload() == payload
+"""
+
+
+def test_a_client_reads_images_checks_options_and_rebuilds_answers_without_torch(tmp_path: Path) -> None:
+    probe = (
+        f"import sys\n{CLIENT_MODULES}\nprint('imported', 'torch' in sys.modules)\n"
+        f"PNG = {str(tmp_path / 'red.png')!r}\n{CLIENT_WORK}\nprint('worked', 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["imported False", "worked False"], out.stdout

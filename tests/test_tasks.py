@@ -1,8 +1,11 @@
-"""Task methods (ask, caption, ocr, detect) end to end on the taught tiny model, and saving weights back."""
+"""Task methods (ask, caption, ocr, detect) end to end on the taught tiny model, saving weights back, and answers
+rebuilt from their JSON as a client reads them."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
@@ -10,8 +13,10 @@ from PIL import Image
 
 from conftest import BLUE, RED, TAUGHT_DETECTION
 from vlmo import VLMo, tasks
-from vlmo.detection import Detection
+from vlmo.demo.standins import blob_mask_decoder
+from vlmo.detection import Detection, parse_detections
 from vlmo.errors import InputError
+from vlmo.segmentation import Segmentation, parse_segmentations
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +168,88 @@ def test_an_answer_is_its_payload_rows_and_picture() -> None:
     text = tasks.Answer(tasks.caption(), "a cat", (64, 48), "length")
     assert text.payload() == {"task": "caption", "text": "a cat"} and text.rows() == []
     assert text.draw(image).tobytes() == image.tobytes()
+
+
+def through_json(payload: dict[str, object]) -> dict[str, object]:
+    """`payload` as a client reads it back from the server's answer."""
+    return cast("dict[str, object]", json.loads(json.dumps(payload)))
+
+
+def seg_tokens(codes: list[int]) -> str:
+    return "".join(f"<seg{c:03d}>" for c in codes)
+
+
+# Two labels (two colours), inverted bins (swapped into order) and bins whose pixels are not round numbers.
+LOCATED = (
+    "<loc0100><loc0200><loc0600><loc0700>{codes} cat ; "
+    "<loc0900><loc0811><loc0333><loc0123>{codes} red car ; "
+    "<loc0000><loc0000><loc1023><loc1023>{codes} cat"
+)
+
+
+def test_a_detect_answer_is_rebuilt_from_its_json() -> None:
+    prompt, size = tasks.detect("cat ; red car"), (97, 61)
+    text = LOCATED.format(codes="")
+    answer = tasks.Answer(prompt, text, size, "length", parse_detections(text, size))
+    again = tasks.Answer.from_payload(prompt, through_json(answer.payload()), text, "length")
+    assert again == answer  # Detections compare by value: the same boxes, to the last bit
+    assert again.payload() == answer.payload() and again.rows() == answer.rows()
+    image = Image.new("RGB", size, (40, 90, 160))
+    assert again.draw(image).tobytes() == answer.draw(image).tobytes()
+
+
+def test_a_segment_answer_is_rebuilt_from_its_json() -> None:
+    prompt, size = tasks.segment("cat ; red car"), (97, 61)
+    blob = [0, 64, 64, 0, 64, 127, 127, 64, 0, 127, 100, 0, 0, 0, 64, 0]  # a shape no box alone would give
+    found = parse_segmentations(LOCATED.format(codes=seg_tokens(blob)), size, blob_mask_decoder())
+    assert len(found) == 3 and all(s.mask.any() and not s.mask.all() for s in found[:2])
+    answer = tasks.Answer(prompt, "", size, "stop", found)
+    payload = through_json(answer.payload())
+    again = tasks.Answer.from_payload(prompt, payload)
+    assert again.payload() == payload == answer.payload() and again.rows() == answer.rows()
+    assert all(
+        torch.equal(a.mask, b.mask) for a, b in zip(cast("list[Segmentation]", again.objects), found, strict=True)
+    )
+    image = Image.new("RGB", size, (40, 90, 160))
+    assert again.draw(image).tobytes() == answer.draw(image).tobytes()
+    rows = through_json({**answer.payload(), "segmentations": [s.to_dict(rle=False) for s in found]})
+    assert tasks.Answer.from_payload(prompt, rows).payload() == payload  # rows of 0/1 are read too
+
+
+def test_a_text_answer_is_rebuilt_from_its_json() -> None:
+    payload = {"task": "caption", "text": "a cat"}
+    again = tasks.Answer.from_payload(tasks.caption(), payload, finish_reason="length")
+    assert again.payload() == payload and again.text == "a cat" and again.finish_reason == "length"
+    assert again.rows() == []
+
+
+@pytest.mark.parametrize(
+    ("payload", "fragment"),
+    [
+        ({"task": "segment", "size": [4, 2], "segmentations": []}, "not a detect answer"),
+        ({"task": "detect", "size": [4, 0], "detections": []}, "size must be"),
+        ({"task": "detect", "size": [4, 2]}, "detections must be a list"),
+        (
+            {"task": "detect", "size": [4, 2], "detections": [{"label": "a", "box": [3, 0, 1, 1], "bins": [0] * 4}]},
+            "min",
+        ),
+        (
+            {"task": "detect", "size": [4, 2], "detections": [{"label": "a", "box": [0] * 4, "bins": [0, 0, 1024, 0]}]},
+            "bins",
+        ),
+    ],
+)
+def test_a_payload_that_no_answer_gave_is_an_input_error(payload: dict[str, object], fragment: str) -> None:
+    with pytest.raises(InputError, match=fragment):
+        tasks.Answer.from_payload(tasks.detect("a"), payload)
+
+
+def test_a_segment_payload_whose_masks_do_not_fit_its_image_is_an_input_error() -> None:
+    (seg,) = parse_segmentations(
+        f"<loc0000><loc0000><loc1023><loc1023>{seg_tokens([64] * 16)} a", (4, 2), blob_mask_decoder()
+    )
+    payload = tasks.located_payload("segment", (4, 2), [seg])
+    with pytest.raises(InputError, match="does not fit"):
+        tasks.Answer.from_payload(tasks.segment("a"), {**payload, "size": [2, 4]})
+    with pytest.raises(InputError, match="masks must be"):
+        tasks.Answer.from_payload(tasks.segment("a"), {**payload, "mask_encoding": "png"})

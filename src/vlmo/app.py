@@ -10,7 +10,7 @@ Two layers, so the logic is testable without a browser or even Gradio:
 
 Image events are registered with `preprocess=False`: Gradio's own image preprocessing opens the file with Pillow
 itself and would answer a text file with a traceback-like message, so the handlers receive the uploaded file and
-open it with `vlmo.processing.load_image`, whose errors say what to do. Gradio still checks that the file came
+open it with `vlmo.images.load_image`, whose errors say what to do. Gradio still checks that the file came
 from its upload folder before any handler sees it.
 
 Several questions about one image, in any tab, reuse its encoded features: the model's `vlm.image_cache`
@@ -39,7 +39,7 @@ from vlmo.detection import Detection
 from vlmo.errors import ImageError, InputError, OptionError, VlmoError, braced, check_count, check_file
 from vlmo.fileio.atomic import atomic_path, write_output
 from vlmo.generation import GenerateOptions, SamplingConfig, drain
-from vlmo.processing import load_image
+from vlmo.images import load_image
 from vlmo.segmentation import Segmentation
 from vlmo.serve.launch import check_port, load_model, say, warn_if_exposed
 

@@ -120,6 +120,23 @@ class Detection:
         """A JSON-ready dict: `{"label": str, "box": [x0, y0, x1, y1], "bins": [y0, x0, y1, x1]}`."""
         return {"label": self.label, "box": list(self.box), "bins": list(self.bins)}
 
+    @classmethod
+    def from_dict(cls, data: object) -> Detection:
+        """The detection `to_dict` wrote (read back from JSON, e.g. a server's answer): `from_dict(d.to_dict())`
+        equals `d`. The box's numbers are kept as they are, not recomputed from the bins, so that the detection's
+        `to_dict` is `data` again. InputError, naming the object, for anything `to_dict` cannot have written."""
+        if not isinstance(data, dict):
+            raise InputError(f"a detection must be a dict with label, box and bins, got {type(data).__name__}")
+        label, box, bins = data.get("label"), data.get("box"), data.get("bins")
+        if not isinstance(label, str):
+            raise InputError(f"a detection's label must be text, got {label!r}")
+        if not isinstance(box, list | tuple) or len(box) != 4 or not all(_is_number(v) for v in box):
+            raise InputError(f"a detection's box must be 4 numbers (x_min, y_min, x_max, y_max), got {box!r}")
+        _check_box(box)  # finite and ordered, as every box vlmo writes
+        if not isinstance(bins, list | tuple):
+            raise InputError(f"a detection's bins must be a list of 4 integers, got {bins!r}")
+        return cls(label, (box[0], box[1], box[2], box[3]), _check_bins(bins))
+
 
 # ------------------------------------------------------------------------------------------------------------
 # Token level
@@ -341,6 +358,10 @@ def _draw_box(
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _check_size(image_size: Sequence[int]) -> tuple[int, int]:

@@ -1,8 +1,11 @@
-"""Generation options and how a next token is picked; the loop that uses them is `vlmo.engine.scheduler`.
+"""Generation options and their checks; the loop that uses them is `vlmo.engine.scheduler`.
 
 `GenerateOptions` are the keyword options of every generating call, checked by `SamplingConfig.from_options`
-(an unknown keyword is a TypeError naming the nearest valid one, as for any Python function). Sampling order is
-top-k → temperature → top-p, from an explicit, seedable `torch.Generator`.
+(an unknown keyword is a TypeError naming the nearest valid one, as for any Python function). Picking the next
+token with them is `vlmo.engine.sampling`'s job (top-k → temperature → top-p, from a seedable `torch.Generator`).
+
+This module imports no torch, so that options can be checked where no model runs (the CLI before it talks to a
+server, a request before it waits): every check here is plain Python.
 
 Limits (docs/reliability.md): `check_token_budget` is the one token-budget rule, that the prompt and the new tokens
 fit the model's context; `check_seed` the one seed rule, that a seed fits torch's 64-bit generator.
@@ -16,8 +19,6 @@ import operator
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import SupportsIndex, TypedDict, TypeVar
-
-import torch
 
 from vlmo.errors import GenerationConfigError, InputError
 
@@ -102,27 +103,6 @@ class SamplingConfig:
         )
 
 
-def select_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """logits: dt[B, V] → next token ids int64[B]."""
-    if not cfg.do_sample:
-        return logits.argmax(dim=-1)
-    scores = logits.float()
-    if 0 < cfg.top_k < scores.shape[-1]:
-        kth = torch.topk(scores, cfg.top_k, dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, -math.inf)
-    # Shift the best score to 0 before dividing, so a small temperature makes the others -inf, never the best inf.
-    scores = (scores - scores.amax(dim=-1, keepdim=True)) / cfg.temperature
-    if cfg.top_p < 1.0:
-        sorted_scores, order = scores.sort(dim=-1, descending=True)
-        probs = sorted_scores.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p; the most likely one always stays.
-        drop = (probs.cumsum(dim=-1) - probs) >= cfg.top_p
-        drop[:, 0] = False
-        scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, -math.inf))
-    probs = scores.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 
 
@@ -140,14 +120,6 @@ def check_seed(seed: object) -> int | None:
         shown = repr(seed) if len(repr(seed)) <= 40 else repr(seed)[:37] + "..."
         raise GenerationConfigError(f"seed must be a whole number from 0 to 2**64 - 1 ({SEED_MAX}), got {shown}")
     return value
-
-
-def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    """A generator seeded for reproducible sampling (`check_seed`), or None to use torch's global RNG."""
-    value = check_seed(seed)
-    if value is None:
-        return None
-    return torch.Generator(device=device).manual_seed(value)
 
 
 def check_option_names(options: object) -> None:

@@ -37,7 +37,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vlmo.detection import Bins, Box, Detection, bins_to_box, draw_detections, label_colours, parse_objects
+from vlmo.detection import (
+    NUM_SEG_CODES,
+    NUM_SEG_TOKENS,
+    Bins,
+    Box,
+    Detection,
+    bins_to_box,
+    draw_detections,
+    label_colours,
+    parse_objects,
+)
 from vlmo.errors import InputError
 from vlmo.nn.vqvae import MASK_SIZE, VQVAEDecoder, VQVAEEncoder
 
@@ -89,6 +99,27 @@ class Segmentation:
             "mask": mask,
         }
 
+    @classmethod
+    def from_dict(cls, data: object) -> Segmentation:
+        """The segmentation `to_dict` wrote (read back from JSON, e.g. a server's answer), the mask as COCO RLE or
+        rows of 0/1: its `to_dict` is `data` again, and its mask is the original's pixel for pixel. Label, box and
+        bins are read as `Detection.from_dict` reads them. InputError for anything `to_dict` cannot have written."""
+        if not isinstance(data, dict):
+            raise InputError(
+                f"a segmentation must be a dict with label, box, bins, seg_codes and mask, got {type(data).__name__}"
+            )
+        found = Detection.from_dict(data)
+        codes, mask = data.get("seg_codes"), data.get("mask")
+        if (
+            not isinstance(codes, list | tuple)
+            or len(codes) != NUM_SEG_TOKENS
+            or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < NUM_SEG_CODES for c in codes)
+        ):
+            raise InputError(
+                f"a segmentation's seg_codes must be {NUM_SEG_TOKENS} integers in 0..{NUM_SEG_CODES - 1}, got {codes!r}"
+            )
+        return cls(found.label, found.box, found.bins, tuple(codes), _read_mask(mask))
+
 
 # ------------------------------------------------------------------------------------------------------------
 # COCO run-length encoding
@@ -132,6 +163,20 @@ def rle_to_mask(rle: dict[str, Any]) -> torch.Tensor:
     values = torch.arange(len(counts)) % 2 == 1
     flat = torch.repeat_interleave(values, torch.tensor(counts, dtype=torch.long))
     return flat.view(width, height).t().contiguous()
+
+
+def _read_mask(mask: object) -> torch.Tensor:
+    """bool[H, W] for a mask as `Segmentation.to_dict` writes it: COCO RLE (a dict) or rows of 0/1."""
+    if isinstance(mask, dict):
+        return rle_to_mask(mask)
+    rows: list[Any] = mask if isinstance(mask, list) else []
+    if (
+        rows
+        and all(isinstance(row, list) and len(row) == len(rows[0]) for row in rows)
+        and all(type(v) is int and v in (0, 1) for row in rows for v in row)
+    ):
+        return torch.tensor(rows, dtype=torch.bool)
+    raise InputError('a mask must be COCO RLE {"size": [H, W], "counts": [...]} or rows of 0/1 of one length')
 
 
 # ------------------------------------------------------------------------------------------------------------

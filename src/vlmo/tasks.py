@@ -18,13 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from vlmo.detection import detect_prompt
+from vlmo.detection import Detection, detect_prompt
 from vlmo.errors import InputError
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from vlmo.detection import Detection
     from vlmo.segmentation import Segmentation
 
 TaskName = Literal["ask", "caption", "ocr", "detect", "segment", "generate"]
@@ -219,6 +218,47 @@ class Answer:
             return located_payload(self.task, self.size, self.objects or [])
         return {"task": self.task, "text": self.text}
 
+    @classmethod
+    def from_payload(
+        cls,
+        prompt: Prompt,
+        payload: dict[str, Any],
+        text: str = "",
+        finish_reason: Literal["stop", "length"] = "stop",
+    ) -> Answer:
+        """The answer that `payload()` gave `payload` (read back from JSON: a server's answer, a `vlmo batch` row),
+        rebuilt without the model, so that a client can print, tabulate and draw it as the library does.
+
+        Its `payload()` is `payload` again (less the fields a face adds around it, such as the server's `model` and
+        `usage`), and its `rows()` and `draw(image)` are the original answer's. What the payload does not hold is
+        given: `text`, a located task's raw `<loc>` answer (a text task's text is the payload's), and
+        `finish_reason`. A text task's payload has no image size: its `size` is (0, 0). Segment answers import
+        torch (their masks are tensors); the others do not. InputError, saying what is wrong, for a payload of
+        another task or one that `payload()` cannot have written.
+        """
+        if not isinstance(payload, dict) or payload.get("task") != prompt.task:
+            task = payload.get("task") if isinstance(payload, dict) else None
+            raise InputError(f"the answer is not a {prompt.task} answer (its task is {task!r})")
+        if prompt.task != "detect" and prompt.task != "segment":
+            if not isinstance(payload.get("text"), str):
+                raise InputError(f"a {prompt.task} answer needs its text, got {payload.get('text')!r}")
+            return cls(prompt, payload["text"], (0, 0), finish_reason)
+        size = _payload_size(payload.get("size"))
+        objects: list[Detection] | list[Segmentation]
+        if prompt.task == "detect":
+            objects = [Detection.from_dict(found) for found in _payload_list(payload, "detections")]
+        else:
+            from vlmo.segmentation import Segmentation
+
+            if payload.get("mask_encoding") != MASK_ENCODING:
+                raise InputError(f"masks must be {MASK_ENCODING}, got {payload.get('mask_encoding')!r}")
+            objects = [Segmentation.from_dict(found) for found in _payload_list(payload, "segmentations")]
+            for found in objects:
+                if tuple(found.mask.shape) != (size[1], size[0]):
+                    shape = "×".join(str(n) for n in reversed(found.mask.shape))
+                    raise InputError(f"a {shape} mask does not fit the answer's {size[0]}×{size[1]} image")
+        return cls(prompt, text, size, finish_reason, objects)
+
     def rows(self) -> list[list[str | float | int]]:
         """One row per object, as the CLI prints and the app tabulates them: label, x_min, y_min, x_max, y_max (in
         pixels), and the mask's area in pixels for segment. No rows for a text task."""
@@ -239,6 +279,25 @@ class Answer:
 
             return draw_detections(image, cast("list[Detection]", self.objects or []))
         return image.copy()
+
+
+def _payload_size(size: object) -> tuple[int, int]:
+    """A located payload's `size`, [w, h] in pixels, as (w, h); InputError unless it is two positive integers."""
+    if (
+        not isinstance(size, list | tuple)
+        or len(size) != 2
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size)
+    ):
+        raise InputError(f"the answer's size must be [width, height] in pixels, got {size!r}")
+    return size[0], size[1]
+
+
+def _payload_list(payload: dict[str, Any], key: str) -> list[Any]:
+    """`payload[key]`, the list of a located answer's objects; InputError if it is not a list."""
+    found = payload.get(key)
+    if not isinstance(found, list):
+        raise InputError(f"the answer's {key} must be a list, got {found!r}")
+    return found
 
 
 def located_payload(

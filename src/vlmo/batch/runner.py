@@ -146,8 +146,8 @@ class BatchJob:
 
 
 def load(item: BatchInput) -> Loaded:
-    """Read and decode an input's image (`processing.load_image`); a failure is the input's one-line error."""
-    from vlmo.processing import load_image
+    """Read and decode an input's image (`images.load_image`); a failure is the input's one-line error."""
+    from vlmo.images import load_image
 
     try:
         return item, load_image(item.image), None

@@ -18,7 +18,7 @@ from typing import Protocol
 from vlmo.data.vqav2 import VQAExample
 from vlmo.errors import InputError
 from vlmo.fileio.jsonfile import json_line
-from vlmo.processing import ImageInput
+from vlmo.images import ImageInput
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 worker.py    Engine: a worker thread that owns the model and batches requests continuously
 features.py  FeatureCache: encoded images by content, so one image is encoded once
+sampling.py  select_next, make_generator: picking each row's next token (the options are `vlmo.generation`'s)
 """
 
 from __future__ import annotations

@@ -35,20 +35,15 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 
+from vlmo.engine.sampling import make_generator, select_next
 from vlmo.errors import InputError, VlmoError, check_count
-from vlmo.generation import (
-    GenerateOptions,
-    SamplingConfig,
-    check_stop,
-    check_token_budget,
-    make_generator,
-    select_next,
-)
+from vlmo.generation import GenerateOptions, SamplingConfig, check_stop, check_token_budget
 from vlmo.nn.paligemma import DecodeState, regroup
 from vlmo.tasks import Prompt
 
 if TYPE_CHECKING:
-    from vlmo.processing import EncodedBatch, ImageInput
+    from vlmo.images import ImageInput
+    from vlmo.processing import EncodedBatch
 
 
 class Model(Protocol):

@@ -10,7 +10,7 @@ Three sources, each off unless it is safe by default (docs/serve.md, "Security")
   while the bytes arrive, and redirects followed only within the same host.
 
 Every source is capped at `max_image_bytes` (413 beyond it), and the bytes are decoded by the project's one image
-reader, `vlmo.processing.load_image`, whose limits (Pillow's decompression-bomb pixel cap) apply as everywhere
+reader, `vlmo.images.load_image`, whose limits (Pillow's decompression-bomb pixel cap) apply as everywhere
 else (docs/reliability.md, "Limits").
 """
 
@@ -31,7 +31,7 @@ from urllib.parse import unquote, urlsplit
 
 from PIL import Image
 
-from vlmo.processing import load_image
+from vlmo.images import load_image
 from vlmo.serve.errors import BadRequest, PayloadTooLarge
 
 if TYPE_CHECKING:
