@@ -47,12 +47,12 @@ METRICS = ("load_s", "peak_rss_gb", "ttft_s", "decode_tok_s", "e2e8_s")
 CUDA_METRICS = ("peak_gpu_gb", "cold_ttft_s", "cold_e2e8_s")
 
 
-def test_image():  # noqa: ANN201 - PIL type
+def test_image(seed: int = 0):  # noqa: ANN201 - PIL type
     """A 640×480 noise image (seeded): every request preprocesses a real resize, like a photo would."""
     import torch
     from PIL import Image
 
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     pixels = torch.randint(0, 256, (480, 640, 3), generator=g, dtype=torch.uint8)
     return Image.frombytes("RGB", (640, 480), bytes(pixels.flatten().tolist()))
 

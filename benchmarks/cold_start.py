@@ -6,14 +6,23 @@ equivalent transformers script, each a fresh process, on the same random-weight 
     python benchmarks/cold_start.py --size paligemma2-3b --runs 3      # bfloat16 checkpoint (PaliGemma 2)
 
 Modes, alternated round by round (medians over `--runs`):
-- vlmo-first: `vlmo ask` with an empty prepared-weights cache (`VLMO_CACHE` pointed at a fresh folder), so it
-  prepares the int8 weights and writes the cache entry: the very first command on a machine;
-- vlmo-second: the same command again, with the entry the first one wrote: every later command;
-- vlmo-nocache: `vlmo ask --no-cache`, what every command cost before the cache;
+- vlmo-first: `vlmo ask --keep-alive 0` with an empty prepared-weights cache (`VLMO_CACHE` pointed at a fresh
+  folder), so it prepares the int8 weights and writes the cache entry: the very first command on a machine;
+- vlmo-second: the same command again, with the entry the first one wrote: every later command without a resident
+  model (`--keep-alive 0`);
+- vlmo-nocache: `vlmo ask --keep-alive 0 --no-cache`, what every command cost before the cache;
+- baseline-first / baseline-second: vlmo-first and vlmo-second run by another vlmo source tree (`--baseline-src`,
+  e.g. a `git worktree` of the commit before the resident model), on PYTHONPATH: "today" in the same run;
+- resident-first: `vlmo ask` with nothing resident and an empty cache: loads and keeps a resident model;
+- resident-new-image: the next `vlmo ask`, about a new image, answered by the resident model;
+- resident-same-image: a follow-up question about that image (its encoding is cached in the resident model);
 - hf-float32: a transformers script (`PaliGemmaForConditionalGeneration` + `PaliGemmaProcessor`, float32, greedy,
   8 new tokens) that prints its answer.
-Peak RSS is each process's own (`/usr/bin/time -f %M`). Page cache: the checkpoint is read once before the first
-round, so every mode reads from memory, as a second command on a machine does.
+Peak RSS is each process's own (`/usr/bin/time -f %M`); for the resident modes, the resident process's peak (VmHWM,
+from `vlmo ps --json`, read before `vlmo stop` ends each round) is reported as `resident_peak_rss_gb`, and the
+client's overhead (wall time minus the resident's own seconds for the request, from its log) as
+`client_overhead_s`. Page cache: the checkpoint is read once before the first round, so every mode reads from
+memory, as a second command on a machine does.
 """
 
 from __future__ import annotations
@@ -32,7 +41,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 QUESTION = "what is written on the sign next to the red car in this picture?"
-MODES = ("vlmo-first", "vlmo-second", "vlmo-nocache", "hf-float32")
+MODES = ("vlmo-first", "vlmo-second", "resident-first", "resident-new-image", "resident-same-image", "hf-float32")
+FOLLOW_UP = "what color is the car on the left side of the road?"
 HF_SCRIPT = """
 import sys
 import torch, transformers
@@ -53,14 +63,18 @@ print(proc.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=Tru
 def command(mode: str, model_dir: Path, image: Path) -> list[str]:
     if mode == "hf-float32":
         return [sys.executable, "-c", HF_SCRIPT, str(model_dir), str(image), QUESTION]
-    vlmo = str(Path(sys.executable).parent / "vlmo")
-    extra = ["--no-cache"] if mode == "vlmo-nocache" else []
-    return [vlmo, "ask", str(image), QUESTION, "--model", str(model_dir), "--max-tokens", "8", *extra]
+    vlmo = [sys.executable, "-m", "vlmo"]  # the vlmo on PYTHONPATH for the baseline modes
+    question = FOLLOW_UP if mode == "resident-same-image" else QUESTION
+    extra = [] if mode.startswith("resident") else ["--keep-alive", "0"]
+    extra += ["--no-cache"] if mode == "vlmo-nocache" else []
+    if mode.startswith("baseline"):
+        extra = []  # the vlmo before the resident model has no --keep-alive
+    return [*vlmo, "ask", str(image), question, "--model", str(model_dir), "--max-tokens", "8", *extra]
 
 
-def run(mode: str, model_dir: Path, image: Path, cache: Path) -> dict[str, Any]:
+def run(mode: str, model_dir: Path, image: Path, cache: Path, env: dict[str, str]) -> dict[str, Any]:
     """One fresh process; wall time from just before it starts to its exit (the answer is its last output)."""
-    env = {**os.environ, "VLMO_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**env, "VLMO_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
         started = time.perf_counter()
         done = subprocess.run(
@@ -76,6 +90,20 @@ def run(mode: str, model_dir: Path, image: Path, cache: Path) -> dict[str, Any]:
     return {"mode": mode, "wall_s": wall, "peak_rss_gb": peak_kb * 1024 / 1e9, "answer": done.stdout.strip()}
 
 
+def resident_seconds(runtime: Path) -> float:
+    """The resident model's own time for its last request (its log line ends in the seconds it took)."""
+    lines = [line for line in (runtime / "vlmo" / "resident.log").read_text().splitlines() if line.startswith("POST ")]
+    return float(lines[-1].rsplit(" ", 1)[1].rstrip("s"))
+
+
+def resident_peak(env: dict[str, str]) -> float:
+    """The resident process's peak RSS, GB (`vlmo ps --json`); then stop it."""
+    listed = subprocess.run([sys.executable, "-m", "vlmo", "ps", "--json"], env=env, capture_output=True, text=True)
+    (row,) = json.loads(listed.stdout)["resident"]
+    subprocess.run([sys.executable, "-m", "vlmo", "stop"], env=env, capture_output=True, check=True)
+    return row["peak_rss_bytes"] / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="tiny", help="tiny | paligemma-3b | paligemma2-3b")
@@ -83,6 +111,7 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--checkpoints", type=Path, default=Path.home() / ".cache" / "vlmo-bench")
     parser.add_argument("--out", type=Path, help="JSON results (default: benchmarks/results/cold-start-<size>.json)")
+    parser.add_argument("--baseline-src", type=Path, help="another vlmo's src/ folder, for the baseline-* modes")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
     from bench import test_image
@@ -94,19 +123,38 @@ def main() -> None:
             while f.read(1 << 24):
                 pass
     modes = args.modes.split(",")
+    last_resident = ([m for m in modes if m.startswith("resident")] or [None])[-1]
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="vlmo-cold-") as tmp:
-        image = Path(tmp) / "photo.png"
-        test_image().save(image)
+    with tempfile.TemporaryDirectory(prefix="vlmo-cold-", dir="/tmp") as tmp:
         for round_ in range(args.runs):
-            cache = Path(tmp) / f"cache-{round_}"  # empty for vlmo-first, then warm for vlmo-second
+            images = [Path(tmp) / f"photo-{round_}-{k}.png" for k in range(2)]  # new pictures every round
+            for k, image in enumerate(images):
+                test_image(seed=100 * round_ + k).save(image)
+            runtime = Path(tmp) / f"run-{round_}"  # a fresh runtime folder: nothing resident
+            runtime.mkdir(mode=0o700)
+            env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+            baseline = {**env, "PYTHONPATH": str(args.baseline_src)} if args.baseline_src else env
             for mode in modes:
-                row = run(mode, model_dir, image, cache if mode != "vlmo-nocache" else Path(tmp) / "unused")
+                # An empty cache for each "first" mode, then warm (written by it) for the modes after it.
+                cache = Path(tmp) / f"cache-{round_}-{mode.split('-')[0]}"  # vlmo-*, resident-*, baseline-*
+                image = images[0] if mode in ("resident-first",) else images[1]
+                if mode == "vlmo-nocache":
+                    cache = Path(tmp) / "unused"
+                row = run(mode, model_dir, image, cache, baseline if mode.startswith("baseline") else env)
+                if mode in ("resident-new-image", "resident-same-image"):
+                    row["client_overhead_s"] = row["wall_s"] - resident_seconds(runtime)
+                if mode == last_resident:  # its peak, then stop it: the modes after it run without it
+                    row["resident_peak_rss_gb"] = resident_peak({**env, "VLMO_CACHE": str(cache)})
                 row["round"] = round_
                 rows.append(row)
                 print(f"round {round_} {mode}: {row['wall_s']:.2f} s, {row['peak_rss_gb']:.2f} GB", file=sys.stderr)
+    keys = ("wall_s", "peak_rss_gb", "client_overhead_s", "resident_peak_rss_gb")
     medians = {
-        mode: {key: statistics.median(r[key] for r in rows if r["mode"] == mode) for key in ("wall_s", "peak_rss_gb")}
+        mode: {
+            key: statistics.median(r[key] for r in rows if r["mode"] == mode and key in r)
+            for key in keys
+            if any(key in r for r in rows if r["mode"] == mode)
+        }
         for mode in modes
     }
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": sys.version}
@@ -119,6 +167,11 @@ def main() -> None:
     for mode, m in medians.items():
         ratio = f"{m['wall_s'] / hf:.2f} ×" if hf else "—"
         print(f"| {mode} | {m['wall_s']:.2f} | {ratio} | {m['peak_rss_gb']:.2f} |")
+    for mode, m in medians.items():
+        if "client_overhead_s" in m:
+            print(f"{mode}: client overhead {m['client_overhead_s']:.2f} s")
+        if "resident_peak_rss_gb" in m:
+            print(f"{mode}: resident process peak RSS {m['resident_peak_rss_gb']:.2f} GB")
 
 
 if __name__ == "__main__":

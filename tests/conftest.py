@@ -24,6 +24,9 @@ from fake_hub import isolate_hf
 from vlmo.demo.standins import build_tokenizer, preprocessor_config
 
 _SESSION_CACHE = tempfile.mkdtemp(prefix="vlmo-test-cache-")
+# The runtime folder of resident models (XDG_RUNTIME_DIR): private to the session, short enough for a Unix socket.
+SESSION_RUNTIME = tempfile.mkdtemp(prefix="vr-", dir="/tmp" if os.path.isdir("/tmp") else None)
+RESIDENT_MODULE = "vlmo.cli.remote.process"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -31,6 +34,7 @@ def pytest_configure(config: pytest.Config) -> None:
     session-scoped fixtures load models before the per-test isolation below applies, and no test may write into
     the user's cache."""
     os.environ["VLMO_CACHE"] = _SESSION_CACHE
+    os.environ["XDG_RUNTIME_DIR"] = SESSION_RUNTIME
     # One intra-op thread, here and (through the variable) in every process a test starts, unless the caller chose:
     # the test models are tiny, so a second thread gains nothing, while two threads per process on a busy 2-core
     # machine wait on each other (test_tasks.py with test_engine.py, other work running: 113 s with 2, 11 s with 1).
@@ -41,6 +45,21 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+    shutil.rmtree(SESSION_RUNTIME, ignore_errors=True)
+
+
+def session_residents() -> list[str]:
+    """Resident model processes that serve from this session's runtime folders (a CLI run in a subprocess starts
+    them as grandchildren, which `_living_children` does not see), as "pid: command line"."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            command = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if RESIDENT_MODULE in command and SESSION_RUNTIME in command:
+            found.append(f"{cmdline.parent.name}: {command.strip()[:200]}")
+    return found
 
 
 def _living_children() -> list[str]:
@@ -66,6 +85,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         left.append("a Ray cluster (ray.init without ray.shutdown)")
     if Path("/proc/self/stat").exists():
         left += _living_children()
+        left += [f"a resident model ({r})" for r in session_residents() if r not in left]
     if left:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
@@ -80,9 +100,11 @@ def _isolate_hf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     the user's prepared-weights cache (VLMO_CACHE: a private one in tmp_path/"vlmo-cache"), and from the caller's
     other VLMO_* settings."""
     isolate_hf(monkeypatch, tmp_path / "hf")
-    for name in ("VLMO_MODEL", "VLMO_DEBUG"):
+    for name in ("VLMO_MODEL", "VLMO_DEBUG", "VLMO_SERVER", "VLMO_API_KEY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("VLMO_CACHE", str(tmp_path / "vlmo-cache"))
+    # Commands load in-process unless a test is about the resident model (tests/test_resident.py sets its own).
+    monkeypatch.setenv("VLMO_KEEP_ALIVE", "0")
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,22 @@ def python_option(name: str, value: object) -> str:
     return name if value is None else f'{name}="{value}"'
 
 
+def cli_option(name: str, value: object) -> str:
+    """How the command line names an option in messages: `--max-tokens 8`, or `--dtype` without a value."""
+    flag = "--" + {"max_new_tokens": "max_tokens", "do_sample": "sample"}.get(name, name).replace("_", "-")
+    return flag if value is None else f"{flag} {value}"
+
+
+# The errors a command line user fixes by changing what they typed (exit code 2; any other vlmo error: 1).
+USAGE_ERRORS: tuple[type[VlmoError], ...] = (InputError, GenerationConfigError, ImageError)
+
+
+def command_line(error: VlmoError) -> tuple[str, int]:
+    """`error` as the command line reports it: one line, options spelled as flags, and the exit code. The server
+    sends this too (`vlmo.serve.errors`), so a command answered by a server fails with the same words."""
+    return " ".join(error.spelled(cli_option).split()), 2 if isinstance(error, USAGE_ERRORS) else 1
+
+
 def braced(text: object) -> str:
     """`text` for an `OptionError` template, which is `str.format`ted: its braces doubled (a path, a value)."""
     return str(text).replace("{", "{{").replace("}", "}}")

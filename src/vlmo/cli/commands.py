@@ -21,6 +21,7 @@ from vlmo.cli.options import (
     LOCATE,
     MAX_TOKENS,
     MODEL,
+    RESIDENT,
     SAMPLING,
     Device,
     Images,
@@ -78,24 +79,28 @@ def _emit_json(obj: dict[str, Any]) -> None:
 
 def _check_images(images: list[str]) -> list[str]:
     """Open every image before the model loads, so a typo costs no waiting."""
-    from vlmo.processing import load_image
+    from vlmo.images import load_image
 
     for image in images:
         load_image(image)
     return images
 
 
-def _texts(run: Run, images: list[str], prompt: Prompt, json_out: bool, stream: bool | None) -> None:
+def _texts(
+    run: Run, images: list[str], prompt: Prompt, json_out: bool, stream: bool | None, *, resident: bool = True
+) -> None:
     """Shared body of ask/caption/ocr/generate: one prompt for every image, as a batch, streamed or as JSON."""
+    from vlmo.cli.answering import answering
+
     _check_images(images)
-    vlm = run.load()
     streaming = (sys.stdout.isatty() if stream is None else stream) and not json_out and len(images) == 1
-    if streaming:
-        for piece in vlm.stream(images[0], prompt, **run.options):
-            _echo(piece, nl=False)
-        _echo()
-        return
-    texts = vlm.generate(images, prompt, **run.options)
+    with answering(run, resident=resident) as model:
+        if streaming:
+            for piece in model.stream(images[0], prompt, run.options):
+                _echo(piece, nl=False)
+            _echo()
+            return
+        texts = model.texts(images, prompt, run.options)
     if json_out:
         results = [{"image": i, "prompt": prompt.text, "text": t} for i, t in zip(images, texts, strict=True)]
         _emit_json({"model": run.model, "task": prompt.task, "results": results})
@@ -112,7 +117,7 @@ def _texts(run: Run, images: list[str], prompt: Prompt, json_out: bool, stream: 
 @app.command(
     epilog='Examples:\n\n  vlmo ask photo.jpg "what color is the car?"\n\n  vlmo ask a.jpg b.jpg -q "how many people?"'
 )
-@shared_options(MODEL, SAMPLING)
+@shared_options(MODEL, RESIDENT, SAMPLING)
 def ask(
     images: Annotated[
         list[str], typer.Argument(metavar="IMAGE", help="Image file(s), then the question unless -q is given.")
@@ -150,7 +155,7 @@ def _is_image_file(text: str) -> bool:
 
 
 @app.command(epilog="Examples:\n\n  vlmo caption photo.jpg\n\n  vlmo caption photo.jpg --detail long --lang fr")
-@shared_options(MODEL, SAMPLING)
+@shared_options(MODEL, RESIDENT, SAMPLING)
 def caption(
     images: Images,
     run: Run,
@@ -168,7 +173,7 @@ def caption(
 
 
 @app.command(epilog="Example:\n\n  vlmo ocr receipt.png")
-@shared_options(MODEL, SAMPLING)
+@shared_options(MODEL, RESIDENT, SAMPLING)
 def ocr(images: Images, run: Run, json_out: JsonOut = False, stream: Stream = None) -> None:
     """Read the text in one or more images."""
     from vlmo import tasks
@@ -190,13 +195,14 @@ def generate(
     """Complete a raw prompt for an image (special tokens such as <loc0123> are kept)."""
     from vlmo import tasks
 
-    _texts(run, [image], tasks.prompt("generate", text=prompt), json_out, stream)
+    # A raw prompt always runs here: a server reads a chat text without a task word as a question.
+    _texts(run, [image], tasks.prompt("generate", text=prompt), json_out, stream, resident=False)
 
 
 @app.command(
     epilog='Examples:\n\n  vlmo detect photo.jpg "cat ; dog"\n\n  vlmo detect photo.jpg car --out boxes.png --json'
 )
-@shared_options(LOCATE, MODEL, SAMPLING)
+@shared_options(LOCATE, MODEL, RESIDENT, SAMPLING)
 def detect(run: Run, **located: Any) -> None:
     """Find objects and print their boxes (x_min y_min x_max y_max, in pixels)."""
     _locate("detect", run, **located)
@@ -205,7 +211,7 @@ def detect(run: Run, **located: Any) -> None:
 @app.command(
     epilog='Examples:\n\n  vlmo segment photo.jpg "cat ; dog" --out masks.png\n\n  vlmo segment photo.jpg car --json'
 )
-@shared_options(LOCATE, MODEL, SAMPLING)
+@shared_options(LOCATE, MODEL, RESIDENT, SAMPLING)
 def segment(run: Run, mask_decoder: MaskDecoder = None, **located: Any) -> None:
     """Segment objects: print boxes and mask areas; --json gives COCO RLE masks."""
     _locate("segment", run, mask_decoder=mask_decoder, **located)
@@ -224,13 +230,15 @@ def _locate(
 ) -> None:
     """Shared body of detect/segment. Everything the user typed is checked before the model loads."""
     from vlmo import tasks
-    from vlmo.processing import load_image
+    from vlmo.cli.answering import answering
+    from vlmo.images import load_image
 
     prompt = tasks.prompt(task, labels=labels)  # no empty labels, no '<' '>'
     _check_output(out, force)
     check_file(mask_decoder, "mask_decoder")
     pil = load_image(image)
-    answer = run.load().run(pil, prompt, mask_decoder=mask_decoder, **run.options)
+    with answering(run, mask_decoder) as model:
+        answer = model.run(image, prompt, run.options)
     if out is not None:
         from vlmo.fileio.atomic import atomic_path, image_format
 
@@ -506,6 +514,58 @@ def cache_rm(
         raise typer.Exit(1)
 
 
+@app.command("ps", epilog="Examples:\n\n  vlmo ps\n\n  vlmo ps --json")
+def ps(json_out: JsonOut = False) -> None:
+    """List resident models: model, options, pid, memory, idle time, time left, and their log."""
+    from vlmo.cli.remote import resident
+    from vlmo.cli.remote.runtime import format_duration
+
+    folder, rows = resident.status()
+    if json_out:
+        _emit_json({"runtime_folder": None if folder is None else str(folder), "resident": rows})
+        return
+    if not rows:
+        stderr.print("no resident model")
+        return
+    _echo("MODEL\tOPTIONS\tPID\tMEMORY\tIDLE\tLEFT\tSTATE\tLOG")
+    for row in rows:
+        ident = row.get("identity") or {}
+        options = ",".join(
+            f"{key}={ident[key]}"
+            for key in ("revision", "adapter", "device", "dtype", "quantize", "mask_decoder")
+            if ident.get(key) not in (None, "auto")
+        )
+        memory = "-" if row.get("rss_bytes") is None else f"{row['rss_bytes'] / 1e9:.2f} GB"
+        idle = "-" if "idle_seconds" not in row else format_duration(row["idle_seconds"])
+        left = "-" if "left_seconds" not in row else format_duration(row["left_seconds"])
+        cells = [ident.get("model"), options or "-", row["pid"], memory, idle, left, row.get("state"), row["log"]]
+        _echo("\t".join(str(c) for c in cells))
+
+
+@app.command("stop", epilog="Examples:\n\n  vlmo stop\n\n  vlmo stop google/paligemma-3b-mix-224")
+def stop_command(
+    model: Annotated[
+        str | None, typer.Argument(metavar="MODEL", help="Stop the resident model only if it is this model.")
+    ] = None,
+    all_models: Annotated[bool, typer.Option("--all", help="Stop every resident model (the default).")] = False,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds running requests get to finish before the model stops anyway.")
+    ] = 30.0,
+) -> None:
+    """Stop resident models (running requests finish first); prints what was stopped."""
+    from vlmo.cli.remote import resident
+    from vlmo.errors import check_number
+
+    if model is not None and all_models:
+        raise CliUsageError("give a MODEL or --all, not both")
+    check_number(timeout, "timeout", minimum=0, below=86400)
+    stopped = resident.stop(model, timeout)
+    if not stopped:
+        stderr.print("no resident model" + ("" if model is None else f" of {model}") + " runs; see vlmo ps")
+    for info in stopped:
+        _echo(f"stopped {(info.get('identity') or {}).get('model')} (pid {info.get('pid')})")
+
+
 @app.command(
     "app",
     epilog=(
@@ -541,7 +601,7 @@ def app_command(
 @app.command(
     "serve",
     epilog=(
-        "Examples (needs pip install 'vlmo[serve]'):\n\n  vlmo serve --model vlmo/shapes\n\n"
+        "Examples (--allow-remote-images needs pip install 'vlmo[serve]'):\n\n  vlmo serve --model vlmo/shapes\n\n"
         "  VLMO_API_KEY=secret vlmo serve --host 0.0.0.0 --port 8000 --max-batch-size 16\n\n"
         "See docs/serve.md for the endpoints and the openai client."
     ),
@@ -589,7 +649,7 @@ def serve_command(
     """Serve the model over HTTP: an OpenAI-compatible chat API, plus detect, segment, health and metrics."""
     from vlmo.serve.run import check_dependencies, serve
 
-    check_dependencies()  # before importing the server, which needs them
+    check_dependencies(allow_remote_images)  # before importing the server, which needs them
     from vlmo.serve.routes import ServerSettings
 
     settings = ServerSettings(

@@ -17,23 +17,17 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from vlmo.errors import GenerationConfigError, ImageError, InputError, VlmoError
+from vlmo.errors import USAGE_ERRORS, VlmoError, cli_option, command_line
 
 
 class CliUsageError(VlmoError):
     """A command-line usage problem found by a command itself (exit code 2)."""
 
 
-def cli_option(name: str, value: object) -> str:
-    """How the CLI names an option in messages: `--max-tokens 8`, or `--dtype` without a value."""
-    flag = "--" + {"max_new_tokens": "max_tokens", "do_sample": "sample"}.get(name, name).replace("_", "-")
-    return flag if value is None else f"{flag} {value}"
-
-
 def _spelled(e: BaseException) -> str:
     """A vlmo error's message with the options it names spelled as the CLI's flags (`--mask-decoder vae-oid.npz`)."""
     assert isinstance(e, VlmoError)
-    return e.spelled(cli_option)
+    return command_line(e)[0]
 
 
 def _oom(e: BaseException) -> str:
@@ -77,8 +71,8 @@ def _is_disk_full(e: BaseException) -> bool:
 # (matches, exit code, message). First match wins; order matters.
 ERROR_TABLE: list[tuple[Any, int, Any]] = [
     # The library's option names as the CLI's flags, in every vlmo error (`VlmoError.spelled`).
-    ((CliUsageError, InputError, GenerationConfigError, ImageError), 2, _spelled),
-    (VlmoError, 1, _spelled),
+    ((CliUsageError, *USAGE_ERRORS), 2, _spelled),
+    (VlmoError, 1, _spelled),  # or the error's own `exit_code` (an error a server answered with)
     (_is_oom, 1, _oom),
     (_is_disk_full, 1, _disk),
     (PermissionError, 1, _permission),
@@ -91,7 +85,7 @@ def describe(e: BaseException) -> tuple[str, int]:
     for match, code, message in ERROR_TABLE:
         hit = isinstance(e, match) if isinstance(match, type | tuple) else match(e)
         if hit:
-            return " ".join(message(e).split()), code
+            return " ".join(message(e).split()), getattr(e, "exit_code", code) if isinstance(e, VlmoError) else code
     return _unexpected(e), 1
 
 
@@ -150,3 +144,6 @@ def _stdout_to_devnull() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError):  # no real stdout (CliRunner's is a buffer): nothing is flushed to a pipe then
         pass
+
+
+__all__ = ["CliUsageError", "ErrorHandlingGroup", "cli_option", "describe", "report"]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_type_hints
 import typer
 from rich.console import Console
 
-from vlmo.errors import check_count
+from vlmo.errors import OptionError, check_count
 from vlmo.progress import wanted
 
 if TYPE_CHECKING:
@@ -141,6 +141,50 @@ SAMPLING = (
 )
 
 
+# ask, caption, ocr, detect, segment: where the model runs (a resident process, a server, or in this process).
+RESIDENT = (
+    _option(
+        "keep_alive",
+        Annotated[
+            str | None,
+            typer.Option(
+                "--keep-alive",
+                envvar="VLMO_KEEP_ALIVE",
+                show_envvar=True,
+                metavar="DURATION",
+                help="Keep the model loaded in a background process this long after the command (30s, 5m, 1h; "
+                "default 5m), so the next command answers in seconds; 0: load it in this process (docs/resident.md).",
+            ),
+        ],
+        None,
+    ),
+    _option(
+        "server",
+        Annotated[
+            str | None,
+            typer.Option(
+                envvar="VLMO_SERVER",
+                show_envvar=True,
+                metavar="URL",
+                help="Ask a running `vlmo serve` at this URL instead, e.g. http://gpu-box:8000.",
+            ),
+        ],
+        None,
+    ),
+    _option(
+        "api_key",
+        Annotated[
+            str | None,
+            typer.Option(
+                envvar="VLMO_API_KEY",
+                show_envvar=True,
+                help="The API key of --server (prefer the variable: arguments show in ps).",
+            ),
+        ],
+        None,
+    ),
+)
+
 # detect and segment: what to find in which image, and where the results go.
 LOCATE = (
     _option("image", Annotated[str, typer.Argument(metavar="IMAGE", help="Image file.")], inspect.Parameter.empty),
@@ -177,6 +221,9 @@ class Run:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] | list[str] | None = None
+    keep_alive: str | None = None
+    server: str | None = None
+    api_key: str | None = None
 
     def __post_init__(self) -> None:
         from vlmo.generation import SamplingConfig
@@ -187,6 +234,34 @@ class Run:
         sampling = self.options
         sampling.pop("max_new_tokens", None)
         SamplingConfig.from_options(sampling, 64)
+        if self.server is not None:
+            self._check_server()
+        else:
+            self.keep_alive_seconds  # noqa: B018 - checks the duration
+
+    def _check_server(self) -> None:
+        """With --server the server's model answers: options that would load another one are an error."""
+        from vlmo.cli.remote.client import Server
+
+        Server.at_url(self.server or "")
+        loading = {"revision": None, "adapter": None, "device": "auto", "dtype": "auto", "quantize": "auto"}
+        given = [name for name, default in loading.items() if getattr(self, name) != default]
+        if given:
+            flags = ", ".join("--" + name for name in given)
+            raise OptionError(f"{flags} cannot be used with {{server}}: the server loads its own model", server=None)
+
+    @property
+    def keep_alive_seconds(self) -> float:
+        """--keep-alive (or VLMO_KEEP_ALIVE) in seconds; 0: no resident model."""
+        from vlmo.cli.remote.runtime import parse_duration
+
+        return parse_duration(self.keep_alive)
+
+    @property
+    def load_options(self) -> dict[str, object]:
+        """What says which model loads, and how (a resident model's identity starts from these)."""
+        fields = ("model", "revision", "adapter", "device", "dtype", "quantize", "cache")
+        return {name: getattr(self, name) for name in fields}
 
     @property
     def options(self) -> GenerateOptions:

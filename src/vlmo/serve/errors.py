@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlmo.engine.worker import Cancelled, EngineStopped, QueueFull
-from vlmo.errors import GenerationConfigError, ImageError, InputError, OptionError, VlmoError, python_option
+from vlmo.errors import (
+    GenerationConfigError,
+    ImageError,
+    InputError,
+    OptionError,
+    VlmoError,
+    command_line,
+    python_option,
+)
 
 # How long a client told "busy" (503) should wait before it retries, in seconds (the Retry-After header).
 RETRY_AFTER_SECONDS = 1
@@ -37,13 +45,21 @@ class ApiError(Exception):
     type: str = "invalid_request_error"
     code: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    command_line: tuple[str, int] | None = None
 
     def __post_init__(self) -> None:
         self.message = " ".join(self.message.split())  # one line, whatever the cause said
         super().__init__(self.message)
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": None}}
+        """OpenAI's error shape; for an error of vlmo's, also `command_line`: its message and exit code as `vlmo`
+        on the command line gives them (`vlmo.errors.command_line`), so that a command answered by this server
+        (`vlmo ask --server`, a resident model) fails as it would in-process. Clients ignore fields they do not
+        know."""
+        error: dict[str, Any] = {"message": self.message, "type": self.type, "code": self.code, "param": None}
+        if self.command_line is not None:
+            error["command_line"] = {"message": self.command_line[0], "exit_code": self.command_line[1]}
+        return {"error": error}
 
 
 def _as_is(e: BaseException) -> ApiError:
@@ -110,11 +126,13 @@ ERROR_TABLE: list[tuple[type[BaseException] | tuple[type[BaseException], ...], C
 
 
 def api_error(e: BaseException) -> ApiError:
-    """The HTTP answer for an exception raised while handling a request."""
-    for kinds, answer in ERROR_TABLE:
-        if isinstance(e, kinds):
-            return answer(e)
-    return _unexpected(e)
+    """The HTTP answer for an exception raised while handling a request (with its `command_line` rendering when
+    it is, or was raised from, an error of vlmo's)."""
+    answer = next((make(e) for kinds, make in ERROR_TABLE if isinstance(e, kinds)), None) or _unexpected(e)
+    cause = e if isinstance(e, VlmoError) else e.__cause__
+    if answer.command_line is None and isinstance(cause, VlmoError):
+        answer.command_line = command_line(cause)
+    return answer
 
 
 def validation_message(errors: list[Any]) -> str:

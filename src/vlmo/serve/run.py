@@ -30,17 +30,21 @@ if TYPE_CHECKING:
 # After the engine has stopped, how long the handlers get to send their last bytes before their connections are
 # abandoned (only a client that does not read its answer needs it).
 FLUSH_SECONDS = 10.0
-# The serve extra's modules (httpx: remote images).
-DEPENDENCIES = ("fastapi", "uvicorn", "prometheus_client", "httpx")
+# The server's modules (core dependencies since the resident model runs on them), and httpx, the serve extra's,
+# which fetches remote images.
+DEPENDENCIES = ("fastapi", "uvicorn", "prometheus_client")
+REMOTE_IMAGES = ("httpx",)
 
 
 class ServeDependencyError(VlmoError):
     """The server's optional dependencies (`vlmo[serve]`) are not installed."""
 
 
-def check_dependencies() -> None:
-    """ServeDependencyError naming the extra when a module of `vlmo[serve]` is missing (before the model loads)."""
-    missing = [name for name in DEPENDENCIES if importlib.util.find_spec(name) is None]
+def check_dependencies(remote_images: bool = False) -> None:
+    """ServeDependencyError naming the extra when a module the server needs is missing (before the model loads);
+    with `remote_images`, httpx too."""
+    wanted = DEPENDENCIES + (REMOTE_IMAGES if remote_images else ())
+    missing = [name for name in wanted if importlib.util.find_spec(name) is None]
     if missing:
         raise ServeDependencyError(
             f"vlmo serve needs {', '.join(missing)}, which is not installed; run: pip install 'vlmo[serve]'"
@@ -61,7 +65,7 @@ def serve(
 
     `load` loads the model (progress on stderr); `settings` say what clients may do (`routes.ServerSettings`).
     """
-    check_dependencies()
+    check_dependencies(settings.allow_remote_images)
     check_count(max_batch_size, "max_batch_size")
     check_count(max_queue, "max_queue")
     check_number(shutdown_timeout, "shutdown_timeout", minimum=0, below=86400)
@@ -92,11 +96,11 @@ def serve(
         limits = f"batch {max_batch_size}, queue {max_queue}"
         say(f"vlmo serve: {settings.model_name} at {where}/v1 ({limits}; Ctrl-C to stop)")
 
-    _stopping_server(config, engine, shutdown_timeout, ready).run()
+    stopping_server(config, engine, shutdown_timeout, ready).run()
     say("vlmo serve stopped")
 
 
-def _stopping_server(config: Any, engine: Engine, grace: float, ready: Callable[[], None]) -> Any:
+def stopping_server(config: Any, engine: Engine, grace: float, ready: Callable[[], None]) -> Any:
     """A uvicorn.Server with vlmo's stop (module docstring) that calls `ready` once it listens. The class is
     defined here, on first use, because uvicorn is an optional import."""
     import uvicorn
@@ -139,4 +143,4 @@ def _stopping_server(config: Any, engine: Engine, grace: float, ready: Callable[
     return Server(config, engine, grace, ready)
 
 
-__all__ = ["DEPENDENCIES", "ServeDependencyError", "check_dependencies", "serve"]
+__all__ = ["DEPENDENCIES", "ServeDependencyError", "check_dependencies", "serve", "stopping_server"]
