@@ -90,18 +90,30 @@ def run(mode: str, model_dir: Path, image: Path, cache: Path, env: dict[str, str
     return {"mode": mode, "wall_s": wall, "peak_rss_gb": peak_kb * 1024 / 1e9, "answer": done.stdout.strip()}
 
 
+def _cpu() -> str:
+    """The CPU's model name and the vector extensions that decide int8 speed (lscpu's words)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    wanted = ("avx2", "avx512f", "avx512_vnni", "amx_int8")
+    return f"{name} ({', '.join(f for f in wanted if f in flags) or 'no AVX2'})"
+
+
 def resident_seconds(runtime: Path) -> float:
     """The resident model's own time for its last request (its log line ends in the seconds it took)."""
     lines = [line for line in (runtime / "vlmo" / "resident.log").read_text().splitlines() if line.startswith("POST ")]
     return float(lines[-1].rsplit(" ", 1)[1].rstrip("s"))
 
 
-def resident_peak(env: dict[str, str]) -> float:
-    """The resident process's peak RSS, GB (`vlmo ps --json`); then stop it."""
+def resident_memory(env: dict[str, str]) -> tuple[float, float]:
+    """The resident process's peak RSS and its RSS now, GB (`vlmo ps --json`); then stop it."""
     listed = subprocess.run([sys.executable, "-m", "vlmo", "ps", "--json"], env=env, capture_output=True, text=True)
     (row,) = json.loads(listed.stdout)["resident"]
     subprocess.run([sys.executable, "-m", "vlmo", "stop"], env=env, capture_output=True, check=True)
-    return row["peak_rss_bytes"] / 1e9
+    return row["peak_rss_bytes"] / 1e9, row["rss_bytes"] / 1e9
 
 
 def main() -> None:
@@ -135,8 +147,9 @@ def main() -> None:
             env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
             baseline = {**env, "PYTHONPATH": str(args.baseline_src)} if args.baseline_src else env
             for mode in modes:
-                # An empty cache for each "first" mode, then warm (written by it) for the modes after it.
-                cache = Path(tmp) / f"cache-{round_}-{mode.split('-')[0]}"  # vlmo-*, resident-*, baseline-*
+                # Two caches per round, each empty for its first mode and warm (written by it) for the modes after it:
+                # one for the in-process modes (vlmo-*, baseline-*: one format), one for the resident model's.
+                cache = Path(tmp) / f"cache-{round_}-{'resident' if mode.startswith('resident') else 'inproc'}"
                 image = images[0] if mode in ("resident-first",) else images[1]
                 if mode == "vlmo-nocache":
                     cache = Path(tmp) / "unused"
@@ -144,11 +157,12 @@ def main() -> None:
                 if mode in ("resident-new-image", "resident-same-image"):
                     row["client_overhead_s"] = row["wall_s"] - resident_seconds(runtime)
                 if mode == last_resident:  # its peak, then stop it: the modes after it run without it
-                    row["resident_peak_rss_gb"] = resident_peak({**env, "VLMO_CACHE": str(cache)})
+                    peak, now = resident_memory({**env, "VLMO_CACHE": str(cache)})
+                    row["resident_peak_rss_gb"], row["resident_rss_gb"] = peak, now
                 row["round"] = round_
                 rows.append(row)
                 print(f"round {round_} {mode}: {row['wall_s']:.2f} s, {row['peak_rss_gb']:.2f} GB", file=sys.stderr)
-    keys = ("wall_s", "peak_rss_gb", "client_overhead_s", "resident_peak_rss_gb")
+    keys = ("wall_s", "peak_rss_gb", "client_overhead_s", "resident_peak_rss_gb", "resident_rss_gb")
     medians = {
         mode: {
             key: statistics.median(r[key] for r in rows if r["mode"] == mode and key in r)
@@ -157,7 +171,7 @@ def main() -> None:
         }
         for mode in modes
     }
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": sys.version}
+    machine = {"cpu": _cpu(), "cores": os.cpu_count(), "python": sys.version}
     out = args.out or HERE / "results" / f"cold-start-{args.size}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"size": args.size, "machine": machine, "medians": medians, "rows": rows}, indent=1))
@@ -171,7 +185,10 @@ def main() -> None:
         if "client_overhead_s" in m:
             print(f"{mode}: client overhead {m['client_overhead_s']:.2f} s")
         if "resident_peak_rss_gb" in m:
-            print(f"{mode}: resident process peak RSS {m['resident_peak_rss_gb']:.2f} GB")
+            print(
+                f"{mode}: resident process peak RSS {m['resident_peak_rss_gb']:.2f} GB, "
+                f"{m['resident_rss_gb']:.2f} GB once answering"
+            )
 
 
 if __name__ == "__main__":

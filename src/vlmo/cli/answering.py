@@ -23,15 +23,16 @@ from typing import TYPE_CHECKING, Protocol
 from vlmo.cli.options import DEFAULT_MODEL, Run, status
 
 if TYPE_CHECKING:
-    from PIL import Image
-
     from vlmo.api import VLMo
     from vlmo.generation import GenerateOptions
     from vlmo.tasks import Answer, Prompt
 
 
 class Answerer(Protocol):
-    """What a command asks of a model (`InProcess` or `remote.client.RemoteModel`)."""
+    """What a command asks of a model (`InProcess` or `remote.client.RemoteModel`); `name`: the id of the model
+    that answers (what `--json` reports)."""
+
+    name: str
 
     def texts(self, images: list[str], prompt: Prompt, options: GenerateOptions) -> list[str]: ...
 
@@ -43,9 +44,8 @@ class Answerer(Protocol):
 class InProcess:
     """The model loaded in this process."""
 
-    def __init__(self, vlm: VLMo, mask_decoder: str | os.PathLike[str] | None = None) -> None:
-        self.vlm, self.mask_decoder = vlm, mask_decoder
-        self.images: dict[str, Image.Image] = {}
+    def __init__(self, vlm: VLMo, name: str, mask_decoder: str | os.PathLike[str] | None = None) -> None:
+        self.vlm, self.name, self.mask_decoder = vlm, name, mask_decoder
 
     def texts(self, images: list[str], prompt: Prompt, options: GenerateOptions) -> list[str]:
         texts = self.vlm.generate(list(images), prompt, **options)  # a list in: a list out
@@ -75,7 +75,8 @@ def answering(
                 "{mask_decoder} cannot be used with {server}: the server has its own", mask_decoder=None, server=None
             )
         # The server's model answers; a model named on purpose (--model, VLMO_MODEL) must be the one it serves.
-        yield RemoteModel(Server.at_url(run.server, run.api_key), None if run.model == DEFAULT_MODEL else run.model)
+        chosen = None if run.model == DEFAULT_MODEL else run.model
+        yield RemoteModel(Server.at_url(run.server, run.api_key), chosen, name=run.model)
         return
     if resident and run.keep_alive_seconds > 0:
         from vlmo.cli.remote.resident import resident_model
@@ -87,7 +88,7 @@ def answering(
             if model is not None:
                 yield model
                 return
-    yield InProcess(run.load(), mask_decoder)
+    yield InProcess(run.load(), run.model, mask_decoder)
 
 
 __all__ = ["Answerer", "InProcess", "answering"]

@@ -103,7 +103,7 @@ def _texts(
         texts = model.texts(images, prompt, run.options)
     if json_out:
         results = [{"image": i, "prompt": prompt.text, "text": t} for i, t in zip(images, texts, strict=True)]
-        _emit_json({"model": run.model, "task": prompt.task, "results": results})
+        _emit_json({"model": model.name, "task": prompt.task, "results": results})
     elif len(images) == 1:
         _echo(texts[0])
     else:
@@ -239,6 +239,7 @@ def _locate(
     pil = load_image(image)
     with answering(run, mask_decoder) as model:
         answer = model.run(image, prompt, run.options)
+        name = model.name
     if out is not None:
         from vlmo.fileio.atomic import atomic_path, image_format
 
@@ -247,7 +248,7 @@ def _locate(
         stderr.print(f"saved {out}")
     if json_out:
         output = None if out is None else str(out)
-        _emit_json({"model": run.model, "image": image, **answer.payload(), "output": output})
+        _emit_json({"model": name, "image": image, **answer.payload(), "output": output})
         return
     if not answer.objects:
         stderr.print("no objects found")

@@ -69,6 +69,10 @@ class ServerUnreachable(VlmoError):
     """The server could not be reached or stopped answering (exit 1)."""
 
 
+class ServerSilent(ServerUnreachable):
+    """The server took a connection but did not answer within the timeout: it is there, and wedged."""
+
+
 @dataclass
 class Server:
     """Where a server is: `url` (http or https, with any path prefix before /v1) or a Unix `socket` path.
@@ -232,9 +236,9 @@ class Server:
         see = f"; see its log {self.log}" if self.log is not None else ""
         if stalled:
             return ServerUnreachable(f"the model server {self.name} stopped answering ({stalled[0]}){see}")
-        why = getattr(e, "strerror", None) or str(e) or type(e).__name__
         if isinstance(e, TimeoutError | socket.timeout):
-            why = "timed out"
+            return ServerSilent(f"the model server {self.name} did not answer in {self.health_timeout:g} s{see}")
+        why = getattr(e, "strerror", None) or str(e) or type(e).__name__
         return ServerUnreachable(f"cannot reach the model server {self.name}: {why}{see}")
 
 
@@ -279,11 +283,18 @@ class RemoteModel:
     """The command line's questions to a server, answered as the in-process `VLMo` answers them.
 
     model: the model id sent with each request (None: whatever the server serves; a server that serves another
-    model answers 404, which the command line says as such).
+    model answers 404, which the command line says as such). `name`: the id of the model that answered (what the
+    server says in its answers; `model` until one came).
     """
 
-    def __init__(self, server: Server, model: str | None = None) -> None:
+    def __init__(self, server: Server, model: str | None = None, name: str | None = None) -> None:
         self.server, self.model = server, model
+        self.name = model or name or ""
+
+    def _answered(self, answer: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(answer.get("model"), str):
+            self.name = answer["model"]
+        return answer
 
     def texts(self, images: list[str], prompt: Prompt, options: GenerateOptions) -> list[str]:
         """One answer per image, asked all at once so that the server batches them (row i samples with seed + i,
@@ -311,12 +322,12 @@ class RemoteModel:
             raise OptionError("{stop} is for text answers; leave it out for detect and segment", stop=None)
         labels = prompt.text.split(" ", 1)[1]
         body = {"image": _data_uri(image), "labels": labels, **self._sampling(prompt, options, 0)}
-        answer = self.server.post(f"/v1/{prompt.task}", body)
+        answer = self._answered(self.server.post(f"/v1/{prompt.task}", body))
         payload = {k: v for k, v in answer.items() if k not in ("model", "usage")}
         return Answer.from_payload(prompt, payload)
 
     def _text(self, image: str, prompt: Prompt, options: GenerateOptions, row: int) -> str:
-        answer = self.server.post("/v1/chat/completions", self._chat(image, prompt, options, row))
+        answer = self._answered(self.server.post("/v1/chat/completions", self._chat(image, prompt, options, row)))
         return str(answer["choices"][0]["message"]["content"])
 
     def _chat(self, image: str, prompt: Prompt, options: GenerateOptions, row: int) -> dict[str, Any]:
@@ -352,4 +363,4 @@ def _data_uri(image: str) -> str:
     return "data:application/octet-stream;base64," + base64.b64encode(Path(image).read_bytes()).decode("ascii")
 
 
-__all__ = ["RemoteModel", "Server", "ServerError", "ServerUnreachable"]
+__all__ = ["RemoteModel", "Server", "ServerError", "ServerSilent", "ServerUnreachable"]

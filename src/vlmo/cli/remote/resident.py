@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vlmo.cli.remote.client import RemoteModel, Server, ServerError, ServerUnreachable
+from vlmo.cli.remote.client import RemoteModel, Server, ServerError, ServerSilent, ServerUnreachable
 from vlmo.cli.remote.identity import Identity, differences, identity
 from vlmo.cli.remote.runtime import Files, NoResidentHere, format_duration, runtime_folder
 
@@ -113,7 +113,7 @@ def resident_model(
             lock.shared()
         server = _server(files, info)
         server.headers["X-Vlmo-Keep-Alive"] = f"{keep_alive:g}"
-        yield RemoteModel(server)
+        yield RemoteModel(server, name=str(load["model"]))
     finally:
         lock.close()
 
@@ -139,12 +139,12 @@ def _ask_identity(files: Files, info: dict[str, Any]) -> Identity | None:
     server = _server(files, info)
     try:
         answer = server.get("/v1/vlmo/resident")
-    except ServerUnreachable as e:
-        if "timed out" in str(e):
-            raise ServerUnreachable(
-                f"the resident model (pid {info.get('pid')}) is not answering; see its log {files.log}, or stop it "
-                "with vlmo stop"
-            ) from None
+    except ServerSilent:
+        raise ServerUnreachable(
+            f"the resident model (pid {info.get('pid')}) is not answering; see its log {files.log}, or stop it "
+            "with vlmo stop"
+        ) from None
+    except ServerUnreachable:
         return None
     if answer.get("pid") != info.get("pid"):
         return None
