@@ -67,21 +67,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, batch: int, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(model: str, batch: int, log: Path, setup: str = "plain") -> tuple[subprocess.Popen[bytes], str]:
+    """`setup`: plain (`vlmo serve`, PyTorch's default threads), plain-1t (one thread), ray-N (`vlmo serve --ray`
+    with N replicas of one thread each)."""
     import httpx
 
     port = free_port()
     command = [sys.executable, "-m", "vlmo", "serve", "--model", model, "--port", str(port),
                "--max-batch-size", str(batch), "--max-queue", "1024"]  # fmt: skip
+    env = dict(os.environ)
+    if setup == "plain-1t":
+        env["OMP_NUM_THREADS"] = "1"
+    elif setup.startswith("ray-"):
+        command += ["--ray", "--replicas", setup.removeprefix("ray-"), "--replica-threads", "1"]
+    elif setup != "plain":
+        raise SystemExit(f"unknown server setup {setup!r}: plain, plain-1t or ray-N")
     with open(log, "wb") as stderr:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"vlmo serve exited with {process.returncode}; see {log}")
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
+            ready = "Ctrl-C" in log.read_text(errors="replace")  # every replica loaded (--ray)
+            if ready and httpx.get(url + "/health", timeout=2).status_code == 200:
                 return process, url
         except httpx.HTTPError:
             pass
@@ -225,6 +235,12 @@ def main() -> None:
     parser.add_argument("--same-image", action="store_true", help="one image for every request")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "vlmo-bench")
     parser.add_argument("--out", type=Path, help="JSON results (default: benchmarks/results/serve-<size>.json)")
+    parser.add_argument(
+        "--servers",
+        default="plain",
+        help="server setups measured one after the other: plain, plain-1t (one thread), ray-N (`vlmo serve --ray`, "
+        "N replicas of one thread); e.g. plain-1t,ray-1 for the proxy's added latency",
+    )
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",") if c.strip()]
     if args.size == "shapes":
@@ -239,20 +255,24 @@ def main() -> None:
     make = shapes_image_uri if args.size == "shapes" else noise_image_uri
     images = [make(i) for i in range(count)]
     out = args.out or HERE / "results" / f"serve-{args.size}.json"
-    log = Path(tempfile.gettempdir()) / f"vlmo-serve-bench-{args.size}.log"  # the server's stderr
-    process, url = start_server(model, args.max_batch_size, log)
-    runs: list[dict[str, Any]] = []
-    try:
-        level(url, 2, 1, images[-2:], prompt, args.max_tokens)  # warm-up: first calls, a batch of two
-        for run in range(args.runs):
-            for clients in levels:
-                result = level(url, clients, args.requests, images, prompt, args.max_tokens)
-                runs.append(result)
-                print(f"run {run + 1}/{args.runs} clients {clients}: " + ", ".join(f"{m} {result[m]:.3g}" for m in
-                      METRICS), file=sys.stderr, flush=True)  # fmt: skip
-    finally:
-        process.terminate()
-        process.wait(timeout=120)
+    setups = [name.strip() for name in args.servers.split(",") if name.strip()]
+    by_setup: dict[str, list[dict[str, Any]]] = {}
+    for setup in setups:
+        log = Path(tempfile.gettempdir()) / f"vlmo-serve-bench-{args.size}-{setup}.log"  # the server's stderr
+        process, url = start_server(model, args.max_batch_size, log, setup)
+        runs: list[dict[str, Any]] = by_setup.setdefault(setup, [])
+        try:
+            level(url, 2, 1, images[-2:], prompt, args.max_tokens)  # warm-up: first calls, a batch of two
+            for run in range(args.runs):
+                for clients in levels:
+                    result = level(url, clients, args.requests, images, prompt, args.max_tokens)
+                    runs.append(result)
+                    print(f"{setup} run {run + 1}/{args.runs} clients {clients}: " + ", ".join(f"{m} {result[m]:.3g}"
+                          for m in METRICS), file=sys.stderr, flush=True)  # fmt: skip
+        finally:
+            process.terminate()
+            process.wait(timeout=180)
+    runs = by_setup[setups[0]]
     summary = summarize(runs)
     report = {
         "size": args.size,
@@ -265,12 +285,14 @@ def main() -> None:
         "environment": environment(),
         "summary": summary,
         "runs": runs,
+        "servers": {setup: {"summary": summarize(r), "runs": r} for setup, r in by_setup.items()},
     }
     from vlmo.fileio.atomic import write_output
 
     write_output(out, json.dumps(report, indent=2) + "\n", make_parents=True)
-    print(table(summary))
-    print(f"results: {out} (server log: {log})", file=sys.stderr)
+    for setup, setup_runs in by_setup.items():
+        print(f"\n{setup}:\n{table(summarize(setup_runs))}")
+    print(f"results: {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

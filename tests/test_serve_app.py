@@ -263,6 +263,47 @@ def test_settings_are_checked(tmp_path: Path) -> None:
 # -- the command -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--replicas", "2"], "--replicas, --min-replicas, --max-replicas and --replica-threads need --ray"),
+        (["--ray", "--replicas", "0"], "--replicas must be a whole number ≥ 1"),
+        (["--ray", "--min-replicas", "2"], "give both --min-replicas and --max-replicas"),
+        (["--ray", "--min-replicas", "3", "--max-replicas", "2"], "--max-replicas must be a whole number ≥ 3"),
+        (["--ray", "--replica-threads", "0"], "--replica-threads must be a whole number ≥ 1"),
+    ],
+)
+def test_serve_ray_options_are_checked_before_anything_starts(args: list[str], words: str) -> None:
+    result = CliRunner().invoke(cli_app, ["serve", "--model", "never-loaded", *args])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and lines[0].startswith("error: ")
+
+
+def test_replicas_hold_only_their_batch_and_a_full_queue_answers_503_with_retry_after() -> None:
+    from vlmo.serve.errors import RETRY_AFTER_SECONDS
+    from vlmo.serve.ray_serve import RayServeOptions, deployment_options
+
+    fixed = deployment_options(RayServeOptions(replicas=3, threads=2), 8, 64, 30.0)
+    assert fixed["max_ongoing_requests"] == 8 and fixed["max_queued_requests"] == 64  # waiting is in Ray's router
+    assert fixed["backpressure_config"] == {"status_code": 503, "retry_after_s": RETRY_AFTER_SECONDS}
+    assert fixed["num_replicas"] == 3 and fixed["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0}
+    scaled = deployment_options(RayServeOptions(min_replicas=1, max_replicas=4, gpu=True), 8, 64, 30.0)
+    assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 4}
+    assert scaled["ray_actor_options"] == {"num_cpus": 0, "num_gpus": 1} and "num_replicas" not in scaled
+
+
+def test_a_replica_health_check_fails_only_when_a_step_overruns(shapes_int8: VLMo) -> None:
+    from vlmo.serve.ray_serve import Replica
+
+    replica = Replica.__new__(Replica)  # the checks only; building one loads a model (tests/test_serve_ray.py)
+    replica.engine, replica.step_timeout = Engine(shapes_int8), 0.5
+    replica.check_health()  # no step running
+    replica.engine._step_began = time.monotonic() - 1.0  # a step running for a second: wedged for this budget
+    with pytest.raises(RuntimeError, match="the engine's step has run for 1 s"):
+        replica.check_health()
+
+
 def test_serve_without_the_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # `import uvicorn` now fails; find_spec says missing
     result = CliRunner().invoke(cli_app, ["serve", "--model", "never-loaded"])

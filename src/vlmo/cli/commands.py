@@ -646,12 +646,37 @@ def serve_command(
     shutdown_timeout: Annotated[
         float, typer.Option(help="Seconds accepted requests get to finish after Ctrl-C or SIGTERM.")
     ] = 30.0,
+    use_ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Serve as a Ray Serve deployment of --replicas model replicas (pip install 'vlmo[ray]'; RAY_ADDRESS "
+            "names a cluster; docs/serve.md).",
+        ),
+    ] = False,
+    replicas: Annotated[int, typer.Option(help="--ray: model replicas.")] = 1,
+    min_replicas: Annotated[
+        int | None, typer.Option(help="--ray: autoscale between --min-replicas and --max-replicas.")
+    ] = None,
+    max_replicas: Annotated[int | None, typer.Option(help="--ray: the most replicas when autoscaling.")] = None,
+    replica_threads: Annotated[
+        int | None, typer.Option(help="--ray: CPU threads per replica (default: the cores / the replicas).")
+    ] = None,
 ) -> None:
     """Serve the model over HTTP: an OpenAI-compatible chat API, plus detect, segment, health and metrics."""
     from vlmo.serve.run import check_dependencies, serve
 
     check_dependencies(allow_remote_images)  # before importing the server, which needs them
     from vlmo.serve.routes import ServerSettings
+
+    ray_options = None
+    if use_ray:
+        from vlmo.serve.ray_serve import RayServeOptions
+
+        gpu = run.device.startswith("cuda")
+        ray_options = RayServeOptions(replicas, min_replicas, max_replicas, replica_threads, gpu)
+    elif (replicas, min_replicas, max_replicas, replica_threads) != (1, None, None, None):
+        raise CliUsageError("--replicas, --min-replicas, --max-replicas and --replica-threads need --ray")
 
     settings = ServerSettings(
         model_name=served_model_name or run.model,
@@ -662,6 +687,20 @@ def serve_command(
         allow_private_addresses=allow_private_addresses,
         mask_decoder=mask_decoder,
     )
+    if ray_options is not None:
+        from vlmo.serve.ray_serve import serve_ray
+
+        serve_ray(
+            dict(run.load_options),
+            settings,
+            ray_options,
+            host=host,
+            port=port,
+            max_batch_size=max_batch_size,
+            max_queue=max_queue,
+            shutdown_timeout=shutdown_timeout,
+        )
+        return
     serve(
         run.load,
         settings,

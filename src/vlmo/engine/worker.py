@@ -22,6 +22,7 @@ import asyncio
 import itertools
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
@@ -154,6 +155,7 @@ class Engine:
         self._accepting = True
         self._cancel_all = False
         self._thread: threading.Thread | None = None
+        self._step_began: float | None = None  # monotonic time the running step began; None between steps
 
     @property
     def waiting(self) -> int:
@@ -164,6 +166,11 @@ class Engine:
     def running(self) -> int:
         """Rows in the running batch."""
         return self.scheduler.running
+
+    def step_seconds(self) -> float:
+        """How long the step now running has run (0 between steps): a health check's view of a wedged engine."""
+        began = self._step_began
+        return 0.0 if began is None else time.monotonic() - began
 
     def start(self) -> None:
         """Start the worker thread (once)."""
@@ -228,10 +235,13 @@ class Engine:
                         return  # shutting down, nothing left
                     free = self.scheduler.free
                     joining = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+                self._step_began = time.monotonic()
                 try:
                     self.scheduler.step(joining)
                 except Exception as error:  # noqa: BLE001 - the scheduler reports errors to its rows; a safety net
                     self.scheduler.fail(error, also=joining)
+                finally:
+                    self._step_began = None
         self._fail_all(EngineStopped("the server shut down before this request finished"))
 
     def _fail_all(self, error: VlmoError) -> None:
