@@ -159,6 +159,19 @@ def test_two_replicas_share_the_load_survive_a_kill_and_stop_cleanly(tmp_path: P
         # (an answer it finished but could not send is asked again of the survivor: the client gets one).
         assert len(survivor) == len(answered) and set(survivor) == {200}, served
         assert len(served) - len(survivor) <= 2 and {pid for pid, _ in served} <= set(replicas), served
+
+        # A replica killed while it streams an answer: the client's stream fails (Ray's proxy closes it without the
+        # end of the response); it never ends as if the answer were whole.
+        stream = client.chat.completions.create(
+            model=MODEL, messages=message(uris[0], "caption en"), stream=True, temperature=5.0, seed=1, max_tokens=400
+        )
+        pieces = iter(stream)
+        next(pieces)  # the answer has begun
+        streamer = next(p for p in replicas[1:] if alive(p))
+        os.kill(streamer, signal.SIGKILL)
+        with pytest.raises((openai.APIError, httpx.HTTPError)):
+            for _ in pieces:
+                pass
     finally:
         for pid in server.descendants():
             try:

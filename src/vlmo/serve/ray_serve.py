@@ -12,8 +12,8 @@ How load and failure are handled (docs/serve.md, "Several replicas and machines"
   `max_queue` of them, then 503 with `Retry-After`), so a request that has not started is never lost with a
   replica: the router sends it to one that is alive;
 - a replica whose process dies is replaced by Ray Serve; the requests it was running end with an error (500 before
-  their answer began; a stream that had begun is cut by Ray's proxy, which the client sees as an incomplete
-  stream, not as an answer);
+  their answer began; a stream that had begun is closed by Ray's proxy before the end of the response, which a
+  client sees as a connection error, never as a whole answer);
 - `check_health` fails when the engine's current step has run longer than `step_timeout` seconds (a wedged
   replica), and Ray Serve restarts it; it loads nothing;
 - `--min-replicas` / `--max-replicas` scale on the requests in flight per replica (`target_ongoing_requests`).
