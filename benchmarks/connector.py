@@ -246,6 +246,26 @@ def parameter_counts(model: str, cfg: Any) -> tuple[int, int]:
     return sum(p.numel() for _, p in trainable), sum(p.numel() for p in net.parameters())
 
 
+def branch_norms(vlm: Any, questions: Sequence[SpatialQuestion], count: int = 32) -> dict[str, float] | None:
+    """How strong the connector's branch is against the linear path after training: the mean L2 norm per image
+    token of `linear(features)` and of `branch(features, hidden_states)` over the first `count` held-out images,
+    and their ratio. None for the linear projector (no branch)."""
+    import torch
+
+    from vlmo.nn.projector import DenseProjector
+    from vlmo.processing import preprocess_images
+
+    projector = vlm.model.projector
+    if not isinstance(projector, DenseProjector):
+        return None
+    pixels = preprocess_images([render(q.scene) for q in questions[:count]], vlm.image_config)
+    with torch.inference_mode():
+        features, hidden = vlm.model.vision(pixels.to(vlm.device, vlm.dtype), output_hidden_states=True)
+        linear = projector.linear(features).norm(dim=-1).mean().item()
+        branch = projector.branch(features, hidden).norm(dim=-1).mean().item()
+    return {"linear": linear, "branch": branch, "ratio": branch / linear}
+
+
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Fine-tune one kind with one seed (or, for kind "base", nothing) and evaluate it; returns the run's row."""
     import torch
@@ -271,6 +291,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             lora_alpha=2.0 * spec["lora_r"],
             lr=spec["lr"],
             warmup_steps=spec["warmup"],
+            **(branch_options(spec) if spec["kind"] != "linear" else {}),
             steps=spec["steps"],
             batch_size=spec["batch_size"],
             seed=spec["seed"],
@@ -295,11 +316,25 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         raise SystemExit(f"{adapter} loaded back with a {row['loaded_projector']!r} projector, not {spec['kind']!r}")
     if spec["kind"] == "base":
         row["total_params"] = sum(p.numel() for p in vlm.model.parameters())
+    row["branch_norm"] = branch_norms(vlm, heldout)
     row["heldout"] = score(heldout, evaluate(vlm, heldout))
     row["train"] = score(train, evaluate(vlm, train))
     row["eval_seconds"] = time.perf_counter() - started
     row["load1_after"] = os.getloadavg()[0]  # other work on the machine shows here
     return row
+
+
+def branch_options(spec: dict[str, Any]) -> dict[str, Any]:
+    """The connector kinds' branch settings (`FinetuneConfig.branch_lr_scale`, `branch_warmup_steps`)."""
+    return {"branch_lr_scale": spec["branch_lr_scale"], "branch_warmup_steps": spec["branch_warmup"]}
+
+
+def run_name(spec: dict[str, Any]) -> str:
+    """A run's folder: kind, seed, and the settings that differ between the table's variants."""
+    name = f"{spec['kind']}-s{spec['seed']}-{spec['steps']}st"
+    if spec["kind"] != "linear":
+        name += f"-b{spec['branch_lr_scale']:g}-w{spec['branch_warmup']}"
+    return name
 
 
 def run_job(spec: dict[str, Any]) -> dict[str, Any]:
@@ -320,8 +355,8 @@ def table(rows: list[dict[str, Any]], kinds: Sequence[str]) -> str:
     set's accuracy as means over seeds; blank and hallucinated answers summed over seeds."""
     lines = [
         "| kind | held-out accuracy (mean ± std) | per seed | side / above-below | train-set accuracy | blank "
-        "| hallucinated / wrong pair | train s (median) | trainable params | total params |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| hallucinated / wrong pair | branch / linear norm | train s (median) | trainable params | total params |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for kind in ["base", *kinds]:
         runs = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["seed"])
@@ -340,10 +375,12 @@ def table(rows: list[dict[str, Any]], kinds: Sequence[str]) -> str:
         seconds = f"{statistics.median(r['train_seconds'] for r in runs):.0f}" if trained else "—"
         trainable = f"{runs[0]['trainable_params']:,}" if trained else "0"
         name = "base (no fine-tuning)" if kind == "base" else kind
+        ratios = [r["branch_norm"]["ratio"] for r in runs if r.get("branch_norm")]
+        ratio = f"{statistics.fmean(ratios):.3f}" if ratios else "—"
         lines.append(
             f"| {name} | {statistics.fmean(acc):.1f} % ± {std:.1f} | {per_seed} | {side:.1f} / {vertical:.1f} "
             f"| {train_acc:.1f} % | {blank} "
-            f"| {halluc} (of {n}) | {seconds} | {trainable} | {runs[0]['total_params']:,} |"
+            f"| {halluc} (of {n}) | {ratio} | {seconds} | {trainable} | {runs[0]['total_params']:,} |"
         )
     return "\n".join(lines)
 
@@ -358,6 +395,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, cosine decay (default 2e-3)")
     parser.add_argument("--warmup", type=int, default=20, help="warm-up steps (default 20)")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank; alpha is 2 × rank (default 8)")
+    parser.add_argument(
+        "--branch-lr-scale", type=float, default=1.0, help="connector kinds: the branch's learning rate × --lr (1)"
+    )
+    parser.add_argument(
+        "--branch-warmup", type=int, default=0, help="connector kinds: steps that train the branch alone first (0)"
+    )
     parser.add_argument("--train-size", type=int, default=400)
     parser.add_argument("--heldout-size", type=int, default=400)
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one process of one thread each")
@@ -378,15 +421,15 @@ def main() -> None:
     from batch import lscpu
     from bench import environment
 
-    settings = {k: getattr(args, k) for k in ("model", "steps", "batch_size", "lr", "warmup", "lora_r")}
+    names = ("model", "steps", "batch_size", "lr", "warmup", "lora_r", "branch_lr_scale", "branch_warmup")
+    settings = {k: getattr(args, k) for k in names}
     settings |= {"train_size": args.train_size, "heldout_size": args.heldout_size}
     specs = [] if args.no_base else [{**settings, "kind": "base", "seed": None, "out": None}]
     # Seed-major order: with --jobs 2 each kind shares the machine with the same mix of other runs.
-    specs += [
-        {**settings, "kind": kind, "seed": seed, "out": str((args.work / f"{kind}-s{seed}").resolve())}
-        for seed in seeds
-        for kind in kinds
-    ]
+    specs += [{**settings, "kind": kind, "seed": seed} for seed in seeds for kind in kinds]
+    for spec in specs:
+        if spec["kind"] != "base":
+            spec["out"] = str((args.work / run_name(spec)).resolve())
     report: dict[str, Any] = {
         "command": " ".join(sys.argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

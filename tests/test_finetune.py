@@ -223,6 +223,39 @@ def test_dense_connector_projector_trains_and_reloads(
         VLMo.from_pretrained(broken, device="cpu")
 
 
+def test_the_connector_branch_can_warm_up_alone_and_train_at_its_own_rate(
+    tiny_checkpoint: Path, vqa: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """--branch-warmup-steps N: for N steps only the new branch moves; --branch-lr-scale: its AdamW group's rate."""
+    from safetensors.torch import load_file
+
+    from vlmo.finetune.train import param_groups
+
+    train, _ = vqa
+    cfg = config(tiny_checkpoint, train, tmp_path / "warm", train=("attention",), projector="sci", steps=3,
+                 branch_warmup_steps=2, branch_lr_scale=0.1, save_every=2)  # fmt: skip
+    finetune(cfg)
+    before = VLMo.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32").model.state_dict()
+    after_warmup = load_file(str(tmp_path / "warm" / "checkpoint-2" / "trainable.safetensors"))
+    after_all = load_file(str(tmp_path / "warm" / "checkpoint-3" / "trainable.safetensors"))
+    attention = [n for n in after_warmup if ".attn." in n]
+    branch = [n for n in after_warmup if n.startswith("projector.") and not n.startswith("projector.linear.")]
+    assert attention and branch
+    assert all(torch.equal(after_warmup[n], before[n]) for n in attention)  # frozen while the branch warms up
+    assert any(after_warmup[n].abs().sum() > 0 for n in branch if n.endswith("fc2.weight"))  # it moved
+    assert not all(torch.equal(after_all[n], before[n]) for n in attention)  # then the joint run
+    model = VLMo.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32").model
+    model.use_projector("sci")
+    named = [(n, p) for n, p in model.named_parameters()]
+    groups = param_groups(named, cfg)
+    assert [g["lr"] for g in groups] == [cfg.lr, cfg.lr * 0.1]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for n, p in named if n in branch}
+    with pytest.raises(InputError, match="branch_lr_scale and branch_warmup_steps are for a Dense Connector"):
+        config(tiny_checkpoint, train, tmp_path / "x", branch_lr_scale=0.1)
+    with pytest.raises(InputError, match="branch_warmup_steps must be fewer than steps"):
+        config(tiny_checkpoint, train, tmp_path / "x", projector="sti", steps=2, branch_warmup_steps=2)
+
+
 def test_lora_run_exports_a_peft_adapter_that_reloads(taught_checkpoint: Path, tmp_path: Path) -> None:
     """LoRA teaches the taught model to swap its colour answers; the exported PEFT adapter reproduces that."""
     from conftest import BLUE, RED

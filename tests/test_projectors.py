@@ -301,3 +301,53 @@ def test_27_layer_defaults_do_not_fit_a_4_layer_tower() -> None:
     cfg = tiny_config("dci")
     with pytest.raises(ConfigError, match="reads a 27-layer tower but the vision tower has 4 layers"):
         replace(cfg, projector=replace(cfg.projector, vision_layers=27))
+
+
+# ---------------------------------------------------------------------------------------------------- spatial order
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_keeps_the_image_tokens_spatial_order(kind: str, shapes_float32: Any) -> None:
+    """Move one square across the image: the tokens whose projector output changes most (the linear path and, for a
+    connector, its branch alone, with random "trained" weights) are the ones at the square's old and new places
+    (for STI: inside their pooling windows), so no kind mixes up which token is where (docs/finetune.md, "Projector
+    kinds": why above/below stayed at chance)."""
+    from dataclasses import replace as replace_config
+
+    from PIL import Image, ImageDraw
+
+    from vlmo.processing import preprocess_images
+
+    vlm = shapes_float32
+    patch = vlm.model.cfg.vision.patch_size
+    grid = vlm.model.cfg.vision.image_size // patch  # vlmo/shapes: 224 px in 32 px patches, 7×7 tokens
+    places = ((1, 1), (5, 4))  # (row, column) of the square's token, before and after the move
+    images = []
+    for row, col in places:
+        image = Image.new("RGB", (224, 224), (128, 128, 128))
+        ImageDraw.Draw(image).rectangle([col * patch, row * patch, (col + 1) * patch - 1, (row + 1) * patch - 1],
+                                        fill=(250, 250, 250))  # fmt: skip
+        images.append(image)
+    with torch.no_grad():
+        features, hidden = vlm.model.vision(preprocess_images(images, vlm.image_config), output_hidden_states=True)
+        base = vlm.model.projector
+        parts = {"linear": base.linear if hasattr(base, "linear") else base}
+        outputs = {"linear": parts["linear"](features) if kind == "linear" else None}
+        if kind != "linear":
+            cfg = replace_config(vlm.model.cfg.projector, kind=kind, vision_layers=vlm.model.cfg.vision.num_layers)
+            projector = init_from_linear(cfg, base)
+            torch.manual_seed(0)
+            nn.init.normal_(projector.last_layer().weight, std=0.05)  # a branch that has learned something
+            outputs = {"linear": projector.linear(features), "branch": projector.branch(features, hidden)}
+    moved = {row * grid + col for row, col in places}
+    for name, out in outputs.items():
+        assert out is not None
+        change = (out[0] - out[1]).norm(dim=-1)  # [N]: how much each token's output changed
+        if name == "branch" and kind == "sti":
+            # STI pools windows of `pool_stride` row-major tokens (1-D, as the paper): a token's change reaches its
+            # whole window and no other token (on a 7×7 grid a window of 8 wraps into the next row).
+            stride = projector.cfg.pool_stride
+            windows = {t for m in moved for t in range(m // stride * stride, (m // stride + 1) * stride)}
+            assert set(change.topk(stride).indices.tolist()) <= windows
+        else:  # each token keeps its place: the two tokens the square left and reached change most
+            assert set(change.topk(2).indices.tolist()) == moved, f"{kind} {name}: {change.topk(4)}"

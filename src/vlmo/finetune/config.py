@@ -42,6 +42,17 @@ class FinetuneConfig:
     lora_dropout: float = field(default=0.0, metadata=_help("Dropout on the LoRA input."))
     lora_vision: bool = field(default=False, metadata=_help("Also put LoRA on the vision tower."))
     lr: float = field(default=2e-4, metadata=_help("Peak learning rate (AdamW)."))
+    branch_lr_scale: float = field(
+        default=1.0,
+        metadata=_help("A Dense Connector --projector: the new branch's learning rate as a multiple of --lr."),
+    )
+    branch_warmup_steps: int = field(
+        default=0,
+        metadata=_help(
+            "A Dense Connector --projector: the first N steps train its new branch alone (all else frozen); part of "
+            "--steps."
+        ),
+    )
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
     warmup_steps: int = field(default=0, metadata=_help("Linear warm-up steps before the cosine decay."))
     steps: int = field(default=100, metadata=_help("Optimizer steps."))
@@ -69,11 +80,26 @@ class FinetuneConfig:
             raise OptionError(f"{{train}} must list some of {', '.join(TRAIN_PARTS)}; got {got}", train=None)
         for name in ("steps", "batch_size", "grad_accum", "lora_r"):
             check_count(getattr(self, name), name)
-        for name in ("warmup_steps", "save_every"):
+        for name in ("warmup_steps", "save_every", "branch_warmup_steps"):
             check_count(getattr(self, name), name, minimum=0)
-        for name in ("lr", "max_grad_norm", "lora_alpha"):  # finite too: `--lr nan` would train into NaN weights
+        # finite too: `--lr nan` would train into NaN weights
+        for name in ("lr", "max_grad_norm", "lora_alpha", "branch_lr_scale"):
             check_number(getattr(self, name), name, above=0)
         check_number(self.weight_decay, "weight_decay", minimum=0)
+        if self.projector == "linear" and (self.branch_lr_scale != 1.0 or self.branch_warmup_steps):
+            raise OptionError(
+                "{branch_lr_scale} and {branch_warmup_steps} are for a Dense Connector {projector} (sti, sci, dci, "
+                "seed); the linear projector has no branch",
+                branch_lr_scale=None,
+                branch_warmup_steps=None,
+                projector=None,
+            )
+        if self.branch_warmup_steps >= self.steps:
+            raise OptionError(
+                f"{{branch_warmup_steps}} must be fewer than {{steps}} ({self.steps}), so the joint run has steps",
+                branch_warmup_steps=None,
+                steps=None,
+            )
         check_number(self.lora_dropout, "lora_dropout", minimum=0, below=1)
         if self.fsdp and (self.resume is not None or self.save_every):
             raise OptionError(

@@ -138,6 +138,27 @@ def select_trainable(model: PaliGemma, cfg: FinetuneConfig) -> list[tuple[str, n
     return trainable
 
 
+def branch_parameters(trainable: list[tuple[str, nn.Parameter]]) -> set[int]:
+    """The ids of a Dense Connector projector's new-branch parameters among `trainable` (the projector's parameters
+    other than its `linear`, which is PaliGemma's own projector)."""
+    return {id(p) for n, p in trainable if n.startswith("projector.") and not n.startswith("projector.linear.")}
+
+
+def param_groups(trainable: list[tuple[str, nn.Parameter]], cfg: FinetuneConfig) -> list[dict[str, Any]]:
+    """AdamW's parameter groups: the connector's branch at `lr × branch_lr_scale`, everything else at `lr`.
+
+    Why a separate rate (docs/finetune.md, "Projector kinds"): the branch starts at zero, and Adam moves each weight
+    by about the learning rate per step whatever its gradient, so at the decoder's rate the earlier layers' features
+    arrive at full strength within a few hundred steps."""
+    branch = branch_parameters(trainable)
+    rest = [p for _, p in trainable if id(p) not in branch]
+    own = [p for _, p in trainable if id(p) in branch]
+    groups: list[dict[str, Any]] = [{"params": rest, "lr": cfg.lr}]
+    if own:
+        groups.append({"params": own, "lr": cfg.lr * cfg.branch_lr_scale})
+    return [g for g in groups if g["params"]]
+
+
 def lora_config(cfg: FinetuneConfig) -> LoRAConfig:
     from vlmo.nn.lora import LoRAConfig
 
@@ -239,7 +260,8 @@ def finetune(cfg: FinetuneConfig, dataset: Dataset | None = None) -> FinetuneRes
         shard(objective, d)  # parameters become sharded DTensors: collect them again for the optimizer
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in trainable]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    branch = branch_parameters(trainable)
+    optimizer = torch.optim.AdamW(param_groups(trainable, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
     collate = Collator(vlm.text, vlm.image_config)
     out = Path(cfg.out)
@@ -270,7 +292,11 @@ def finetune(cfg: FinetuneConfig, dataset: Dataset | None = None) -> FinetuneRes
                 # DDP averages gradients over processes; × world turns that back into a sum over the global batch.
                 (loss_sum * d.world / total.clamp(min=1)).backward()
                 step_loss += loss_sum.detach()
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if step < cfg.branch_warmup_steps:  # the branch alone: AdamW leaves a parameter without a gradient as it is
+                for p in params:
+                    if id(p) not in branch:
+                        p.grad = None
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             step += 1
