@@ -278,6 +278,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     train = spatial_set(TRAIN_STREAM, spec["train_size"])
     heldout = spatial_set(HELDOUT_STREAM, spec["heldout_size"])
     row: dict[str, Any] = {"kind": spec["kind"], "seed": spec["seed"]}
+    if spec["kind"] not in ("base", "linear"):
+        row |= {"branch_lr_scale": spec["branch_lr_scale"], "branch_warmup": spec["branch_warmup"]}
     adapter = None
     if spec["kind"] != "base":
         out = Path(spec["out"])
@@ -385,6 +387,49 @@ def table(rows: list[dict[str, Any]], kinds: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def parse_variants(text: str) -> list[tuple[float, int]]:
+    """ "0.1:100,1:0" → [(0.1, 100), (1.0, 0)]: the branch's learning-rate scale and warm-up steps of each variant."""
+    variants = []
+    for part in text.split(","):
+        scale, _, warm = part.strip().partition(":")
+        variants.append((float(scale), int(warm or 0)))
+    return variants
+
+
+def variant_label(row: dict[str, Any]) -> str:
+    """A row's kind, with its branch settings when they are not the defaults (× the learning rate, warm-up steps)."""
+    scale, warm = row.get("branch_lr_scale", 1.0), row.get("branch_warmup", 0)
+    if row["kind"] in ("base", "linear") or (scale == 1.0 and warm == 0):
+        return row["kind"]
+    return f"{row['kind']} (branch lr ×{scale:g}, warm-up {warm})"
+
+
+def labelled(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows with each kind labelled by its variant, and the labels in table order (kind, then variant)."""
+    out = [{**r, "kind": variant_label(r)} for r in rows]
+    order = {k: i for i, k in enumerate(KINDS)}
+    keys = {variant_label(r): (order.get(r["kind"], -1), -r.get("branch_lr_scale", 1.0), r.get("branch_warmup", 0))
+            for r in rows if r["kind"] != "base"}  # fmt: skip
+    return out, sorted(keys, key=keys.__getitem__)
+
+
+def merge(files: list[Path], out: Path) -> None:
+    """Combine results files (runs of the same settings split over several invocations) into `out`."""
+    reports = [json.loads(f.read_text(encoding="utf-8")) for f in files]
+    merged = {**reports[0], "command": [r["command"] for r in reports], "runs": [], "failed": []}
+    for r in reports:
+        settings = r.get("settings", {})
+        for row in r["runs"]:  # files written before rows carried their variant: it is in the run's settings
+            if row["kind"] not in ("base", "linear"):
+                row.setdefault("branch_lr_scale", settings.get("branch_lr_scale", 1.0))
+                row.setdefault("branch_warmup", settings.get("branch_warmup", 0))
+        merged["runs"] += r["runs"]
+        merged["failed"] += r.get("failed", [])
+    merged["wall_seconds"] = sum(r.get("wall_seconds", 0.0) for r in reports)
+    out.write_text(json.dumps(merged, indent=1) + "\n", encoding="utf-8")
+    print(table(*labelled(merged["runs"])))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="vlmo/shapes", help="base model to fine-tune (default vlmo/shapes)")
@@ -400,6 +445,14 @@ def main() -> None:
     )
     parser.add_argument(
         "--branch-warmup", type=int, default=0, help="connector kinds: steps that train the branch alone first (0)"
+    )
+    parser.add_argument(
+        "--variants",
+        help="connector kinds: several branch settings in one run, SCALE:WARMUP comma-separated (e.g. 0.1:100,1:0); "
+        "default: --branch-lr-scale:--branch-warmup",
+    )
+    parser.add_argument(
+        "--merge", nargs="+", type=Path, help="no runs: combine these results files into --out and print the table"
     )
     parser.add_argument("--train-size", type=int, default=400)
     parser.add_argument("--heldout-size", type=int, default=400)
@@ -417,11 +470,15 @@ def main() -> None:
     if unknown or not kinds:
         parser.error(f"--kinds takes some of {', '.join(KINDS)}; got {args.kinds!r}")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if args.merge:
+        merge(args.merge, args.out)
+        return
+    variants = parse_variants(args.variants) if args.variants else [(args.branch_lr_scale, args.branch_warmup)]
     sys.path.insert(0, str(HERE))
     from batch import lscpu
     from bench import environment
 
-    names = ("model", "steps", "batch_size", "lr", "warmup", "lora_r", "branch_lr_scale", "branch_warmup")
+    names = ("model", "steps", "batch_size", "lr", "warmup", "lora_r")
     settings = {k: getattr(args, k) for k in names}
     settings |= {"train_size": args.train_size, "heldout_size": args.heldout_size}
     specs = [] if args.no_base else [{**settings, "kind": "base", "seed": None, "out": None}]
@@ -434,7 +491,8 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "settings": settings
-        | {"kinds": kinds, "seeds": seeds, "jobs": args.jobs, "margin": MARGIN, "max_new_tokens": MAX_NEW_TOKENS},
+        | {"kinds": kinds, "seeds": seeds, "variants": variants, "jobs": args.jobs, "margin": MARGIN}
+        | {"max_new_tokens": MAX_NEW_TOKENS},
         "environment": {**environment(1), "lscpu": lscpu(), "load1_at_start": os.getloadavg()[0]},
         "runs": [],
         "failed": [],
@@ -460,7 +518,7 @@ def main() -> None:
                       + (f", trained in {seconds:.0f} s" if seconds is not None else ""), file=sys.stderr)  # fmt: skip
             report["wall_seconds"] = time.perf_counter() - started
             args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    print(table(report["runs"], kinds))
+    print(table(*labelled(report["runs"])))
     print(f"results: {args.out} ({(time.perf_counter() - started) / 60:.1f} min)", file=sys.stderr)
     if report["failed"]:
         raise SystemExit(f"{len(report['failed'])} run(s) failed: see {args.out}")

@@ -335,3 +335,22 @@ def test_server_url_and_api_key(runtime: Runtime, tmp_path: Path) -> None:
     gone = runtime.vlmo("ask", EXAMPLE, "what?", "--server", served.url, VLMO_SERVER_TIMEOUT="2")
     assert gone.returncode == 1 and f"cannot reach the model server {served.url}" in gone.stderr
     assert not residents_in(runtime.root)  # --server never starts a resident model
+
+
+def test_where_no_resident_model_can_be_commands_load_in_process(
+    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from vlmo.cli.remote import runtime as runtime_module
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (runtime.root / "vlmo").symlink_to(elsewhere)  # a runtime folder that is a link: never trusted
+    result = runtime.vlmo("ask", EXAMPLE, "what color is the circle?", "--model", SHAPES)
+    assert result.returncode == 0 and result.stdout == "yellow\n"
+    assert "note: loading in-process" in result.stderr and "link" in result.stderr
+    assert not residents_in(runtime.root) and not list(elsewhere.iterdir())
+    monkeypatch.delattr(socket, "AF_UNIX")  # Windows: in-process, as always, and without a note
+    with pytest.raises(runtime_module.NoUnixSockets):
+        runtime_module.runtime_folder()

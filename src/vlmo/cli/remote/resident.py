@@ -35,7 +35,7 @@ from typing import Any
 
 from vlmo.cli.remote.client import RemoteModel, Server, ServerError, ServerSilent, ServerUnreachable
 from vlmo.cli.remote.identity import Identity, differences, identity
-from vlmo.cli.remote.runtime import Files, NoResidentHere, format_duration, runtime_folder
+from vlmo.cli.remote.runtime import Files, NoResidentHere, NoUnixSockets, format_duration, runtime_folder
 
 STOP_TIMEOUT = 30.0  # seconds a stop waits for running requests, then for the process to leave
 POLL = 0.05  # seconds between looks at a loading resident
@@ -86,7 +86,8 @@ def resident_model(
     try:
         files = Files(runtime_folder())
     except NoResidentHere as e:
-        say(f"note: loading in-process ({e})")
+        if not isinstance(e, NoUnixSockets):
+            say(f"note: loading in-process ({e})")
         yield None
         return
     mine = identity(load)

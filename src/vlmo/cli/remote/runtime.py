@@ -120,10 +120,14 @@ class NoResidentHere(Exception):
     too long for a socket); commands then load the model in-process. The message says why, for one stderr note."""
 
 
+class NoUnixSockets(NoResidentHere):
+    """The platform has no Unix domain sockets (Windows): commands load in-process, as they always did, silently."""
+
+
 def runtime_folder() -> Path:
     """The per-user runtime folder for vlmo, created 0700 and checked to be private (module docstring)."""
     if not hasattr(socket, "AF_UNIX") or os.name != "posix":
-        raise NoResidentHere("this platform has no Unix domain sockets")
+        raise NoUnixSockets("this platform has no Unix domain sockets")
     import platformdirs
 
     with warnings.catch_warnings():  # without XDG_RUNTIME_DIR it falls back to /tmp/runtime-<uid>, and warns
@@ -160,6 +164,7 @@ __all__ = [
     "KEEP_ALIVE_ENV",
     "Files",
     "NoResidentHere",
+    "NoUnixSockets",
     "format_duration",
     "parse_duration",
     "runtime_folder",
