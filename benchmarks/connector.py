@@ -1,9 +1,18 @@
 """Do the Dense Connector projector kinds help a fine-tune that needs spatial detail? PaliGemma's linear projector
 against `sti`, `sci`, `dci` and `seed` (`vlmo.nn.projector`), on a task the base model was never trained for.
 
-    python benchmarks/connector.py --jobs 2          # the whole table: 15 runs + the base model, 30–50 min on 2 cores
+    python benchmarks/connector.py --jobs 2          # the first table: 15 runs + the base model, 30–50 min on 2 cores
+    python benchmarks/connector.py --steps 1200 --variants 0.1:100,0.01:100,1:0 --no-base --jobs 2
+        # the recipe's confounds (docs/finetune.md): 2× the steps; the branch at 0.1× and 0.01× the learning rate
+        # after 100 steps alone; and at the same rate: 39 runs, about 1.5 h on this project's AVX-512 machine
     python benchmarks/connector.py --steps 5 --seeds 0 --kinds linear,sti --train-size 16 --heldout-size 16 \
         --jobs 1 --work /tmp/conn-smoke --out /tmp/conn-smoke.json        # smoke run: about a minute
+
+Branch settings (connector kinds only; `--variants SCALE:WARMUP,…` runs several): `--branch-lr-scale` trains the
+zero-initialised branch at that multiple of `--lr` (its own AdamW group), `--branch-warmup` trains it alone (all
+else frozen) for that many first steps (`vlmo finetune --branch-lr-scale / --branch-warmup-steps`). Each run also
+records `branch_norm`: the branch's mean output norm per image token against the linear path's, over 32 held-out
+images, after training. `--merge A.json B.json` combines runs made by several invocations into one table.
 
 The task: two kinds of question about `vlmo.demo.shapes` scenes (224×224) that the shipped `vlmo/shapes` model never
 saw, both answerable only from where things are in the image:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from vlmo.errors import OptionError, braced, check_count
+from vlmo.errors import OptionError, braced, check_count, check_number
 
 if TYPE_CHECKING:
     from vlmo.api import VLMo
@@ -58,6 +58,14 @@ def check_port(host: str, port: int | None) -> None:
             ) from None
 
 
+def check_serving(host: str, port: int, max_batch_size: int, max_queue: int, shutdown_timeout: float) -> None:
+    """The options `vlmo serve` and `vlmo serve --ray` share, checked before anything loads."""
+    check_count(max_batch_size, "max_batch_size")
+    check_count(max_queue, "max_queue")
+    check_number(shutdown_timeout, "shutdown_timeout", minimum=0, below=86400)
+    check_port(host, port)
+
+
 def load_model(load: Callable[[], VLMo], model_name: str) -> VLMo:
     """Load the model with `load`, saying on stderr what loads and, once loaded, where, in which dtype and how long
     it took (a server loads once, so this is the one slow step its operator watches)."""
@@ -69,4 +77,4 @@ def load_model(load: Callable[[], VLMo], model_name: str) -> VLMo:
     return vlm
 
 
-__all__ = ["check_port", "is_loopback", "load_model", "say", "warn_if_exposed"]
+__all__ = ["check_port", "check_serving", "is_loopback", "load_model", "say", "warn_if_exposed"]

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vlmo.errors import OptionError, VlmoError, check_count, check_number
-from vlmo.serve.launch import check_port, say
+from vlmo.serve.launch import check_serving, say
 
 if TYPE_CHECKING:
     from vlmo.serve.routes import ServerSettings
@@ -135,10 +135,7 @@ def serve_ray(
     shutdown_timeout: float = 30.0,
 ) -> None:
     """Run the deployment until SIGINT / SIGTERM (module docstring). `load`: `VLMo.from_pretrained`'s arguments."""
-    check_count(max_batch_size, "max_batch_size")
-    check_count(max_queue, "max_queue")
-    check_number(shutdown_timeout, "shutdown_timeout", minimum=0, below=86400)
-    check_port(host, port)
+    check_serving(host, port, max_batch_size, max_queue, shutdown_timeout)
     # Every replica's request line reaches this process's stderr, with its pid: Ray's deduplication of repeated lines
     # would hide most of them (the log is how an operator sees which replica served what).
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

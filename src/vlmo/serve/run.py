@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from vlmo.errors import VlmoError, check_count, check_number
-from vlmo.serve.launch import check_port, load_model, say, warn_if_exposed
+from vlmo.errors import VlmoError
+from vlmo.serve.launch import check_serving, load_model, say, warn_if_exposed
 
 if TYPE_CHECKING:
     from vlmo.api import VLMo
@@ -66,10 +66,7 @@ def serve(
     `load` loads the model (progress on stderr); `settings` say what clients may do (`routes.ServerSettings`).
     """
     check_dependencies(settings.allow_remote_images)
-    check_count(max_batch_size, "max_batch_size")
-    check_count(max_queue, "max_queue")
-    check_number(shutdown_timeout, "shutdown_timeout", minimum=0, below=86400)
-    check_port(host, port)
+    check_serving(host, port, max_batch_size, max_queue, shutdown_timeout)
     vlm = load_model(load, settings.model_name)
     if settings.mask_decoder is not None:  # a file that is not a mask decoder is an error now, not at a request
         vlm.mask_decoder(settings.mask_decoder)
