@@ -492,7 +492,12 @@ def main() -> None:
     settings |= {"train_size": args.train_size, "heldout_size": args.heldout_size}
     specs = [] if args.no_base else [{**settings, "kind": "base", "seed": None, "out": None}]
     # Seed-major order: with --jobs 2 each kind shares the machine with the same mix of other runs.
-    specs += [{**settings, "kind": kind, "seed": seed} for seed in seeds for kind in kinds]
+    specs += [
+        {**settings, "kind": kind, "seed": seed, "branch_lr_scale": scale, "branch_warmup": warm}
+        for seed in seeds
+        for kind in kinds
+        for scale, warm in (variants if kind != "linear" else [(1.0, 0)])
+    ]
     for spec in specs:
         if spec["kind"] != "base":
             spec["out"] = str((args.work / run_name(spec)).resolve())
