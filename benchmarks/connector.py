@@ -406,10 +406,12 @@ def parse_variants(text: str) -> list[tuple[float, int]]:
 
 
 def variant_label(row: dict[str, Any]) -> str:
-    """A row's kind, with its branch settings when they are not the defaults (× the learning rate, warm-up steps)."""
+    """A row's kind, with its branch's settings for a connector kind (× the learning rate, warm-up steps)."""
     scale, warm = row.get("branch_lr_scale", 1.0), row.get("branch_warmup", 0)
-    if row["kind"] in ("base", "linear") or (scale == 1.0 and warm == 0):
+    if row["kind"] in ("base", "linear"):
         return row["kind"]
+    if scale == 1.0 and warm == 0:
+        return f"{row['kind']} (branch at the full rate)"
     return f"{row['kind']} (branch lr ×{scale:g}, warm-up {warm})"
 
 

@@ -250,6 +250,11 @@ def test_the_connector_branch_can_warm_up_alone_and_train_at_its_own_rate(
     groups = param_groups(named, cfg)
     assert [g["lr"] for g in groups] == [cfg.lr, cfg.lr * 0.1]
     assert {id(p) for p in groups[1]["params"]} == {id(p) for n, p in named if n in branch}
+    # The defaults for a connector kind are the measured recipe's (0.1 × the rate, a twelfth of the steps alone).
+    measured = config(tiny_checkpoint, train, tmp_path / "x", projector="dci", steps=1200)
+    assert (measured.branch_lr, measured.branch_warmup) == (measured.lr * 0.1, 100)
+    plain = config(tiny_checkpoint, train, tmp_path / "x")
+    assert (plain.branch_lr, plain.branch_warmup) == (plain.lr, 0)
     with pytest.raises(InputError, match="branch_lr_scale and branch_warmup_steps are for a Dense Connector"):
         config(tiny_checkpoint, train, tmp_path / "x", branch_lr_scale=0.1)
     with pytest.raises(InputError, match="branch_warmup_steps must be fewer than steps"):

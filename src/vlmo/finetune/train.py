@@ -145,7 +145,8 @@ def branch_parameters(trainable: list[tuple[str, nn.Parameter]]) -> set[int]:
 
 
 def param_groups(trainable: list[tuple[str, nn.Parameter]], cfg: FinetuneConfig) -> list[dict[str, Any]]:
-    """AdamW's parameter groups: the connector's branch at `lr × branch_lr_scale`, everything else at `lr`.
+    """AdamW's parameter groups: the connector's branch at `cfg.branch_lr` (0.1 × `lr` unless set), everything else
+    at `lr`.
 
     Why a separate rate (docs/finetune.md, "Projector kinds"): the branch starts at zero, and Adam moves each weight
     by about the learning rate per step whatever its gradient, so at the decoder's rate the earlier layers' features
@@ -155,7 +156,7 @@ def param_groups(trainable: list[tuple[str, nn.Parameter]], cfg: FinetuneConfig)
     own = [p for _, p in trainable if id(p) in branch]
     groups: list[dict[str, Any]] = [{"params": rest, "lr": cfg.lr}]
     if own:
-        groups.append({"params": own, "lr": cfg.lr * cfg.branch_lr_scale})
+        groups.append({"params": own, "lr": cfg.branch_lr})
     return [g for g in groups if g["params"]]
 
 
@@ -292,7 +293,7 @@ def finetune(cfg: FinetuneConfig, dataset: Dataset | None = None) -> FinetuneRes
                 # DDP averages gradients over processes; × world turns that back into a sum over the global batch.
                 (loss_sum * d.world / total.clamp(min=1)).backward()
                 step_loss += loss_sum.detach()
-            if step < cfg.branch_warmup_steps:  # the branch alone: AdamW leaves a parameter without a gradient as it is
+            if step < cfg.branch_warmup:  # the branch alone: AdamW leaves a parameter without a gradient as it is
                 for p in params:
                     if id(p) not in branch:
                         p.grad = None
