@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 
-from vlmo.cli.options import DEFAULT_MODEL, Run, status
+from vlmo.cli.options import DEFAULT_MODEL, Run, status, stderr
 
 if TYPE_CHECKING:
     from vlmo.api import VLMo
@@ -63,8 +63,6 @@ def answering(
     run: Run, mask_decoder: str | os.PathLike[str] | None = None, *, resident: bool = True
 ) -> Iterator[Answerer]:
     """The model that answers this command (module docstring); `resident=False` always loads in this process."""
-    from vlmo.cli.options import stderr
-
     if run.server is not None:
         from vlmo.cli.remote.client import RemoteModel, Server
 

@@ -163,13 +163,10 @@ def _memory() -> tuple[int | None, int | None]:
 
 def _release_memory() -> None:
     """Give the load's transient buffers back to the system (glibc keeps freed heap memory otherwise)."""
-    gc.collect()
-    try:
-        import ctypes
+    from vlmo.weights.safetensors_io import trim_heap
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    gc.collect()
+    trim_heap()
 
 
 def _bind(path: Path) -> socket.socket:
