@@ -618,3 +618,38 @@ def test_a_url_in_a_list_or_manifest_is_refused_as_a_url(tmp_path: Path) -> None
             list_inputs(source)
         assert "--allow-remote-images" in str(info.value)
     usage_error(vlmo_cli("batch", listed, "--task", "caption", "--out", tmp_path / "o.jsonl"), "is a URL")
+
+
+def test_a_closed_write_fence_lets_no_shard_in(tmp_path: Path) -> None:
+    """`vlmo batch --ray` after Ctrl-C: a write task that finishes after the driver closed the run's fence writes
+    nothing, so the summary printed from the shards on disk stays true."""
+    from vlmo.batch.ray_data import _fenced_write, _WriteFence, read_shards
+
+    rows = [{"id": "a.png", "image": "a.png", "task": "caption", "prompt": None, "text": "a", "error": None}]
+    fence = _WriteFence(tmp_path / ".part-abc.open")
+    assert _fenced_write(fence.path, tmp_path / "part-abc-00000.jsonl", rows, "caption")
+    fence.close()
+    assert not _fenced_write(fence.path, tmp_path / "part-abc-00001.jsonl", rows, "caption")
+    assert [row["id"] for row in read_shards(tmp_path)] == ["a.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part-abc-00000.jsonl"]  # the fence file is gone too
+    fence.close()  # closing twice is harmless
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock")
+def test_closing_the_write_fence_waits_for_the_shard_being_written(tmp_path: Path) -> None:
+    """A write under way when Ctrl-C comes is finished (its shard counted) before the fence closes, never cut."""
+    import fcntl
+    import threading
+
+    from vlmo.batch.ray_data import _WriteFence
+
+    fence = _WriteFence(tmp_path / ".part-abc.open")
+    fd = os.open(fence.path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # a write task in the middle of its shard
+    closer = threading.Thread(target=fence.close)
+    closer.start()
+    closer.join(timeout=0.5)
+    assert closer.is_alive() and fence.path.exists()
+    os.close(fd)
+    closer.join(timeout=10)
+    assert not closer.is_alive() and not fence.path.exists()

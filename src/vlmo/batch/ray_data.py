@@ -146,11 +146,13 @@ def _run_connected(
     options: RayOptions,
     batch_size: int,
 ) -> Summary:
-    started_here = _connect(ray, options)
+    prefix = secrets.token_hex(3)  # this run's shards, beside those of the runs it resumes
+    fence = _WriteFence(folder / f".part-{prefix}.open")
+    started_here = False
     try:
+        started_here = _connect(ray, options)
         started = time.perf_counter()
-        prefix = secrets.token_hex(3)  # this run's shards, beside those of the runs it resumes
-        sink = _shard_sink(folder, job, shard_format(folder), prefix)
+        sink = _shard_sink(folder, job, shard_format(folder), prefix, fence.path)
         dataset = ray.data.from_items(items, override_num_blocks=_blocks(len(items), batch_size))
         # Ray Data restarts a dead actor and retries its batch by default (max_restarts and max_task_retries -1).
         mapped = dataset.map_batches(
@@ -166,6 +168,7 @@ def _run_connected(
                 # Write tasks take no CPU slot: a finished block is written at once, not after the model actors.
                 mapped.write_datasink(sink, ray_remote_args={"num_cpus": 0}, concurrency=1)
             except KeyboardInterrupt:
+                fence.close()  # the write tasks still running add nothing now: the summary is what is on disk
                 raise BatchInterrupted(progress.summary(skipped)) from None
         return progress.summary(skipped)
     except Exception as e:
@@ -174,6 +177,7 @@ def _run_connected(
             raise cause from None
         raise
     finally:
+        fence.close()
         if started_here:
             ray.shutdown()
 
@@ -359,20 +363,69 @@ def _worker_class(load_options: dict[str, Any], job: BatchJob, threads: float) -
     return type("_Worker", (_WorkerBase,), {"load_options": load_options, "job": job, "threads": threads})
 
 
+class _WriteFence:
+    """A file that lets this run's write tasks add shards while it exists. A write task holds a shared `flock` on it
+    while it writes a shard (`_fenced_write`); `close` takes the lock exclusively and removes the file, so once it
+    returns no shard appears any more, and Ctrl-C's summary counts exactly the rows on disk (a write task still
+    running after Ctrl-C would otherwise add a shard that the summary and the bar did not count). The write tasks run
+    on the driver's node (`supports_distributed_writes` False), so the lock is a local one. Where the platform has
+    no `flock`, removing the file still stops the writes that start afterwards."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.touch()
+
+    def close(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return  # closed already
+        try:
+            _flock(fd, exclusive=True)  # waits for the shard being written, if any
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)  # releases the lock
+
+
+def _flock(fd: int, *, exclusive: bool) -> None:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+
+
+def _fenced_write(fence: Path, shard: Path, rows: list[Row], task: TaskName) -> bool:
+    """Write `shard` if the run's `_WriteFence` is still open; False (nothing written) once it is closed."""
+    try:
+        fd = os.open(fence, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return False
+    try:
+        _flock(fd, exclusive=False)
+        if os.fstat(fd).st_nlink == 0:  # removed while this task waited for the lock
+            return False
+        _write_shard(shard, rows, task)
+        return True
+    finally:
+        os.close(fd)
+
+
 _SINK_CLASS: Any = None
 
 
-def _shard_sink(folder: Path, job: BatchJob, fmt: str, prefix: str) -> Any:
+def _shard_sink(folder: Path, job: BatchJob, fmt: str, prefix: str, fence: Path) -> Any:
     """A Ray Datasink that writes each write task's rows as one shard, whole, named by the task (so that a retried
-    write replaces its own shard). The class is made on first use, so importing this module does not import Ray."""
+    write replaces its own shard), while the run's `_WriteFence` is open. The class is made on first use, so
+    importing this module does not import Ray."""
     global _SINK_CLASS
     if _SINK_CLASS is None:
         from ray.data import Datasink
         from ray.data.block import BlockAccessor
 
         class ShardDatasink(Datasink):
-            def __init__(self, folder: Path, job: BatchJob, fmt: str, prefix: str) -> None:
-                self.folder, self.task, self.fmt, self.prefix = folder, job.task, fmt, prefix
+            def __init__(self, folder: Path, job: BatchJob, fmt: str, prefix: str, fence: Path) -> None:
+                self.folder, self.task, self.fmt, self.prefix, self.fence = folder, job.task, fmt, prefix, fence
 
             @property
             def supports_distributed_writes(self) -> bool:
@@ -380,12 +433,13 @@ def _shard_sink(folder: Path, job: BatchJob, fmt: str, prefix: str) -> Any:
 
             def write(self, blocks: Iterable[Any], ctx: Any) -> int:
                 rows = [row for block in blocks for row in BlockAccessor.for_block(block).to_arrow().to_pylist()]
-                if rows:
-                    _write_shard(self.folder / f"part-{self.prefix}-{ctx.task_idx:05d}.{self.fmt}", rows, self.task)
+                shard = self.folder / f"part-{self.prefix}-{ctx.task_idx:05d}.{self.fmt}"
+                if rows and not _fenced_write(self.fence, shard, rows, self.task):
+                    return 0  # the run was interrupted: this batch is left to --resume
                 return len(rows)
 
         _SINK_CLASS = ShardDatasink
-    return _SINK_CLASS(folder, job, fmt, prefix)
+    return _SINK_CLASS(folder, job, fmt, prefix, fence)
 
 
 def _write_shard(shard: Path, rows: list[Row], task: TaskName) -> None:
