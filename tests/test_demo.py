@@ -39,6 +39,8 @@ from vlmo.demo.shapes import (
     task_examples,
 )
 from vlmo.detection import encode_boxes, parse_detections
+from vlmo.weights.files import MASK_DECODER_FILE
+from vlmo.weights.vqvae import load_mask_decoder
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
 
@@ -135,25 +137,34 @@ def test_vision_pretraining_trains_the_tower_only(tmp_path: Path) -> None:
 @pytest.mark.slow  # the whole recipe, 8 stages twice over
 def test_recipe_runs_every_stage_and_resumes_without_redoing_them(tmp_path: Path) -> None:
     from vlmo import VLMo
+    from vlmo.demo.masks import TOKENIZER_FILE
     from vlmo.demo.train import DemoSpec, Recipe, train
 
     spec = DemoSpec(image_size=32, patch_size=16, vision_width=16, vision_heads=1, vision_mlp=32, vision_layers=1,
                     text_width=16, text_heads=1, head_dim=16, text_mlp=32, text_layers=1)  # fmt: skip
     recipe = Recipe(vision_steps=2, vision_batch_size=2, steps=2, focus_steps=2, detect_steps=2, polish_steps=2,
-                    refine_steps=2, sizes_steps=2, batch_size=2, warmup_steps=1, save_every=0, processes=1,
-                    eval_images=0)  # fmt: skip
+                    refine_steps=2, sizes_steps=2, mask_steps=2, mask_batch_size=2, segment_steps=2, batch_size=2,
+                    warmup_steps=1, save_every=0, processes=1, eval_images=0)  # fmt: skip
     model = train(tmp_path / "a", recipe, spec, progress=False)
-    finals = [f"{name}/final" for name in ("run", "focus", "detect", "polish", "refine", "sizes")]
+    finals = [f"{name}/final" for name in ("run", "focus", "detect", "polish", "refine", "sizes", "segment")]
     for stage in ("init", "vision", *finals, "model"):
         assert (tmp_path / "a" / stage / "model.safetensors").is_file(), stage
     report = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert set(report["vision_pretraining"]) >= {"patch_class_accuracy", "patch_kind_accuracy"}
+    assert set(report["mask_tokenizer"]) >= {"exact_mean_iou", "jittered_mean_iou", "seconds"}
     assert report["resumed_stages"] == []
+    # The model carries the decoder of the tokenizer whose codes stage 9 taught it, and `segment` uses it.
+    decoder = load_mask_decoder(tmp_path / "a" / "model" / MASK_DECODER_FILE)
+    tokenizer = load_mask_decoder(tmp_path / "a" / "masks" / "final" / TOKENIZER_FILE)
+    pairs = zip(decoder.state_dict().values(), tokenizer.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b.half().float()) for a, b in pairs)
+    vlm = VLMo.from_pretrained(model, device="cpu")
+    assert torch.equal(vlm.mask_decoder().decoder[0].weight, decoder.decoder[0].weight)
     stages = [tmp_path / "a" / stage / "model.safetensors" for stage in ("init", "vision", "run/final", "detect/final")]
-    stamps = {p: p.stat().st_mtime_ns for p in stages}
+    stamps = {p: p.stat().st_mtime_ns for p in [*stages, tmp_path / "a" / "masks" / "final" / TOKENIZER_FILE]}
     again = train(tmp_path / "a", recipe, spec, progress=False, resume=True)
     resumed = json.loads((tmp_path / "a" / "metrics.json").read_text())["resumed_stages"]
-    assert resumed == ["init", "vision", "run", "focus", "detect", "polish", "refine", "sizes"]
+    assert resumed == ["init", "vision", "run", "focus", "detect", "polish", "refine", "sizes", "masks", "segment"]
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}  # nothing retrained
     assert again == model
     assert VLMo.from_pretrained(model, device="cpu").generate(
@@ -162,7 +173,7 @@ def test_recipe_runs_every_stage_and_resumes_without_redoing_them(tmp_path: Path
     # A run holding only a later stage's output (here stage 3's) goes on from it: the earlier stages are not needed.
     shutil.copytree(tmp_path / "a" / "focus" / "final", tmp_path / "b" / "focus" / "final")
     train(tmp_path / "b", recipe, spec, progress=False, resume=True)
-    later = ["detect", "focus", "metrics.json", "model", "polish", "refine", "sizes"]
+    later = ["detect", "focus", "masks", "metrics.json", "model", "polish", "refine", "segment", "sizes"]
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == later
     resumed = json.loads((tmp_path / "b" / "metrics.json").read_text())["resumed_stages"]
     assert resumed == ["init", "vision", "run", "focus"]
@@ -241,6 +252,89 @@ def test_targets_have_the_documented_format() -> None:
         orders = [e for e in examples if e.kind == "detect" and len(detect_kinds(e)) == 3]
         assert len(orders) == 6 and {e.suffix for e in orders} == {everything}
     assert sum(e.kind == "detect" for e in examples) == 3 + 6 + 6
+
+
+def fake_codes(shape: Shape) -> tuple[int, ...]:
+    """Mask codes that tell the kind and the side apart (the real ones come from a trained tokenizer)."""
+    side = shape.box[2] - shape.box[0]
+    return tuple((SHAPES.index(shape.kind) * 40 + side + i) % 128 for i in range(16))
+
+
+def test_segment_targets_list_box_codes_and_kind_left_to_right() -> None:
+    from vlmo.detection import parse_objects
+
+    for scene in scenes(40):
+        examples = task_examples(scene, fake_codes)
+        segments = {e.prefix: e.suffix for e in examples if e.kind == "segment"}
+        assert len(segments) == 15 and not any(e.kind == "segment" for e in task_examples(scene))
+        for kinds in (["circle"], ["triangle", "square"], list(SHAPES)):
+            mine = [s for s in scene.shapes if s.kind in kinds]
+            objects = parse_objects(segments["segment " + " ; ".join(kinds)])
+            assert [o.label for o in objects] == [s.kind for s in mine]  # left to right, whatever the order asked
+            detected = parse_detections(detect_target(scene, kinds), (scene.width, scene.height))
+            assert [o.bins for o in objects] == [d.bins for d in detected]
+            assert [o.seg_codes for o in objects] == [fake_codes(s) for s in mine]
+
+
+def test_a_segment_mix_needs_the_mask_codes() -> None:
+    from vlmo.demo.shapes import SEGMENT_MIX
+
+    rng = random.Random(0)
+    with pytest.raises(ValueError, match="mask codes"):
+        sample_task(make_scene("t", 0), rng, SEGMENT_MIX)
+    drawn = [sample_task(scene, rng, SEGMENT_MIX, kinds_weights=ANY_KINDS, codes=fake_codes) for scene in scenes(60)]
+    assert {e.kind for e in drawn} >= {"segment", "detect", "caption"}
+    assert all("<seg" in e.suffix for e in drawn if e.kind == "segment" and e.suffix)
+
+
+def test_shape_masks_are_the_drawn_shapes_and_crop_to_the_box_masks() -> None:
+    """The ground truth of `segment` is what `render` draws, and a shape's pixels in its box do not depend on where
+    the box is, so its codes are worked out once per kind and side (`ShapeCodes`)."""
+    from vlmo.demo.shapes import box_mask, shape_mask
+
+    for scene in scenes(20):
+        for shape in scene.shapes:
+            mask = shape_mask(scene, shape)
+            x0, y0, x1, y1 = shape.box
+            assert not mask[:, :x0].any() and not mask[:, x1:].any() and not mask[:y0].any() and not mask[y1:].any()
+            assert torch.equal(mask[y0:y1, x0:x1], box_mask(shape.kind, x1 - x0))
+            labels = torch.frombuffer(bytearray(label_map(scene).tobytes()), dtype=torch.uint8)
+            drawn = labels.view(scene.height, scene.width) == PATCH_CLASSES.index(f"{shape.color} {shape.kind}")
+            assert torch.equal(drawn[y0:y1, x0:x1], mask[y0:y1, x0:x1])
+
+
+def test_mask_tokenizer_trains_resumes_and_loads_as_vae_oid(tmp_path: Path) -> None:
+    """Stage 8: a few steps; the run cut after its first checkpoint and resumed ends with the same weights as the
+    uninterrupted one; the file is read by vlmo's vae-oid loaders, and `ShapeCodes` encodes with it."""
+    from safetensors.torch import load_file
+
+    from vlmo.demo.masks import TOKENIZER_FILE, MaskRecipe, MaskTokenizer, ShapeCodes, train_mask_tokenizer
+    from vlmo.demo.shapes import box_mask, shape_mask
+    from vlmo.segmentation import crop_mask, encode_mask
+    from vlmo.weights.vqvae import load_mask_encoder
+
+    recipe = MaskRecipe(steps=4, batch_size=4, save_every=2, reset_every=2, eval_masks=8)
+    report = train_mask_tokenizer(tmp_path / "a", recipe, log=False)
+    assert report["resumed_from_step"] == 0 and 0 <= report["exact_mean_iou"] <= 1
+    assert report["codes_in_exact_targets"] >= 1
+    train_mask_tokenizer(tmp_path / "b", recipe, log=False)
+    shutil.rmtree(tmp_path / "b" / "final")  # as if killed after checkpoint-2: only that one is left
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["checkpoint-2"]
+    assert train_mask_tokenizer(tmp_path / "b", recipe, log=False)["resumed_from_step"] == 2
+    a, b = (load_file(tmp_path / run / "final" / TOKENIZER_FILE) for run in ("a", "b"))
+    assert a.keys() == b.keys() == MaskTokenizer().state_dict().keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    saved = tmp_path / "a" / "final" / TOKENIZER_FILE
+    decoder, encoder = load_mask_decoder(saved), load_mask_encoder(saved)
+    tokenizer = MaskTokenizer()
+    tokenizer.load_state_dict(a)
+    masks = torch.cat([crop_mask(box_mask(kind, 50), (0, 0, 50, 50)) for kind in SHAPES])
+    logits, codes = tokenizer(masks)
+    assert torch.equal(encoder(masks), codes) and torch.allclose(decoder(codes), logits, atol=1e-5)
+    codes_of = ShapeCodes(tmp_path / "a" / "final" / TOKENIZER_FILE)
+    for scene in scenes(6):
+        for shape in scene.shapes:
+            assert codes_of(shape) == encode_mask(shape_mask(scene, shape), shape.box, encoder)
 
 
 def test_detect_prompts_name_as_many_kinds_as_asked() -> None:

@@ -689,3 +689,33 @@ def test_corrupt_converted_file_says_what_to_do(tmp_path: Path) -> None:
     (tmp_path / CONVERTED).write_bytes(b"\x01")
     with pytest.raises(CheckpointError, match=f"delete {tmp_path / CONVERTED}"):
         load_mask_decoder(cache_dir=tmp_path)
+
+
+def test_a_checkpoint_with_its_own_mask_decoder_segments_with_it(
+    tiny_checkpoint: Path, filled_mask_decoder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`VLMo.mask_decoder()` with no file given takes the checkpoint's `mask_decoder.safetensors` (the built-in
+    demo model's codes are its own), never the vae-oid download; a file given still wins; a saved (fine-tuned) copy
+    of the model carries its decoder along."""
+    import shutil
+
+    import vlmo.weights.vqvae as vqvae
+    from vlmo import VLMo
+    from vlmo.weights.files import MASK_DECODER_FILE
+    from vlmo.weights.writer import save_checkpoint
+
+    def no_download() -> Path:
+        raise AssertionError("a checkpoint with its own mask decoder must not download vae-oid")
+
+    monkeypatch.setattr(vqvae, "_download_vae", no_download)
+    own = tmp_path / "own"
+    shutil.copytree(tiny_checkpoint, own)
+    shutil.copy(filled_mask_decoder, own / MASK_DECODER_FILE)
+    vlm = VLMo.from_pretrained(own, device="cpu", dtype="float32")
+    codes = torch.zeros(1, 16, dtype=torch.long)
+    assert (vlm.mask_decoder()(codes) == 5.0).all()  # the filled decoder: +5 everywhere
+    other = VQVAEDecoder()
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "other.safetensors"))
+    assert torch.equal(vlm.mask_decoder(tmp_path / "other.safetensors")(codes), other(codes).detach())
+    saved = save_checkpoint(vlm.model, tmp_path / "saved", own)
+    assert (saved / MASK_DECODER_FILE).read_bytes() == (own / MASK_DECODER_FILE).read_bytes()

@@ -48,6 +48,7 @@ from vlmo.processing import (
 from vlmo.segmentation import Segmentation, parse_segmentations
 from vlmo.tasks import Answer, CaptionDetail, Prompt
 from vlmo.weights.devices import DTypeName, resolve_device, resolve_dtype
+from vlmo.weights.files import MASK_DECODER_FILE
 from vlmo.weights.hub import resolve_model
 from vlmo.weights.policy import choose_quantization, load_for_inference, load_processors
 from vlmo.weights.prepared import source_name
@@ -450,14 +451,17 @@ class VLMo:
         return found
 
     def mask_decoder(self, mask_decoder: str | os.PathLike[str] | None = None) -> VQVAEDecoder:
-        """The VQ-VAE mask decoder `segment` uses (a local `vae-oid.npz` / .safetensors, or None for the default,
-        downloaded once), loaded on first use and kept (`vlmo.weights.vqvae`). A server calls it at start-up so
-        that a decoder it cannot have is one error before any generation."""
+        """The VQ-VAE mask decoder `segment` uses, loaded on first use and kept (`vlmo.weights.vqvae`): a local
+        `vae-oid.npz` / .safetensors, or None for the model's own: its checkpoint's `mask_decoder.safetensors` where
+        it has one (the built-in `vlmo/shapes` does: its codes are its own), else PaliGemma's vae-oid, downloaded
+        once. A server calls it at start-up so that a decoder it cannot have is one error before any generation."""
         from vlmo.weights.vqvae import load_mask_decoder  # only segment needs it (and its hub code)
 
         key = None if mask_decoder is None else str(mask_decoder)
         if key not in self._mask_decoders:
-            self._mask_decoders[key] = load_mask_decoder(mask_decoder)
+            own = self.source / MASK_DECODER_FILE
+            path = mask_decoder if mask_decoder is not None else own if own.is_file() else None
+            self._mask_decoders[key] = load_mask_decoder(path)
         return self._mask_decoders[key]
 
     def _locate(

@@ -53,6 +53,7 @@ from vlmo.nn.vqvae import MASK_SIZE, VQVAEDecoder, VQVAEEncoder
 
 __all__ = [
     "Segmentation",
+    "crop_mask",
     "decode_masks",
     "draw_segmentations",
     "encode_mask",
@@ -238,6 +239,13 @@ def encode_mask(mask: torch.Tensor, box: Sequence[float], encoder: VQVAEEncoder)
     clipped to the image. As big_vision's `refcoco_mask2str`: crop, bilinear antialiased resize to 64×64 in
     [0, 1], encode (TF's and torch's antialiased resize can differ slightly at the crop's scale factor).
     """
+    with torch.no_grad():
+        return tuple(int(c) for c in encoder(crop_mask(mask, box))[0])
+
+
+def crop_mask(mask: torch.Tensor, box: Sequence[float]) -> torch.Tensor:
+    """What the mask tokenizer sees of an object: float32[1, 1, 64, 64] in [0, 1], the box's part of `mask`
+    (bool[H, W]) resized to 64×64 (`encode_mask` says how; a mask tokenizer's training data is made the same way)."""
     if not isinstance(mask, torch.Tensor) or mask.ndim != 2:
         raise InputError(f"mask must be a 2-D bool tensor (H, W), got {getattr(mask, 'shape', mask)!r}")
     height, width = mask.shape
@@ -248,8 +256,7 @@ def encode_mask(mask: torch.Tensor, box: Sequence[float], encoder: VQVAEEncoder)
         raise InputError(f"box {tuple(box)!r} covers no pixel of the {width}×{height} mask")
     crop = mask[y0:y1, x0:x1].float()[None, None]
     m64 = F.interpolate(crop, size=(MASK_SIZE, MASK_SIZE), mode="bilinear", align_corners=False, antialias=True)
-    with torch.no_grad():
-        return tuple(int(c) for c in encoder(m64.clamp(0.0, 1.0))[0])
+    return m64.clamp(0.0, 1.0)
 
 
 # ------------------------------------------------------------------------------------------------------------

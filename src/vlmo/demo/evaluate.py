@@ -1,6 +1,7 @@
 """Held-out evaluation of a shapes model: exact match per question type, caption exact match, detection precision,
-recall (at IoU ≥ 0.5) and mean IoU of the matched boxes for prompts naming one, two or three kinds, and the CPU
-latency of `ask`.
+recall (at IoU ≥ 0.5) and mean IoU of the matched boxes for prompts naming one, two or three kinds, the same for
+`segment` prompts with the mean IoU of the matched objects' masks (decoded by the model's own mask decoder), and
+the CPU latency of `ask`.
 
     python -m vlmo.demo.evaluate [--model vlmo/shapes] [--images 500] [--random-sizes 200]
 
@@ -21,12 +22,22 @@ from typing import Any, NamedTuple
 
 import torch
 
-from vlmo.demo.shapes import Scene, detect_kinds, make_scene, random_size, render, task_examples
+from vlmo.demo.shapes import (
+    Scene,
+    detect_kinds,
+    kind_prompts,
+    make_scene,
+    random_size,
+    render,
+    shape_mask,
+    task_examples,
+)
 from vlmo.detection import parse_detections
 
 HELDOUT_SEED = "heldout"
 IOU_THRESHOLD = 0.5
 PROMPT_KINDS = {1: "one_kind", 2: "two_kinds", 3: "three_kinds"}  # detection results by how many kinds are named
+SEGMENT_TOKENS = 80  # 3 objects × (4 loc + 16 seg + label) and the separators, with room to spare
 
 
 def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
@@ -43,6 +54,7 @@ class Matches(NamedTuple):
     predicted: int
     objects: int
     ious: tuple[float, ...]  # the IoU of each hit with its object
+    mask_ious: tuple[float, ...] = ()  # `segment`: the IoU of each hit's mask with its object's
 
 
 def match_detections(answer: str, scene: Scene, kinds: list[str]) -> Matches:
@@ -50,6 +62,28 @@ def match_detections(answer: str, scene: Scene, kinds: list[str]) -> Matches:
     whose box it overlaps with IoU ≥ 0.5 (greedy, best overlap first)."""
     predicted = parse_detections(answer, (scene.width, scene.height))
     objects = [s for s in scene.shapes if s.kind in kinds]
+    pairs = _pairs(predicted, objects)
+    return Matches(len(pairs), len(predicted), len(objects), tuple(overlap for overlap, _, _ in pairs))
+
+
+def match_segments(answer: str, scene: Scene, kinds: list[str], decoder: Any) -> Matches:
+    """Score a `segment` answer as `match_detections` scores boxes, plus the mask IoU of each matched pair (the
+    predicted mask in image pixels against the shape's own pixels, `shape_mask`)."""
+    from vlmo.segmentation import parse_segmentations
+
+    predicted = parse_segmentations(answer, (scene.width, scene.height), decoder)
+    objects = [s for s in scene.shapes if s.kind in kinds]
+    pairs = _pairs(predicted, objects)
+    masks = []
+    for _, i, j in pairs:
+        truth, mask = shape_mask(scene, objects[j]), predicted[i].mask
+        masks.append(float((truth & mask).sum() / (truth | mask).sum()))
+    ious = tuple(overlap for overlap, _, _ in pairs)
+    return Matches(len(pairs), len(predicted), len(objects), ious, tuple(masks))
+
+
+def _pairs(predicted: Any, objects: list[Any]) -> list[tuple[float, int, int]]:
+    """(IoU, prediction, object) of the matches: greedy, best overlap first, same label, IoU ≥ 0.5."""
     pairs = sorted(
         (
             (iou(p.box, o.box), i, j)
@@ -61,24 +95,33 @@ def match_detections(answer: str, scene: Scene, kinds: list[str]) -> Matches:
     )
     used_p: set[int] = set()
     used_o: set[int] = set()
-    ious: list[float] = []
+    matched = []
     for overlap, i, j in pairs:
         if overlap >= IOU_THRESHOLD and i not in used_p and j not in used_o:
             used_p.add(i)
             used_o.add(j)
-            ious.append(overlap)
-    return Matches(len(used_p), len(predicted), len(objects), tuple(ious))
+            matched.append((overlap, i, j))
+    return matched
 
 
-def evaluate_scenes(vlm: Any, scenes: list[Scene]) -> dict[str, Any]:
-    """Ask every question about each scene; return accuracies and detection counts (see module docstring)."""
+def evaluate_scenes(vlm: Any, scenes: list[Scene], segment: bool = True) -> dict[str, Any]:
+    """Ask every question about each scene, and (`segment`) every `segment` prompt; return accuracies, detection
+    and segmentation counts (see module docstring)."""
     right: dict[str, int] = defaultdict(int)
     asked: dict[str, int] = defaultdict(int)
     det: dict[str, list[Matches]] = {name: [] for name in PROMPT_KINDS.values()}
+    seg: dict[str, list[Matches]] = {name: [] for name in PROMPT_KINDS.values()}
     failures: list[dict[str, str]] = []
+    decoder = vlm.mask_decoder() if segment else None
     for scene in scenes:
         examples = task_examples(scene)
-        answers = vlm.generate(render(scene), [e.prefix for e in examples], max_new_tokens=48)
+        image = render(scene)
+        answers = vlm.generate(image, [e.prefix for e in examples], max_new_tokens=48)
+        if decoder is not None:
+            prompts = kind_prompts()
+            segments = vlm.generate(image, ["segment " + " ; ".join(k) for k in prompts], max_new_tokens=SEGMENT_TOKENS)
+            for named, answer in zip(prompts, segments, strict=True):
+                seg[PROMPT_KINDS[len(named)]].append(match_segments(answer, scene, list(named), decoder))
         for ex, answer in zip(examples, answers, strict=True):
             key = f"{ex.kind}_{ex.suffix}" if ex.kind == "exists" else ex.kind
             asked[key] += 1
@@ -95,12 +138,22 @@ def evaluate_scenes(vlm: Any, scenes: list[Scene]) -> dict[str, Any]:
     exact = {k: right[k] / asked[k] for k in sorted(asked) if asked[k]}
     det["all"] = [m for name in PROMPT_KINDS.values() for m in det[name]]
     detection = {name: _detection_summary(matches) for name, matches in det.items()}
+    report = {"images": len(scenes), "exact_match": exact, "asked": dict(asked), "detection": detection}
+    if decoder is not None:
+        seg["all"] = [m for name in PROMPT_KINDS.values() for m in seg[name]]
+        report["segmentation"] = {name: _segmentation_summary(matches) for name, matches in seg.items()}
+    return {**report, "failures": failures}
+
+
+def _segmentation_summary(matches: list[Matches]) -> dict[str, float | int]:
+    """`_detection_summary` of the boxes, the mean mask IoU of the matched objects, and over every object (a missed
+    object counts 0)."""
+    masks = [v for m in matches for v in m.mask_ious]
+    objects = sum(m.objects for m in matches)
     return {
-        "images": len(scenes),
-        "exact_match": exact,
-        "asked": dict(asked),
-        "detection": detection,
-        "failures": failures,
+        **_detection_summary(matches),
+        "mean_mask_iou": sum(masks) / len(masks) if masks else 0.0,
+        "mean_mask_iou_all_objects": sum(masks) / objects if objects else 1.0,
     }
 
 
@@ -145,9 +198,10 @@ def other_size_scene(index: int) -> Scene:
 
 
 def evaluate_model(
-    model: str | Path, images: int = 500, random_sizes: int = 200, threads: int | None = 2
+    model: str | Path, images: int = 500, random_sizes: int = 200, threads: int | None = 2, segment: bool = True
 ) -> dict[str, Any]:
-    """The held-out report: `images` scenes at 224×224, `random_sizes` scenes of other sizes, and `ask` latency."""
+    """The held-out report: `images` scenes at 224×224, `random_sizes` scenes of other sizes, and `ask` latency;
+    `segment`: with the segmentation prompts (a model trained without them answers them with nonsense)."""
     from vlmo import VLMo
 
     if threads:
@@ -156,9 +210,10 @@ def evaluate_model(
     vlm = VLMo.from_pretrained(model, device="cpu")
     load_seconds = time.perf_counter() - started
     report: dict[str, Any] = {"seed": HELDOUT_SEED, "load_seconds": round(load_seconds, 3)}
-    report["square_224"] = evaluate_scenes(vlm, [make_scene(HELDOUT_SEED, i) for i in range(images)])
+    report["square_224"] = evaluate_scenes(vlm, [make_scene(HELDOUT_SEED, i) for i in range(images)], segment)
     if random_sizes:
-        report["random_sizes"] = evaluate_scenes(vlm, [other_size_scene(images + i) for i in range(random_sizes)])
+        scenes = [other_size_scene(images + i) for i in range(random_sizes)]
+        report["random_sizes"] = evaluate_scenes(vlm, scenes, segment)
     report["ask_latency"] = ask_latency(vlm)
     return report
 
@@ -169,8 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=500, help="held-out 224×224 scenes")
     parser.add_argument("--random-sizes", type=int, default=200, help="held-out scenes of other sizes")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--no-segment", action="store_true", help="skip the segment prompts")
     args = parser.parse_args(argv)
-    report = evaluate_model(args.model, args.images, args.random_sizes, args.threads)
+    report = evaluate_model(args.model, args.images, args.random_sizes, args.threads, not args.no_segment)
     print(json.dumps(report, indent=2))
 
 

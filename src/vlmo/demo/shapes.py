@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,10 +42,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from vlmo.data.examples import Example
-from vlmo.detection import encode_boxes
+from vlmo.detection import ParsedObject, box_to_bins, encode_boxes, format_objects
 
 ShapeKind = Literal["circle", "square", "triangle"]
-TaskKind = Literal["caption", "count", "color", "exists", "detect"]
+TaskKind = Literal["caption", "count", "color", "exists", "detect", "segment"]
 RGB = tuple[int, int, int]
 
 SHAPES: tuple[ShapeKind, ...] = ("circle", "square", "triangle")
@@ -223,6 +223,27 @@ def patch_targets(scene: Scene, image_size: int, patch_size: int) -> torch.Tenso
     return one_hot.view(grid, patch_size, grid, patch_size, -1).mean((1, 3)).reshape(grid * grid, -1)
 
 
+def shape_mask(scene: Scene, shape: Shape) -> torch.Tensor:
+    """bool[H, W]: the pixels `shape` covers in `scene` (the geometry of `render`, without antialiasing), the
+    ground truth of `segment`."""
+    image = Image.new("L", (scene.width, scene.height), 0)
+    _draw_shape(ImageDraw.Draw(image), shape.kind, shape.box, 1)
+    return _bool_pixels(image)
+
+
+def box_mask(kind: str, side: int, pad: int = 0) -> torch.Tensor:
+    """bool[side + 2·pad, side + 2·pad]: a `kind` drawn in the box (pad, pad, pad + side, pad + side). Drawing is
+    the same at any integer offset, so with pad 0 this is `shape_mask` cropped to the shape's box."""
+    image = Image.new("L", (side + 2 * pad, side + 2 * pad), 0)
+    _draw_shape(ImageDraw.Draw(image), kind, (pad, pad, pad + side, pad + side), 1)
+    return _bool_pixels(image)
+
+
+def _bool_pixels(image: Image.Image) -> torch.Tensor:
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return pixels.view(image.height, image.width) > 0
+
+
 # -- tasks -------------------------------------------------------------------------------------------------------
 
 
@@ -245,8 +266,20 @@ def detect_target(scene: Scene, kinds: Sequence[str]) -> str:
     return encode_boxes([s.box for s in found], [s.kind for s in found], (scene.width, scene.height))
 
 
-def task_examples(scene: Scene) -> list[TaskExample]:
-    """Every question the world defines for `scene`, with its exact target."""
+MaskCodes = Callable[[Shape], Sequence[int]]  # a shape's 16 `<seg>` codes (`vlmo.demo.masks.ShapeCodes`)
+
+
+def segment_target(scene: Scene, kinds: Sequence[str], codes: MaskCodes) -> str:
+    """The segmentation text for `segment k1 ; k2`: per instance of the named kinds, left to right, its 4 `<loc>`
+    tokens, its 16 `<seg>` codes and its kind (PaliGemma's order); "" when there is none."""
+    size = (scene.width, scene.height)
+    found = [s for s in scene.shapes if s.kind in kinds]
+    return format_objects(ParsedObject(box_to_bins(s.box, size), tuple(codes(s)), s.kind) for s in found)
+
+
+def task_examples(scene: Scene, codes: MaskCodes | None = None) -> list[TaskExample]:
+    """Every question the world defines for `scene`, with its exact target; `segment` prompts too when `codes`
+    gives the shapes' mask codes."""
     kinds = [s.kind for s in scene.shapes]
     out = [
         TaskExample("caption", "caption en", caption(scene)),
@@ -261,15 +294,22 @@ def task_examples(scene: Scene) -> list[TaskExample]:
         for kind in SHAPES:
             answer = "yes" if (color, kind) in present else "no"
             out.append(TaskExample("exists", f"answer en is there a {color} {kind}?", answer))
-    for n in (1, 2, 3):  # one, two or all three kinds, in every order
-        for named in itertools.permutations(SHAPES, n):
-            out.append(TaskExample("detect", "detect " + " ; ".join(named), detect_target(scene, named)))
+    for named in kind_prompts():
+        out.append(TaskExample("detect", "detect " + " ; ".join(named), detect_target(scene, named)))
+    if codes is not None:
+        for named in kind_prompts():
+            out.append(TaskExample("segment", "segment " + " ; ".join(named), segment_target(scene, named, codes)))
     return out
 
 
+def kind_prompts() -> list[tuple[str, ...]]:
+    """The kinds a `detect` or `segment` prompt names: one, two or all three, in every order (15 prompts)."""
+    return [named for n in (1, 2, 3) for named in itertools.permutations(SHAPES, n)]
+
+
 def detect_kinds(example: TaskExample) -> list[str]:
-    """The kinds a `detect` prompt names, in its order: `detect circle ; square` → ["circle", "square"]."""
-    return [k.strip() for k in example.prefix.removeprefix("detect ").split(";")]
+    """The kinds a `detect` or `segment` prompt names, in its order: `detect circle ; square` → ["circle", "square"]."""
+    return [k.strip() for k in example.prefix.split(" ", 1)[1].split(";")]
 
 
 # How often each task is drawn for training. Detection is the hardest (four exact loc tokens per object).
@@ -283,6 +323,11 @@ FOCUS_MIX: dict[TaskKind, float] = {"caption": 0.1, "count": 0.05, "color": 0.05
 # The detection stage's mix: mostly boxes, with enough of every other task to keep (and finish) it.
 DETECT_MIX: dict[TaskKind, float] = {"caption": 0.15, "count": 0.05, "color": 0.05, "exists": 0.15, "detect": 0.6}
 
+# The segmentation stage's mix: masks most, boxes still often (they are the masks' frame), the rest kept up.
+SEGMENT_MIX: dict[TaskKind, float] = {
+    "caption": 0.1, "count": 0.05, "color": 0.05, "exists": 0.1, "detect": 0.3, "segment": 0.4,
+}  # fmt: skip
+
 # How many kinds a sampled `detect` prompt names (1, 2, 3): stages 2 and 3 taught one or two, the detection stage
 # all three equally.
 PAIRS_ONLY: tuple[float, float, float] = (2 / 3, 1 / 3, 0.0)
@@ -295,17 +340,20 @@ def sample_task(
     mix: dict[TaskKind, float] = TRAIN_MIX,
     hard_negatives: float = 0.0,
     kinds_weights: tuple[float, float, float] = PAIRS_ONLY,
+    codes: MaskCodes | None = None,
 ) -> TaskExample:
     """One question about `scene`: a task kind by `mix`, then a question of that kind uniformly, except that
-    `exists` questions are yes or no with equal odds and a `detect` prompt names 1, 2 or 3 kinds with the odds
-    `kinds_weights` (then any order uniformly).
+    `exists` questions are yes or no with equal odds and a `detect` or `segment` prompt names 1, 2 or 3 kinds with
+    the odds `kinds_weights` (then any order uniformly). A mix with `segment` needs `codes` (`task_examples`).
 
     `hard_negatives`: the probability that a "no" question names a colour or a kind that *is* in the scene (a red
     square asked of a scene with a red circle and a blue square), which a model cannot answer without binding the
     colour to the kind. Drawn uniformly, most "no" questions name neither, and a model that checks the kind alone
     still answers 85 % of them right."""
+    if mix.get("segment") and codes is None:
+        raise ValueError("a mix with segment needs the shapes' mask codes (codes=…)")
     by_kind: dict[str, list[TaskExample]] = {}
-    for ex in task_examples(scene):
+    for ex in task_examples(scene, codes):
         by_kind.setdefault(ex.kind, []).append(ex)
     kinds = [k for k in mix if k in by_kind]
     kind = rng.choices(kinds, weights=[mix[k] for k in kinds])[0]
@@ -316,7 +364,7 @@ def sample_task(
         if want == "no" and hard_negatives > 0 and rng.random() < hard_negatives:
             present = {s.color for s in scene.shapes} | {s.kind for s in scene.shapes}
             pool = [ex for ex in pool if set(ex.prefix.removesuffix("?").split()[-2:]) & present] or pool
-    elif kind == "detect":
+    elif kind in ("detect", "segment"):
         # One uniform draw against the cumulative odds: with PAIRS_ONLY this is the draw stages 2 and 3 were
         # trained with, so the recipe still reproduces them.
         draw, named = rng.random(), 1
@@ -331,7 +379,8 @@ class ShapesDataset:
     (stream, seed, epoch, index), so no two epochs repeat and a resumed run sees the same data. `1 - square` of the
     scenes (a third by default) have a random size (`random_size`), so the model also learns squashed, non-square
     inputs. `mix`, `hard_negatives` and `kinds_weights` go to `sample_task`; each training stage uses its own
-    `stream`."""
+    `stream`. `mask_encoder`: the mask tokenizer (`vlmo.demo.masks`) whose codes are the `segment` targets.
+    """
 
     def __init__(
         self,
@@ -342,9 +391,15 @@ class ShapesDataset:
         stream: str = "train",
         kinds_weights: tuple[float, float, float] = PAIRS_ONLY,
         square: float = 2 / 3,
+        mask_encoder: str | None = None,
     ) -> None:
         self.seed, self.length, self.mix, self.hard_negatives, self.stream = seed, length, mix, hard_negatives, stream
         self.kinds_weights, self.square = kinds_weights, square
+        self.codes: MaskCodes | None = None
+        if mask_encoder is not None:
+            from vlmo.demo.masks import ShapeCodes
+
+            self.codes = ShapeCodes(mask_encoder)
 
     def __len__(self) -> int:
         return self.length
@@ -353,5 +408,5 @@ class ShapesDataset:
         rng = random.Random(f"{self.stream}:{self.seed}:{epoch}:{index}")
         width, height = random_size(rng, square=self.square)
         scene = draw_scene(rng, width, height)
-        task = sample_task(scene, rng, self.mix, self.hard_negatives, self.kinds_weights)
+        task = sample_task(scene, rng, self.mix, self.hard_negatives, self.kinds_weights, self.codes)
         return Example(render(scene), task.prefix, task.suffix)

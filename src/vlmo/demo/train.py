@@ -8,9 +8,10 @@ Steps: (1) write a freshly initialised small PaliGemma-architecture checkpoint (
 (`pretrain_vision`, `vision/`); (3) `vlmo.finetune.train.finetune` with `train=("full",)` on `ShapesDataset` (scenes
 drawn on the fly), in six stages: all tasks (`run/`), a focus on yes/no and boxes (`focus/`), detection on a
 zoomed input (`zoom_input`, `detect/`), then a polish (`polish/`), a refinement (`refine/`) and a last stage
-(`sizes/`) with ever more scenes of other sizes; (4) store the result in float16 (`model/`: weights, config,
-tokenizer, preprocessor config; loading casts to float32 on the CPU); (5) evaluate on held-out scenes
-(`vlmo.demo.evaluate`) and write `metrics.json`.
+(`sizes/`) with ever more scenes of other sizes; (4) train the shapes world's mask tokenizer (`vlmo.demo.masks`,
+`masks/`) and (5) teach the model `segment` with its codes (`segment/`); (6) store the result in float16 (`model/`:
+weights, config, tokenizer, preprocessor config and the mask decoder; loading casts to float32 on the CPU); (7)
+evaluate on held-out scenes (`vlmo.demo.evaluate`) and write `metrics.json`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +34,13 @@ from torch import nn
 
 from vlmo.config import PaliGemmaConfig
 from vlmo.demo import MODEL_DIR
+from vlmo.demo.masks import TOKENIZER_FILE, MaskRecipe, train_mask_tokenizer
 from vlmo.demo.shapes import (
     ANY_KINDS,
     DETECT_MIX,
     FOCUS_MIX,
     PATCH_CLASSES,
+    SEGMENT_MIX,
     SHAPES,
     VOCABULARY,
     ShapesDataset,
@@ -46,6 +51,7 @@ from vlmo.demo.shapes import (
 )
 from vlmo.demo.standins import LOC_TOKENS, build_tokenizer, preprocessor_config
 from vlmo.nn.paligemma import PaliGemma
+from vlmo.weights.files import MASK_DECODER_FILE
 from vlmo.weights.writer import save_weights
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json")
@@ -97,6 +103,12 @@ class Recipe:
     sizes_steps: int = 3000  # stage 7: the same, nine tenths at other sizes (squashed shapes' boxes lag behind)
     sizes_lr: float = 5e-5
     sizes_square: float = 1 / 10
+    mask_steps: int = 2000  # stage 8: the mask tokenizer (`vlmo.demo.masks.MaskRecipe`), on masks alone
+    mask_lr: float = 1e-3
+    mask_batch_size: int = 64
+    segment_steps: int = 4000  # stage 9: `SEGMENT_MIX`, the `segment` targets in the stage-8 tokenizer's codes
+    segment_lr: float = 1e-4
+    segment_square: float = 1 / 4
     seed: int = 0
     save_every: int = 1000  # resumable checkpoints in run/ (weights, optimizer, data position)
     processes: int = 2  # data-parallel CPU processes (gloo), one thread each; batch_size is the global batch
@@ -350,18 +362,22 @@ def zoom_input(src: Path, dst: Path, factor: int) -> Path:
     return dst
 
 
-def store_half(src: Path, dst: Path) -> Path:
-    """Copy a float32 checkpoint as float16 (half the bytes; `load_model` casts back to the requested dtype)."""
+def store_half(src: Path, dst: Path, mask_tokenizer: Path | None = None) -> Path:
+    """Copy a float32 checkpoint as float16 (half the bytes; `load_model` casts back to the requested dtype), with
+    the decoder half of `mask_tokenizer` as the model's own mask decoder (`MASK_DECODER_FILE`), float16 too."""
     from safetensors.torch import save_file
 
     from vlmo.weights.safetensors_io import open_tensors
 
+    def half(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: (v.half() if v.is_floating_point() else v.clone()) for k, v in tensors.items()}
+
     _copy_side_files(src, dst)
-    tensors = {
-        k: (v.half() if v.is_floating_point() else v.clone())
-        for k, v in open_tensors(src / "model.safetensors").items()
-    }
-    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    save_file(half(open_tensors(src / "model.safetensors")), str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / MASK_DECODER_FILE).unlink(missing_ok=True)
+    if mask_tokenizer is not None:
+        decoder = {k: v for k, v in open_tensors(mask_tokenizer).items() if not k.startswith("encoder.")}
+        save_file(half(decoder), str(dst / MASK_DECODER_FILE), metadata={"format": "pt"})
     return dst
 
 
@@ -372,8 +388,8 @@ def train(
     progress: bool | None = None,
     resume: bool = False,
 ) -> Path:
-    """Run the whole recipe into `out` (init/, vision/, run/, focus/, detect/, polish/, refine/, sizes/, model/,
-    metrics.json); returns `out/model`.
+    """Run the whole recipe into `out` (init/, vision/, run/, focus/, detect/, polish/, refine/, sizes/, masks/,
+    segment/, model/, metrics.json); returns `out/model`.
 
     `resume`: go on from the last stage whose output is in `out` (the stages before it are not needed), so an
     interrupted run finishes, and a run whose recipe gained a stage continues from the stage before."""
@@ -399,7 +415,18 @@ def train(
         steps, lr, square = (getattr(recipe, f"{name}_{field}") for field in ("steps", "lr", "square"))
         if steps:
             stages.append((name, steps, lr, min(100, steps // 10), {**detect, "stream": name, "square": square}))
-    order = ["init", "vision", *(stage[0] for stage in stages)]
+    tokenizer = out / "masks" / "final" / TOKENIZER_FILE  # stage 8's output; its codes are stage 9's targets
+    if recipe.segment_steps:
+        if not recipe.mask_steps:
+            raise ValueError("the segment stage needs the mask tokenizer's stage: leave --mask-steps above 0")
+        segment = {**detect, "mix": SEGMENT_MIX, "stream": "segment", "square": recipe.segment_square}
+        segment["mask_encoder"] = str(tokenizer)
+        steps = recipe.segment_steps
+        stages.append(("segment", steps, recipe.segment_lr, min(100, steps // 10), segment))
+    lm_order = [stage[0] for stage in stages]
+    order = ["init", "vision", *(name for name in lm_order if name != "segment")]
+    order += ["masks"] if recipe.mask_steps else []
+    order += ["segment"] if recipe.segment_steps else []
     finished = _finished(out, order) if resume else set()
     last = max((order.index(name) for name in finished), default=-1)
     done = set(order[: last + 1])  # everything up to the last finished stage: skipped
@@ -414,21 +441,29 @@ def train(
         elif report_file.is_file():
             vision_report = json.loads(report_file.read_text(encoding="utf-8"))
         start = out / "vision"
+    masks = MaskRecipe(recipe.mask_steps, recipe.mask_batch_size, recipe.mask_lr, seed=recipe.seed)
     for name, steps, lr, warmup, data in stages:
+        if name == "segment" and "masks" not in done:
+            with _threads(recipe.processes * recipe.threads):
+                train_mask_tokenizer(out / "masks", masks)
         if name not in done:
             if name == "detect" and recipe.detect_zoom > 1:
                 start = zoom_input(start, out / "detect" / "zoomed", recipe.detect_zoom)
             _finetune_stage(start, out / name, steps, lr, warmup, data, recipe, progress)
         start = out / name / "final"
+    if "segment" not in lm_order and recipe.mask_steps and "masks" not in done:
+        with _threads(recipe.processes * recipe.threads):
+            train_mask_tokenizer(out / "masks", masks)  # the tokenizer alone, for a later segment stage
     losses = [json.loads(line)["loss"] for line in (start.parent / "metrics.jsonl").read_text().splitlines()]
     train_seconds = time.perf_counter() - started
-    model_dir = store_half(start, out / "model")
+    model_dir = store_half(start, out / "model", tokenizer if "segment" in lm_order else None)
     report: dict[str, Any] = {
         "recipe": asdict(recipe),
         "spec": asdict(spec),
         "train_seconds": round(train_seconds, 1),
         "resumed_stages": [name for name in order if name in done],
         "vision_pretraining": vision_report,
+        "mask_tokenizer": _read_json(out / "masks" / "final" / "report.json"),
         "final_loss": sum(losses[-20:]) / len(losses[-20:]),
         "weights_bytes": (model_dir / "model.safetensors").stat().st_size,
     }
@@ -442,8 +477,27 @@ def train(
 
 def _finished(out: Path, order: list[str]) -> set[str]:
     """The stages of `order` whose complete output is in `out`."""
-    outputs = {"init": out / "init" / "model.safetensors", "vision": out / "vision" / "pretraining.json"}
+    outputs = {
+        "init": out / "init" / "model.safetensors",
+        "vision": out / "vision" / "pretraining.json",
+        "masks": out / "masks" / "final" / "report.json",  # written after the weights
+    }
     return {name for name in order if outputs.get(name, out / name / "final" / "model.safetensors").is_file()}
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+@contextmanager
+def _threads(count: int) -> Iterator[None]:
+    """torch's thread count set to `count` for a stage that trains in this process (the CPU processes' total)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _finetune_stage(
@@ -459,6 +513,9 @@ def _finetune_stage(
     """Train the whole model of checkpoint `start` with `finetune` on `ShapesDataset(**data)` into `run_dir`."""
     from vlmo.finetune.train import FinetuneConfig
 
+    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    if checkpoints:  # an interrupted stage goes on from its last checkpoint; its log keeps the steps before it
+        _trim_log(run_dir / "metrics.jsonl", int(checkpoints[-1].name.split("-")[1]))
     cfg = FinetuneConfig(
         model=str(start),
         out=str(run_dir),
@@ -472,6 +529,7 @@ def _finetune_stage(
         save_every=recipe.save_every,
         device=recipe.device,
         progress=progress,
+        resume=str(checkpoints[-1]) if checkpoints else None,
     )
     if recipe.processes == 1:
         _worker(0, 1, "", cfg, recipe, data)
@@ -488,6 +546,12 @@ def _finetune_stage(
             for process in workers.processes:
                 if process.is_alive():
                     process.terminate()
+
+
+def _trim_log(log: Path, step: int) -> None:
+    if log.is_file():
+        lines = log.read_text(encoding="utf-8").splitlines(keepends=True)
+        log.write_text("".join(line for line in lines if json.loads(line)["step"] <= step), encoding="utf-8")
 
 
 def _worker(rank: int, world: int, port: str | int, cfg: Any, recipe: Recipe, data: dict[str, Any]) -> None:
@@ -523,6 +587,10 @@ def install(model_dir: Path, target: Path = MODEL_DIR) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     for name in MODEL_FILES:
         shutil.copyfile(model_dir / name, target / name)  # the umask's mode, not the run's 0600
+    if (model_dir / MASK_DECODER_FILE).is_file():
+        shutil.copyfile(model_dir / MASK_DECODER_FILE, target / MASK_DECODER_FILE)
+    else:
+        (target / MASK_DECODER_FILE).unlink(missing_ok=True)  # a decoder of another model would decode nonsense
     return target
 
 
@@ -542,6 +610,10 @@ _RECIPE_FLAGS: dict[str, str | None] = {
     "refine_lr": None,
     "sizes_steps": "stage 7 (0: skip it)",
     "sizes_lr": None,
+    "mask_steps": "stage 8, the mask tokenizer (0: skip it, and stage 9)",
+    "mask_lr": None,
+    "segment_steps": "stage 9 (0: skip it)",
+    "segment_lr": None,
     "batch_size": None,
     "lr": None,
     "warmup_steps": None,
@@ -556,7 +628,7 @@ _RECIPE_FLAGS: dict[str, str | None] = {
 def main(argv: list[str] | None = None) -> None:
     defaults = Recipe()
     parser = argparse.ArgumentParser(prog="python -m vlmo.demo.train", description=__doc__.split("\n\n")[0])
-    stages = "init/ vision/ run/ focus/ detect/ polish/ refine/ sizes/"
+    stages = "init/ vision/ run/ focus/ detect/ polish/ refine/ sizes/ masks/ segment/"
     parser.add_argument("--out", type=Path, required=True, help=f"run directory ({stages} model/ metrics.json)")
     for name, text in _RECIPE_FLAGS.items():
         default = getattr(defaults, name)

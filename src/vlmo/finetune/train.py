@@ -339,9 +339,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     step: int,
-    cfg: FinetuneConfig,
+    cfg: Any,
 ) -> None:
-    """Trainable weights (safetensors) + optimizer, scheduler and RNG state (tensors only) + the run config.
+    """Trainable weights (safetensors) + optimizer, scheduler and RNG state (tensors only) + the run config (`cfg`, a
+    dataclass: the `FinetuneConfig`, or another loop's settings such as `vlmo.demo.masks.MaskRecipe`).
 
     The folder is filled under a temporary name and renamed into place (`vlmo.fileio.atomic.atomic_dir`): a checkpoint
     is complete or absent, never half written, and a failed write leaves an earlier checkpoint of that name intact.

@@ -13,8 +13,10 @@ INDEX_FILE = "model.safetensors.index.json"  # or: tensor name → shard file, f
 TOKENIZER_FILE = "tokenizer.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 GENERATION_FILE = "generation_config.json"
+# The checkpoint's own `<seg>` decoder where its codes are not vae-oid's (the demo model's; `VLMo.mask_decoder`).
+MASK_DECODER_FILE = "mask_decoder.safetensors"
 # Used when present (downloaded, copied into saved checkpoints), never required.
-OPTIONAL_FILES = (PREPROCESSOR_FILE, GENERATION_FILE)
+OPTIONAL_FILES = (PREPROCESSOR_FILE, GENERATION_FILE, MASK_DECODER_FILE)
 
 
 def check_shard_name(name: object, index: object = INDEX_FILE) -> str:
