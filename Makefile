@@ -22,10 +22,11 @@ $(VENV)/.vlmo-test: $(VENV)/.vlmo-core constraints/test.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet -c constraints/test.txt -e ".[$(EXTRAS)]"
 	touch $@
 
-demo: $(VENV)/.vlmo-core   ## answer, caption and detect with the built-in model (offline)
+demo: $(VENV)/.vlmo-core   ## answer, caption, detect and segment with the built-in model (offline)
 	$(BIN)/vlmo ask examples/shapes.png "what color is the circle?" --model vlmo/shapes
 	$(BIN)/vlmo caption examples/shapes.png --model vlmo/shapes
 	$(BIN)/vlmo detect examples/shapes.png "circle ; square ; triangle" --model vlmo/shapes
+	$(BIN)/vlmo segment examples/shapes.png "circle ; square" --model vlmo/shapes
 
 test: $(VENV)/.vlmo-test   ## the default test run (under 3 minutes on 2 cores), as CI runs it
 	$(BIN)/python -m pytest -q

@@ -1,9 +1,12 @@
 """Build the generated parts of the docs: the README's CLI reference and the pictures.
 
-    python docs/build.py    # rewrite README.md's CLI reference, docs/img/output-formats.png and shapes-boxes.png
+    python docs/build.py    # rewrite README.md's CLI reference, docs/img/output-formats.png, shapes-boxes.png and
+                            # shapes-masks.png
 
-The picture comes from the same stand-ins the tests use (`vlmo.demo.standins.blob_mask_decoder`), applied to a model
-answer written by hand, so it shows exactly what vlmo's parsing, mask placement and drawing do.
+output-formats.png comes from the same stand-ins the tests use (`vlmo.demo.standins.blob_mask_decoder`), applied to a
+model answer written by hand, so it shows exactly what vlmo's parsing, mask placement and drawing do. The shapes
+pictures are what the built-in model finds in examples/shapes.png, drawn as `vlmo detect --out` / `vlmo segment
+--out` draw them (tests compare the commands' pictures with these).
 """
 
 from __future__ import annotations
@@ -58,8 +61,9 @@ def render_output_formats(path: Path) -> Path:
     return path
 
 
-# The README's quick start: what `vlmo detect` draws with `--out` (a test compares the two).
+# The README's quick start: what `vlmo detect` and `vlmo segment` draw with `--out` (tests compare them).
 SHAPES_LABELS = "circle ; square ; triangle"
+SEGMENT_LABELS = "circle ; square"
 
 
 def render_shapes_boxes(path: Path) -> Path:
@@ -72,10 +76,22 @@ def render_shapes_boxes(path: Path) -> Path:
     return path
 
 
+def render_shapes_masks(path: Path) -> Path:
+    """The built-in model's masks for the circle and the square in examples/shapes.png, as `vlmo segment --out`
+    draws them (decoded by the model's own mask decoder)."""
+    from vlmo import VLMo
+
+    image = Image.open(ROOT / "examples" / "shapes.png").convert("RGB")
+    found = VLMo.from_pretrained("vlmo/shapes").segment(image, SEGMENT_LABELS)
+    draw_segmentations(image, found).save(path, optimize=True)
+    return path
+
+
 def main() -> int:
     cli_reference.main(["--write", str(ROOT / "README.md")])
     print(render_output_formats(ROOT / "docs" / "img" / "output-formats.png"))
     print(render_shapes_boxes(ROOT / "docs" / "img" / "shapes-boxes.png"))
+    print(render_shapes_masks(ROOT / "docs" / "img" / "shapes-masks.png"))
     return 0
 
 

@@ -15,6 +15,7 @@ import shutil
 import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -419,9 +420,17 @@ def artifacts(tmp_path: Path) -> Path:
     return folder
 
 
-@pytest.mark.slow  # Chromium and a Gradio server; the handlers it drives are tested in-process above
-@pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # Gradio's own pandas deprecations
-def test_app_in_a_real_browser(app: VlmoApp, tmp_path: Path, artifacts: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def launch_chromium(pw: Any) -> Any:
+    """Headless Debian Chromium that reaches nothing but the page it is sent to."""
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+    return pw.chromium.launch(executable_path=str(CHROMIUM), args=args)
+
+
+@contextmanager
+def app_in_browser(state: VlmoApp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Any]]:
+    """The app served on a free loopback port and open in headless Chromium: (page, Playwright's `expect`). Skips
+    where Gradio, Playwright or Chromium is missing; stops the browser and the server whatever happens."""
     pytest.importorskip("gradio", reason='gradio is not installed: pip install "vlmo[app]"')
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
     if not CHROMIUM.is_file():
@@ -429,83 +438,111 @@ def test_app_in_a_real_browser(app: VlmoApp, tmp_path: Path, artifacts: Path, mo
     from vlmo.app import start
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    running = start(state, host="127.0.0.1", port=free_port(), max_upload_mb=1)
+    expect = sync_api.expect
+    expect.set_options(timeout=15_000)
+    try:
+        with sync_api.sync_playwright() as pw:
+            browser = launch_chromium(pw)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 760})
+                page.goto(running.url)
+                yield page, expect
+            finally:
+                browser.close()
+    finally:
+        running.close()
+
+
+@pytest.mark.slow  # Chromium and a Gradio server
+@pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # Gradio's own pandas deprecations
+def test_the_segment_tab_shows_the_built_in_models_masks_offline(
+    shapes_int8: VLMo, tmp_path: Path, artifacts: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vlmo/shapes with no mask decoder given, offline: the Segment tab draws its masks and lists the objects with
+    the mask areas `VLMo.segment` gives."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    example = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
+    expected = [(s.label, int(s.mask.sum())) for s in shapes_int8.segment(example, "circle ; square")]
+    assert [label for label, _ in expected] == ["circle", "square"]
+    state = VlmoApp(shapes_int8, model_name="vlmo/shapes", examples=[])
+    try:
+        with app_in_browser(state, tmp_path, monkeypatch) as (page, expect):
+            page.locator("#vlmo-image input[type=file]").set_input_files(example)
+            expect(page.locator("#vlmo-image img")).to_be_visible()
+            page.get_by_role("tab", name="Segment").click()
+            page.locator("#segment-labels").get_by_role("textbox").fill("circle ; square")
+            page.locator("#segment-run").click()
+            expect(page.locator("#segment-image img")).to_be_visible()
+            table = page.locator("#segment-table")
+            for label, area in expected:
+                expect(table).to_contain_text(label)
+                expect(table).to_contain_text(str(area))
+            link = page.locator("#segment-json").get_by_role("link")
+            expect(link).to_have_attribute("href", re.compile(r"segment\.json$"))
+            page.screenshot(path=artifacts / "app-segment.png")
+    finally:
+        state.close()
+
+
+@pytest.mark.slow  # Chromium and a Gradio server; the handlers it drives are tested in-process above
+@pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # Gradio's own pandas deprecations
+def test_app_in_a_real_browser(app: VlmoApp, tmp_path: Path, artifacts: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     red, blue, notes, fake = (tmp_path / name for name in ("red.png", "blue.png", "notes.txt", "fake.png"))
     solid(RED).save(red)
     solid(BLUE).save(blue)
     notes.write_text("this is not a picture")
     fake.write_text("nor is this")
-    running = start(app, host="127.0.0.1", port=free_port(), max_upload_mb=1)
-    expect = sync_api.expect
-    expect.set_options(timeout=15_000)
-    try:
-        with sync_api.sync_playwright() as pw:
-            browser = pw.chromium.launch(
-                executable_path=str(CHROMIUM),
-                args=[
-                    "--headless",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
-                    "--no-first-run",
-                ],
+    with app_in_browser(app, tmp_path, monkeypatch) as (page, expect):
+        try:
+            upload = page.locator("#vlmo-image input[type=file]")
+
+            # Ask: upload a red image, ask, and see the streamed answer.
+            upload.set_input_files(red)
+            expect(page.locator("#vlmo-image img")).to_be_visible()
+            page.locator("#ask-question").get_by_role("textbox").fill("what color is it?")
+            page.locator("#ask-run").click()
+            expect(page.locator("#ask-answer").get_by_role("textbox")).to_have_value("red")
+            page.wait_for_timeout(600)  # the new answer fades in; let it settle before the picture
+            page.screenshot(path=artifacts / "app-ask.png")
+
+            # Detect: boxes drawn, a table listing cat and dog, and a JSON file to download.
+            page.get_by_role("tab", name="Detect").click()
+            page.locator("#detect-labels").get_by_role("textbox").fill("cat ; dog")
+            page.locator("#detect-run").click()
+            expect(page.locator("#detect-image img")).to_be_visible()
+            table = page.locator("#detect-table")
+            expect(table).to_contain_text("cat")
+            expect(table).to_contain_text("dog")
+            expect(page.locator("#detect-json").get_by_role("link")).to_have_attribute(
+                "href", re.compile(r"detect\.json$")
             )
-            try:
-                page = browser.new_page(viewport={"width": 1280, "height": 760})
-                page.goto(running.url)
-                upload = page.locator("#vlmo-image input[type=file]")
+            page.screenshot(path=artifacts / "app-detect.png")
 
-                # Ask: upload a red image, ask, and see the streamed answer.
-                upload.set_input_files(red)
-                expect(page.locator("#vlmo-image img")).to_be_visible()
-                page.locator("#ask-question").get_by_role("textbox").fill("what color is it?")
+            # Files that are not images: the browser refuses a .txt; a .png that is not one gets the loader's
+            # message from the server, and the server keeps answering.
+            page.locator("#vlmo-image").get_by_role("button", name="Remove Image").click()
+            upload.set_input_files(notes)
+            expect(page.get_by_text("Invalid file type: notes.txt")).to_be_visible()
+            page.get_by_test_id("toast-close").click()
+            upload.set_input_files(fake)
+            expect(page.get_by_test_id("toast-text").filter(has_text="fake.png")).to_have_text(
+                "fake.png is not an image Pillow can read; pass a PNG, JPEG, WebP or similar file"
+            )
+            expect(page.locator("#vlmo-image img")).to_have_count(0)  # the broken upload is cleared
+            page.wait_for_timeout(500)  # let the message slide in before the picture
+            page.screenshot(path=artifacts / "app-error.png")
+
+            # Still serving: a blue image, then the red one again (its features come from the cache).
+            page.get_by_role("tab", name="Ask").click()
+            answer = page.locator("#ask-answer").get_by_role("textbox")
+            for path, colour in ((blue, "blue"), (red, "red")):
+                upload.set_input_files(path)
                 page.locator("#ask-run").click()
-                expect(page.locator("#ask-answer").get_by_role("textbox")).to_have_value("red")
-                page.wait_for_timeout(600)  # the new answer fades in; let it settle before the picture
-                page.screenshot(path=artifacts / "app-ask.png")
-
-                # Detect: boxes drawn, a table listing cat and dog, and a JSON file to download.
-                page.get_by_role("tab", name="Detect").click()
-                page.locator("#detect-labels").get_by_role("textbox").fill("cat ; dog")
-                page.locator("#detect-run").click()
-                expect(page.locator("#detect-image img")).to_be_visible()
-                table = page.locator("#detect-table")
-                expect(table).to_contain_text("cat")
-                expect(table).to_contain_text("dog")
-                expect(page.locator("#detect-json").get_by_role("link")).to_have_attribute(
-                    "href", re.compile(r"detect\.json$")
-                )
-                page.screenshot(path=artifacts / "app-detect.png")
-
-                # Files that are not images: the browser refuses a .txt; a .png that is not one gets the loader's
-                # message from the server, and the server keeps answering.
-                page.locator("#vlmo-image").get_by_role("button", name="Remove Image").click()
-                upload.set_input_files(notes)
-                expect(page.get_by_text("Invalid file type: notes.txt")).to_be_visible()
-                page.get_by_test_id("toast-close").click()
-                upload.set_input_files(fake)
-                expect(page.get_by_test_id("toast-text").filter(has_text="fake.png")).to_have_text(
-                    "fake.png is not an image Pillow can read; pass a PNG, JPEG, WebP or similar file"
-                )
-                expect(page.locator("#vlmo-image img")).to_have_count(0)  # the broken upload is cleared
-                page.wait_for_timeout(500)  # let the message slide in before the picture
-                page.screenshot(path=artifacts / "app-error.png")
-
-                # Still serving: a blue image, then the red one again (its features come from the cache).
-                page.get_by_role("tab", name="Ask").click()
-                answer = page.locator("#ask-answer").get_by_role("textbox")
-                for path, colour in ((blue, "blue"), (red, "red")):
-                    upload.set_input_files(path)
-                    page.locator("#ask-run").click()
-                    expect(answer).to_have_value(colour)
-            except Exception:
-                page.screenshot(path=artifacts / "app-failure.png")  # what the browser showed when it failed
-                raise
-            finally:
-                browser.close()
-    finally:
-        running.close()
+                expect(answer).to_have_value(colour)
+        except Exception:
+            page.screenshot(path=artifacts / "app-failure.png")  # what the browser showed when it failed
+            raise
     assert app.cache.hits >= 1  # the second question about the red image skipped the vision tower
     if os.environ.get("VLMO_UPDATE_DOCS") == "1":
         shutil.copy(artifacts / "app-ask.png", DOCS_IMG / "app-ask.png")

@@ -36,6 +36,7 @@ from vlmo.demo.shapes import (
     patch_targets,
     render,
     sample_task,
+    segment_target,
     task_examples,
 )
 from vlmo.detection import encode_boxes, parse_detections
@@ -170,6 +171,12 @@ def test_recipe_runs_every_stage_and_resumes_without_redoing_them(tmp_path: Path
     assert VLMo.from_pretrained(model, device="cpu").generate(
         render(make_scene("t", 0)), "caption en", max_new_tokens=2
     )
+    # A stage cut short goes on from its last checkpoint (here the one at its end), not from its start.
+    final = (tmp_path / "a" / "segment" / "final" / "model.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "a" / "segment" / "final")
+    train(tmp_path / "a", recipe, spec, progress=False, resume=True)
+    assert (tmp_path / "a" / "segment" / "final" / "model.safetensors").read_bytes() == final
+    assert len((tmp_path / "a" / "segment" / "metrics.jsonl").read_text().splitlines()) == recipe.segment_steps
     # A run holding only a later stage's output (here stage 3's) goes on from it: the earlier stages are not needed.
     shutil.copytree(tmp_path / "a" / "focus" / "final", tmp_path / "b" / "focus" / "final")
     train(tmp_path / "b", recipe, spec, progress=False, resume=True)
@@ -400,6 +407,25 @@ def test_detection_matching_counts_hits_at_iou_one_half() -> None:
     assert iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(1 / 3)
 
 
+def test_segment_matching_measures_each_mask_against_the_shapes_pixels(filled_mask_decoder: Path) -> None:
+    """With a decoder whose masks fill their box, a square's mask is its box (IoU ≈ 1) and a circle's box holds
+    the circle (IoU ≈ π/4): the mask IoU is computed in the image's pixels against the drawn shape."""
+    import math
+
+    from vlmo.demo.evaluate import match_segments
+
+    decoder = load_mask_decoder(filled_mask_decoder)
+    square = Shape("square", "red", (200, 40, 40), (20, 30, 120, 130))
+    circle = Shape("circle", "blue", (40, 70, 200), (140, 60, 210, 130))
+    scene = Scene(224, 224, (250, 250, 250), (square, circle), 0.0, 0)
+    kinds = ["square", "circle"]
+    found = match_segments(segment_target(scene, kinds, fake_codes), scene, kinds, decoder)
+    assert found[:3] == (2, 2, 2) and found.ious == pytest.approx((1.0, 1.0), abs=0.03)
+    assert sorted(found.mask_ious) == pytest.approx([math.pi / 4, 1.0], abs=0.03)  # the circle, the square
+    swapped = segment_target(scene, kinds, fake_codes).replace(" square", " x").replace(" circle", " square")
+    assert match_segments(swapped, scene, kinds, decoder)[:3] == (0, 2, 2)  # a mask under the wrong label is no hit
+
+
 def test_evaluation_of_other_sizes_has_no_default_size_scenes() -> None:
     """The report's "other sizes" column measures other sizes only (`make_scene(size=None)` would make half of its
     scenes 224×224 and lift it toward the 224 column), fixed per index."""
@@ -539,6 +565,99 @@ def test_cli_detects_the_readme_example_as_the_readme_shows(offline: None, tmp_p
         assert drawn.size == committed.size
         a, b = drawn.convert("RGB").tobytes(), committed.convert("RGB").tobytes()
         assert sum(x != y for x, y in zip(a, b, strict=True)) <= 0.02 * len(a)
+
+
+# -- segmentation, offline, through every face --------------------------------------------------------------------
+
+SEGMENT_COMMAND = 'vlmo segment examples/shapes.png "circle ; square" --model vlmo/shapes --out masks.png --json'
+
+
+def mask_ious(segmentations: list[dict], scene: Scene) -> list[float]:
+    """The IoU of each returned mask (COCO RLE) with its shape's own pixels, objects in the scene's order."""
+    from vlmo.demo.shapes import shape_mask
+    from vlmo.segmentation import rle_to_mask
+
+    mine = [s for s in scene.shapes if s.kind in {seg["label"] for seg in segmentations}]
+    assert [seg["label"] for seg in segmentations] == [s.kind for s in mine]
+    ious = []
+    for seg, shape in zip(segmentations, mine, strict=True):
+        mask, truth = rle_to_mask(seg["mask"]), shape_mask(scene, shape)
+        ious.append(float((mask & truth).sum() / (mask | truth).sum()))
+    return ious
+
+
+def test_shipped_model_segments_shapes(shapes_int8) -> None:  # noqa: ANN001
+    """Masks in pixels of the original image, square and not, for one, two or three kinds: each found object's mask
+    against its shape's pixels (held out, mean mask IoU ≥ 0.80 at 224 px; docs/demo-model.md)."""
+    from vlmo.demo.shapes import shape_mask
+
+    assert (MODEL_DIR / MASK_DECODER_FILE).stat().st_size <= 4 * 2**20
+    rng = random.Random(1)
+    found = objects = 0
+    ious: list[float] = []
+    for i, size in enumerate([(224, 224), (320, 200), (224, 224), (200, 360)]):
+        scene = make_scene("test-segment", i, size=size, num_shapes=2 + i % 2)
+        for kinds in [[kind] for kind in SHAPES] + [rng.sample(SHAPES, 2), rng.sample(SHAPES, 3)]:
+            segments = shapes_int8.segment(render(scene), kinds)
+            mine = [s for s in scene.shapes if s.kind in kinds]
+            objects += len(mine)
+            for seg in segments:  # matched by label and box, as the evaluation matches them
+                best = max(mine, key=lambda s: iou(seg.box, s.box) if s.kind == seg.label else 0.0, default=None)
+                if best is not None and best.kind == seg.label and iou(seg.box, best.box) >= 0.5:
+                    truth = shape_mask(scene, best)
+                    ious.append(float((seg.mask & truth).sum() / (seg.mask | truth).sum()))
+                    found += 1
+    assert objects == 32 and found >= 30, (found, objects)
+    assert sum(ious) / len(ious) >= 0.75, ious
+
+
+def test_cli_segments_the_readme_example_offline_as_the_library_does(offline: None, tmp_path: Path) -> None:
+    """The README's `vlmo segment` (HF_HUB_OFFLINE=1, an empty cache, the hub an error): COCO RLE masks that fit the
+    shapes, the same as `VLMo.segment`'s, and the picture the README shows (docs/img/shapes-masks.png, `python
+    docs/build.py`)."""
+    from PIL import Image
+
+    from vlmo import VLMo, tasks
+    from vlmo.cli.commands import app
+
+    root = Path(__file__).resolve().parents[1]
+    assert SEGMENT_COMMAND in (root / "README.md").read_text(encoding="utf-8")
+    out = tmp_path / "masks.png"
+    args = ["segment", str(EXAMPLE), "circle ; square", "--model", MODEL_NAME, "--out", str(out), "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert printed["mask_encoding"] == tasks.MASK_ENCODING and printed["size"] == [224, 224]
+    assert all(v >= 0.8 for v in mask_ious(printed["segmentations"], example_scene())), printed
+    expected = tasks.located_payload(
+        "segment", (224, 224), VLMo.from_pretrained(MODEL_NAME).segment(EXAMPLE, "circle ; square")
+    )
+    assert printed["segmentations"] == json.loads(json.dumps(expected["segmentations"]))
+    with Image.open(out) as drawn, Image.open(root / "docs" / "img" / "shapes-masks.png") as committed:
+        assert drawn.size == committed.size
+        a, b = drawn.convert("RGB").tobytes(), committed.convert("RGB").tobytes()
+        assert sum(x != y for x, y in zip(a, b, strict=True)) <= 0.02 * len(a)
+
+
+def test_batch_segments_with_the_built_in_decoder_offline(offline: None, tmp_path: Path) -> None:
+    """`vlmo batch --task segment` writes the masks `VLMo.segment` returns, offline."""
+    from vlmo import VLMo, tasks
+    from vlmo.cli.commands import app
+
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    shutil.copy(EXAMPLE, folder / "shapes.png")
+    render(make_scene("test-segment", 1, size=(320, 200), num_shapes=3)).save(folder / "wide.png")
+    out = tmp_path / "masks.jsonl"
+    args = ["batch", str(folder), "--task", "segment", "--labels", "circle ; square", "--model", MODEL_NAME]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {row["id"]: row for row in map(json.loads, out.read_text().splitlines())}
+    vlm = VLMo.from_pretrained(MODEL_NAME)
+    for name in ("shapes.png", "wide.png"):
+        expected = tasks.located_payload("segment", (0, 0), vlm.segment(folder / name, "circle ; square"))
+        assert rows[name]["error"] is None and rows[name]["segmentations"], rows[name]
+        assert rows[name]["segmentations"] == json.loads(json.dumps(expected["segmentations"]))
 
 
 @pytest.mark.slow  # a detached recipe with two worker processes, trained until killed

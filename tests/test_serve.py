@@ -255,7 +255,22 @@ def test_detect_and_segment_give_the_apis_objects(http: Any, vlm: VLMo, filled_m
         "segment", image.size, vlm.segment(image, "circle ; square", mask_decoder=filled_mask_decoder)
     )
     assert {k: got.json()[k] for k in expected} == json.loads(json.dumps(expected))
-    # (the shapes model was never taught <seg> codes; test_serve_app.py checks masks with the taught model)
+
+
+def test_the_built_in_model_segments_offline_with_its_own_decoder(tmp_path: Path, vlm: VLMo) -> None:
+    """No --mask-decoder, HF_HUB_OFFLINE=1 and an empty cache: `/v1/segment` decodes with the mask decoder that
+    ships with vlmo/shapes, and returns the masks `VLMo.segment` returns."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
+    served = start_server(tmp_path, key=None)
+    try:
+        body = {"image": data_uri(example.read_bytes()), "labels": "circle ; square"}
+        got = httpx.post(served.url + "/v1/segment", json=body, timeout=60)
+    finally:
+        served.stop()
+    assert got.status_code == 200, got.text
+    expected = tasks.located_payload("segment", (224, 224), vlm.segment(example, "circle ; square"))
+    assert [s["label"] for s in got.json()["segmentations"]] == ["circle", "square"]
+    assert {k: got.json()[k] for k in expected} == json.loads(json.dumps(expected))
 
 
 def test_file_urls_under_the_allowed_folder_only(http: Any, media: Path, vlm: VLMo) -> None:

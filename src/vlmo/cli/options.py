@@ -58,7 +58,10 @@ Lang = Annotated[str, typer.Option(help="Language code of the answer (en, fr, de
 Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite --out if it exists.")]
 MaskDecoder = Annotated[
     Path | None,
-    typer.Option(help="Local vae-oid.npz (or converted .safetensors) for segment; default: downloaded once."),
+    typer.Option(
+        help="Local vae-oid.npz (or converted .safetensors) for segment; default: the model's own (vlmo/shapes has "
+        "one), else vae-oid, downloaded once."
+    ),
 ]
 
 

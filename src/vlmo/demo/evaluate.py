@@ -37,6 +37,8 @@ from vlmo.detection import parse_detections
 HELDOUT_SEED = "heldout"
 IOU_THRESHOLD = 0.5
 PROMPT_KINDS = {1: "one_kind", 2: "two_kinds", 3: "three_kinds"}  # detection results by how many kinds are named
+# Scenes by how much the processor's squash to a square distorts them: width / height within 0.7–1.4, or beyond.
+ASPECTS = ("near_square", "stretched")
 SEGMENT_TOKENS = 80  # 3 objects × (4 loc + 16 seg + label) and the separators, with room to spare
 
 
@@ -55,6 +57,11 @@ class Matches(NamedTuple):
     objects: int
     ious: tuple[float, ...]  # the IoU of each hit with its object
     mask_ious: tuple[float, ...] = ()  # `segment`: the IoU of each hit's mask with its object's
+
+
+def aspect_class(scene: Scene) -> str:
+    """`ASPECTS`' name for the scene's width / height."""
+    return ASPECTS[0] if 0.7 <= scene.width / scene.height <= 1.4 else ASPECTS[1]
 
 
 def match_detections(answer: str, scene: Scene, kinds: list[str]) -> Matches:
@@ -111,6 +118,7 @@ def evaluate_scenes(vlm: Any, scenes: list[Scene], segment: bool = True) -> dict
     asked: dict[str, int] = defaultdict(int)
     det: dict[str, list[Matches]] = {name: [] for name in PROMPT_KINDS.values()}
     seg: dict[str, list[Matches]] = {name: [] for name in PROMPT_KINDS.values()}
+    by_aspect: dict[str, list[Matches]] = {name: [] for name in ASPECTS}  # boxes of every detect prompt
     failures: list[dict[str, str]] = []
     decoder = vlm.mask_decoder() if segment else None
     for scene in scenes:
@@ -132,6 +140,7 @@ def evaluate_scenes(vlm: Any, scenes: list[Scene], segment: bool = True) -> dict
             if ex.kind == "detect":
                 kinds = detect_kinds(ex)
                 det[PROMPT_KINDS[len(kinds)]].append(match_detections(answer, scene, kinds))
+                by_aspect[aspect_class(scene)].append(det[PROMPT_KINDS[len(kinds)]][-1])
     for kind in ("exists_yes", "exists_no"):
         right["exists"] += right[kind]
         asked["exists"] += asked[kind]
@@ -139,6 +148,7 @@ def evaluate_scenes(vlm: Any, scenes: list[Scene], segment: bool = True) -> dict
     det["all"] = [m for name in PROMPT_KINDS.values() for m in det[name]]
     detection = {name: _detection_summary(matches) for name, matches in det.items()}
     report = {"images": len(scenes), "exact_match": exact, "asked": dict(asked), "detection": detection}
+    report["detection_by_aspect"] = {name: _detection_summary(m) for name, m in by_aspect.items() if m}
     if decoder is not None:
         seg["all"] = [m for name in PROMPT_KINDS.values() for m in seg[name]]
         report["segmentation"] = {name: _segmentation_summary(matches) for name, matches in seg.items()}

@@ -470,7 +470,8 @@ def train(
     if recipe.eval_images:
         from vlmo.demo.evaluate import evaluate_model
 
-        report["heldout"] = evaluate_model(model_dir, recipe.eval_images, threads=recipe.threads)
+        threads = recipe.processes * recipe.threads  # the CPUs the training processes had
+        report["heldout"] = evaluate_model(model_dir, recipe.eval_images, threads=threads)
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return model_dir
 
