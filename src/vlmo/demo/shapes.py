@@ -379,7 +379,7 @@ class ShapesDataset:
     (stream, seed, epoch, index), so no two epochs repeat and a resumed run sees the same data. `1 - square` of the
     scenes (a third by default) have a random size (`random_size`), so the model also learns squashed, non-square
     inputs. `mix`, `hard_negatives` and `kinds_weights` go to `sample_task`; each training stage uses its own
-    `stream`. `mask_encoder`: the mask tokenizer (`vlmo.demo.masks`) whose codes are the `segment` targets.
+    `stream`. `codes`: the shapes' mask codes, the `segment` targets (`vlmo.demo.masks.ShapeCodes`).
     """
 
     def __init__(
@@ -391,15 +391,10 @@ class ShapesDataset:
         stream: str = "train",
         kinds_weights: tuple[float, float, float] = PAIRS_ONLY,
         square: float = 2 / 3,
-        mask_encoder: str | None = None,
+        codes: MaskCodes | None = None,
     ) -> None:
         self.seed, self.length, self.mix, self.hard_negatives, self.stream = seed, length, mix, hard_negatives, stream
-        self.kinds_weights, self.square = kinds_weights, square
-        self.codes: MaskCodes | None = None
-        if mask_encoder is not None:
-            from vlmo.demo.masks import ShapeCodes
-
-            self.codes = ShapeCodes(mask_encoder)
+        self.kinds_weights, self.square, self.codes = kinds_weights, square, codes
 
     def __len__(self) -> int:
         return self.length

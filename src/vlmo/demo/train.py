@@ -34,7 +34,7 @@ from torch import nn
 
 from vlmo.config import PaliGemmaConfig
 from vlmo.demo import MODEL_DIR
-from vlmo.demo.masks import TOKENIZER_FILE, MaskRecipe, train_mask_tokenizer
+from vlmo.demo.masks import TOKENIZER_FILE, MaskRecipe, ShapeCodes, train_mask_tokenizer
 from vlmo.demo.shapes import (
     ANY_KINDS,
     DETECT_MIX,
@@ -420,7 +420,7 @@ def train(
         if not recipe.mask_steps:
             raise ValueError("the segment stage needs the mask tokenizer's stage: leave --mask-steps above 0")
         segment = {**detect, "mix": SEGMENT_MIX, "stream": "segment", "square": recipe.segment_square}
-        segment["mask_encoder"] = str(tokenizer)
+        segment["codes"] = ShapeCodes(tokenizer)  # sent to each training process, which loads the encoder
         steps = recipe.segment_steps
         stages.append(("segment", steps, recipe.segment_lr, min(100, steps // 10), segment))
     lm_order = [stage[0] for stage in stages]
