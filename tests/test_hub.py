@@ -120,6 +120,19 @@ def test_download_fetches_only_the_needed_files(hub: FakeHub, model_dir: Path, h
     assert all("authorization" not in r.headers for r in hub.requests)  # HF_TOKEN is cleared
 
 
+def test_a_repos_own_mask_decoder_is_fetched_with_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint that carries its own `<seg>` decoder (mask_decoder.safetensors) gets it from the hub too, so
+    `VLMo.mask_decoder()` finds it beside the weights."""
+    mine = write_model(tmp_path / "models" / "segmenter")
+    (mine / "mask_decoder.safetensors").write_bytes(b"decoder bytes")
+    with FakeHub() as fake:
+        fake.add_repo("acme/segmenter", mine)
+        isolate_hf(monkeypatch, tmp_path / "hf", endpoint=fake.url)
+        path = resolve_model("acme/segmenter")
+    assert sorted(p.name for p in path.iterdir()) == sorted([*NEEDED, "mask_decoder.safetensors"])
+    assert (path / "mask_decoder.safetensors").read_bytes() == b"decoder bytes"
+
+
 def test_token_is_sent_to_the_hub(hub: FakeHub) -> None:
     resolve_model("acme/tiny", token="hf_test")
     api = hub.seen("GET", "/api/models/acme/tiny")
