@@ -144,10 +144,11 @@ def test_recipe_runs_every_stage_and_resumes_without_redoing_them(tmp_path: Path
     spec = DemoSpec(image_size=32, patch_size=16, vision_width=16, vision_heads=1, vision_mlp=32, vision_layers=1,
                     text_width=16, text_heads=1, head_dim=16, text_mlp=32, text_layers=1)  # fmt: skip
     recipe = Recipe(vision_steps=2, vision_batch_size=2, steps=2, focus_steps=2, detect_steps=2, polish_steps=2,
-                    refine_steps=2, sizes_steps=2, mask_steps=2, mask_batch_size=2, segment_steps=2, batch_size=2,
-                    warmup_steps=1, save_every=0, processes=1, eval_images=0)  # fmt: skip
+                    refine_steps=2, sizes_steps=2, mask_steps=2, mask_batch_size=2, segment_steps=2, blend_steps=2,
+                    batch_size=2, warmup_steps=1, save_every=0, processes=1, eval_images=0)  # fmt: skip
     model = train(tmp_path / "a", recipe, spec, progress=False)
-    finals = [f"{name}/final" for name in ("run", "focus", "detect", "polish", "refine", "sizes", "segment")]
+    names = ("run", "focus", "detect", "polish", "refine", "sizes", "segment", "blend")
+    finals = [f"{name}/final" for name in names]
     for stage in ("init", "vision", *finals, "model"):
         assert (tmp_path / "a" / stage / "model.safetensors").is_file(), stage
     report = json.loads((tmp_path / "a" / "metrics.json").read_text())
@@ -165,22 +166,34 @@ def test_recipe_runs_every_stage_and_resumes_without_redoing_them(tmp_path: Path
     stamps = {p: p.stat().st_mtime_ns for p in [*stages, tmp_path / "a" / "masks" / "final" / TOKENIZER_FILE]}
     again = train(tmp_path / "a", recipe, spec, progress=False, resume=True)
     resumed = json.loads((tmp_path / "a" / "metrics.json").read_text())["resumed_stages"]
-    assert resumed == ["init", "vision", "run", "focus", "detect", "polish", "refine", "sizes", "masks", "segment"]
+    assert resumed == [
+        "init",
+        "vision",
+        "run",
+        "focus",
+        "detect",
+        "polish",
+        "refine",
+        "sizes",
+        "masks",
+        "segment",
+        "blend",
+    ]
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}  # nothing retrained
     assert again == model
     assert VLMo.from_pretrained(model, device="cpu").generate(
         render(make_scene("t", 0)), "caption en", max_new_tokens=2
     )
     # A stage cut short goes on from its last checkpoint (here the one at its end), not from its start.
-    final = (tmp_path / "a" / "segment" / "final" / "model.safetensors").read_bytes()
-    shutil.rmtree(tmp_path / "a" / "segment" / "final")
+    final = (tmp_path / "a" / "blend" / "final" / "model.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "a" / "blend" / "final")
     train(tmp_path / "a", recipe, spec, progress=False, resume=True)
-    assert (tmp_path / "a" / "segment" / "final" / "model.safetensors").read_bytes() == final
-    assert len((tmp_path / "a" / "segment" / "metrics.jsonl").read_text().splitlines()) == recipe.segment_steps
+    assert (tmp_path / "a" / "blend" / "final" / "model.safetensors").read_bytes() == final
+    assert len((tmp_path / "a" / "blend" / "metrics.jsonl").read_text().splitlines()) == recipe.blend_steps
     # A run holding only a later stage's output (here stage 3's) goes on from it: the earlier stages are not needed.
     shutil.copytree(tmp_path / "a" / "focus" / "final", tmp_path / "b" / "focus" / "final")
     train(tmp_path / "b", recipe, spec, progress=False, resume=True)
-    later = ["detect", "focus", "masks", "metrics.json", "model", "polish", "refine", "segment", "sizes"]
+    later = ["blend", "detect", "focus", "masks", "metrics.json", "model", "polish", "refine", "segment", "sizes"]
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == later
     resumed = json.loads((tmp_path / "b" / "metrics.json").read_text())["resumed_stages"]
     assert resumed == ["init", "vision", "run", "focus"]
@@ -403,7 +416,7 @@ def test_detection_matching_counts_hits_at_iou_one_half() -> None:
     exact = detect_target(scene, kinds)
     assert match_detections(exact, scene, kinds)[:3] == (2, 2, 2)
     assert match_detections(exact, scene, kinds).ious == pytest.approx((1.0, 1.0), abs=0.02)  # loc bins round
-    assert match_detections("", scene, kinds) == (0, 0, 2, ())
+    assert match_detections("", scene, kinds)[:4] == (0, 0, 2, ())
     assert iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(1 / 3)
 
 
@@ -607,8 +620,8 @@ def test_shipped_model_segments_shapes(shapes_int8) -> None:  # noqa: ANN001
                     truth = shape_mask(scene, best)
                     ious.append(float((seg.mask & truth).sum() / (seg.mask | truth).sum()))
                     found += 1
-    assert objects == 32 and found >= 30, (found, objects)
-    assert sum(ious) / len(ious) >= 0.75, ious
+    assert objects == 24 and found >= 22, (found, objects)  # held out: 97.5–99 % recall; here 24 of 24
+    assert sum(ious) / len(ious) >= 0.8, ious  # held out: mean mask IoU 0.83–0.88 by size and prompt; here 0.87
 
 
 def test_cli_segments_the_readme_example_offline_as_the_library_does(offline: None, tmp_path: Path) -> None:

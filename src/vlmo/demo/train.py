@@ -1,6 +1,6 @@
 """The recipe that trains the built-in `vlmo/shapes` model from scratch on the CPU, with vlmo's own training loop.
 
-    python -m vlmo.demo.train --out runs/shapes            # ≈ 5 h on 2 CPU cores; see docs/demo-model.md
+    python -m vlmo.demo.train --out runs/shapes            # ≈ 6 h on 2 CPU cores; see docs/demo-model.md
     python -m vlmo.demo.train --out runs/shapes --install  # … and copy the result into the package
 
 Steps: (1) write a freshly initialised small PaliGemma-architecture checkpoint (`init/`) with a tokenizer from
@@ -9,7 +9,8 @@ Steps: (1) write a freshly initialised small PaliGemma-architecture checkpoint (
 drawn on the fly), in six stages: all tasks (`run/`), a focus on yes/no and boxes (`focus/`), detection on a
 zoomed input (`zoom_input`, `detect/`), then a polish (`polish/`), a refinement (`refine/`) and a last stage
 (`sizes/`) with ever more scenes of other sizes; (4) train the shapes world's mask tokenizer (`vlmo.demo.masks`,
-`masks/`) and (5) teach the model `segment` with its codes (`segment/`); (6) store the result in float16 (`model/`:
+`masks/`), (5) teach the model `segment` with its codes (`segment/`) and blend every task once more at a low rate
+(`blend/`); (6) store the result in float16 (`model/`:
 weights, config, tokenizer, preprocessor config and the mask decoder; loading casts to float32 on the CPU); (7)
 evaluate on held-out scenes (`vlmo.demo.evaluate`) and write `metrics.json`.
 """
@@ -37,6 +38,7 @@ from vlmo.demo import MODEL_DIR
 from vlmo.demo.masks import TOKENIZER_FILE, MaskRecipe, ShapeCodes, train_mask_tokenizer
 from vlmo.demo.shapes import (
     ANY_KINDS,
+    BLEND_MIX,
     DETECT_MIX,
     FOCUS_MIX,
     PATCH_CLASSES,
@@ -109,6 +111,9 @@ class Recipe:
     segment_steps: int = 4000  # stage 9: `SEGMENT_MIX`, the `segment` targets in the stage-8 tokenizer's codes
     segment_lr: float = 1e-4
     segment_square: float = 1 / 4
+    blend_steps: int = 1500  # stage 10: `BLEND_MIX` at a low rate, from stage 9's model (captions had slipped)
+    blend_lr: float = 3e-5
+    blend_square: float = 1 / 4
     seed: int = 0
     save_every: int = 1000  # resumable checkpoints in run/ (weights, optimizer, data position)
     processes: int = 2  # data-parallel CPU processes (gloo), one thread each; batch_size is the global batch
@@ -389,7 +394,7 @@ def train(
     resume: bool = False,
 ) -> Path:
     """Run the whole recipe into `out` (init/, vision/, run/, focus/, detect/, polish/, refine/, sizes/, masks/,
-    segment/, model/, metrics.json); returns `out/model`.
+    segment/, blend/, model/, metrics.json); returns `out/model`.
 
     `resume`: go on from the last stage whose output is in `out` (the stages before it are not needed), so an
     interrupted run finishes, and a run whose recipe gained a stage continues from the stage before."""
@@ -416,6 +421,8 @@ def train(
         if steps:
             stages.append((name, steps, lr, min(100, steps // 10), {**detect, "stream": name, "square": square}))
     tokenizer = out / "masks" / "final" / TOKENIZER_FILE  # stage 8's output; its codes are stage 9's targets
+    if recipe.blend_steps and not recipe.segment_steps:
+        raise ValueError("the blend stage goes on from the segment stage: leave --segment-steps above 0")
     if recipe.segment_steps:
         if not recipe.mask_steps:
             raise ValueError("the segment stage needs the mask tokenizer's stage: leave --mask-steps above 0")
@@ -423,10 +430,14 @@ def train(
         segment["codes"] = ShapeCodes(tokenizer)  # sent to each training process, which loads the encoder
         steps = recipe.segment_steps
         stages.append(("segment", steps, recipe.segment_lr, min(100, steps // 10), segment))
+        if recipe.blend_steps:  # stage 10: every task again at a low rate, captions and yes/no more often
+            blend = {**segment, "mix": BLEND_MIX, "stream": "blend", "square": recipe.blend_square}
+            steps = recipe.blend_steps
+            stages.append(("blend", steps, recipe.blend_lr, min(100, steps // 10), blend))
     lm_order = [stage[0] for stage in stages]
-    order = ["init", "vision", *(name for name in lm_order if name != "segment")]
-    order += ["masks"] if recipe.mask_steps else []
-    order += ["segment"] if recipe.segment_steps else []
+    order = ["init", "vision", *lm_order]
+    if recipe.mask_steps:  # the tokenizer trains just before the stage that needs its codes
+        order.insert(order.index("segment") if "segment" in order else len(order), "masks")
     finished = _finished(out, order) if resume else set()
     last = max((order.index(name) for name in finished), default=-1)
     done = set(order[: last + 1])  # everything up to the last finished stage: skipped
@@ -613,8 +624,10 @@ _RECIPE_FLAGS: dict[str, str | None] = {
     "sizes_lr": None,
     "mask_steps": "stage 8, the mask tokenizer (0: skip it, and stage 9)",
     "mask_lr": None,
-    "segment_steps": "stage 9 (0: skip it)",
+    "segment_steps": "stage 9 (0: skip it and stage 10)",
     "segment_lr": None,
+    "blend_steps": "stage 10 (0: skip it)",
+    "blend_lr": None,
     "batch_size": None,
     "lr": None,
     "warmup_steps": None,
@@ -629,7 +642,7 @@ _RECIPE_FLAGS: dict[str, str | None] = {
 def main(argv: list[str] | None = None) -> None:
     defaults = Recipe()
     parser = argparse.ArgumentParser(prog="python -m vlmo.demo.train", description=__doc__.split("\n\n")[0])
-    stages = "init/ vision/ run/ focus/ detect/ polish/ refine/ sizes/ masks/ segment/"
+    stages = "init/ vision/ run/ focus/ detect/ polish/ refine/ sizes/ masks/ segment/ blend/"
     parser.add_argument("--out", type=Path, required=True, help=f"run directory ({stages} model/ metrics.json)")
     for name, text in _RECIPE_FLAGS.items():
         default = getattr(defaults, name)
