@@ -116,14 +116,14 @@ def train_mask_tokenizer(out: Path, recipe: MaskRecipe = MaskRecipe(), log: bool
     Returns the report: held-out IoU of the round trip mask → codes → mask, and the stage's seconds."""
     from safetensors.torch import save_file
 
-    from vlmo.finetune.train import load_checkpoint, save_checkpoint, warmup_cosine
+    from vlmo.finetune.train import latest_checkpoint, load_checkpoint, save_checkpoint, warmup_cosine
 
     torch.manual_seed(recipe.seed)
     model = MaskTokenizer().train()
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(recipe.warmup_steps, recipe.steps))
-    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    step = first = load_checkpoint(checkpoints[-1], model, optimizer, scheduler) if checkpoints else 0
+    latest = latest_checkpoint(out)
+    step = first = load_checkpoint(latest[0], model, optimizer, scheduler) if latest else 0
     used = torch.zeros(model.codebook.shape[0], dtype=torch.long)
     started = time.perf_counter()
     while step < recipe.steps:

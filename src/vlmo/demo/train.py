@@ -523,11 +523,11 @@ def _finetune_stage(
     progress: bool | None,
 ) -> None:
     """Train the whole model of checkpoint `start` with `finetune` on `ShapesDataset(**data)` into `run_dir`."""
-    from vlmo.finetune.train import FinetuneConfig
+    from vlmo.finetune.train import FinetuneConfig, latest_checkpoint
 
-    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    if checkpoints:  # an interrupted stage goes on from its last checkpoint; its log keeps the steps before it
-        _trim_log(run_dir / "metrics.jsonl", int(checkpoints[-1].name.split("-")[1]))
+    latest = latest_checkpoint(run_dir)
+    if latest:  # an interrupted stage goes on from its last checkpoint; its log keeps the steps before it
+        _trim_log(run_dir / "metrics.jsonl", latest[1])
     cfg = FinetuneConfig(
         model=str(start),
         out=str(run_dir),
@@ -541,7 +541,7 @@ def _finetune_stage(
         save_every=recipe.save_every,
         device=recipe.device,
         progress=progress,
-        resume=str(checkpoints[-1]) if checkpoints else None,
+        resume=str(latest[0]) if latest else None,
     )
     if recipe.processes == 1:
         _worker(0, 1, "", cfg, recipe, data)

@@ -361,6 +361,19 @@ def save_checkpoint(
         (tmp / "finetune_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
 
 
+def latest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
+    """The `checkpoint-<step>` folder of `run_dir` with the highest step, and that step; None when there is none."""
+    found = [
+        (int(p.name[len("checkpoint-") :]), p)
+        for p in run_dir.glob("checkpoint-*")
+        if p.name[len("checkpoint-") :].isdigit() and p.is_dir()
+    ]
+    if not found:
+        return None
+    step, path = max(found)
+    return path, step
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
     """Restore a `save_checkpoint` directory into an identically configured run; returns the step to go on from."""
     weights, state_file = path / "trainable.safetensors", path / "training_state.pt"
